@@ -1,0 +1,73 @@
+"""pytest-celery-faults: fault-injection fixtures for Celery tasks.
+
+The names below are loaded on first use, so that importing the pytest plugin
+(which every test session does once it is installed) does not import Celery.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .broker import BrokerProfile, InMemoryBroker, Ledger
+    from .clock import VirtualClock
+    from .errors import (
+        CeleryFaultsError,
+        CeleryFaultsWarning,
+        DrainError,
+        FaultSpecError,
+        UnfiredFaultError,
+    )
+    from .faults import FaultSpec, Step, parse_spec
+    from .harness import CeleryFaults
+    from .outcome import Outcome, Timeline
+
+__all__ = [
+    "BrokerProfile",
+    "CeleryFaults",
+    "CeleryFaultsError",
+    "CeleryFaultsWarning",
+    "DrainError",
+    "FaultSpec",
+    "FaultSpecError",
+    "InMemoryBroker",
+    "Ledger",
+    "Outcome",
+    "Step",
+    "Timeline",
+    "UnfiredFaultError",
+    "VirtualClock",
+    "parse_spec",
+]
+
+_HOMES = {
+    "BrokerProfile": "broker",
+    "InMemoryBroker": "broker",
+    "Ledger": "broker",
+    "VirtualClock": "clock",
+    "CeleryFaultsError": "errors",
+    "CeleryFaultsWarning": "errors",
+    "DrainError": "errors",
+    "FaultSpecError": "errors",
+    "UnfiredFaultError": "errors",
+    "FaultSpec": "faults",
+    "Step": "faults",
+    "parse_spec": "faults",
+    "CeleryFaults": "harness",
+    "Outcome": "outcome",
+    "Timeline": "outcome",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'pytest_celery_faults' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

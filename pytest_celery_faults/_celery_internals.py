@@ -1,0 +1,237 @@
+"""Every use of Celery's, kombu's and billiard's private API, in one place.
+
+A new Celery release is this file to read. Everything here is named after what
+it does for the plugin; the public modules never reach into Celery themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from billiard.common import human_status
+from billiard.einfo import ExceptionInfo
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+from celery import Celery
+from celery._state import _set_current_app, get_current_app
+from celery.app.trace import trace_task_ret
+from celery.utils.serialization import get_pickled_exception
+from celery.worker import state as worker_state
+from celery.worker.request import create_request_cls
+from kombu.utils.encoding import safe_repr
+
+__all__ = [
+    "ExceptionInfo",
+    "SoftTimeLimitExceeded",
+    "TimeLimitExceeded",
+    "WorkerLostError",
+    "child_death_info",
+    "current_app_set_to",
+    "forget_worker_state",
+    "installed_app_state",
+    "request_class_for",
+    "safe_repr",
+    "time_limit_info",
+    "unpickled_exception",
+]
+
+#: The body that Celery's ``Request.execute_using_pool`` hands to the pool.
+TRACE_TARGET = trace_task_ret
+
+
+def child_death_info(signum: int, job: int) -> ExceptionInfo:
+    """What billiard's ``Pool.mark_as_worker_lost`` reports for a child killed by ``signum``."""
+    try:
+        raise WorkerLostError(f"Worker exited prematurely: {human_status(-signum)} Job: {job}.")
+    except WorkerLostError:
+        return ExceptionInfo()
+
+
+def time_limit_info(timeout: float | None) -> ExceptionInfo:
+    """What billiard's ``TimeoutHandler.on_hard_timeout`` hands to the error callback."""
+    try:
+        raise TimeLimitExceeded(timeout)
+    except TimeLimitExceeded:
+        return ExceptionInfo()
+
+
+def current_exception_info() -> ExceptionInfo:
+    """billiard's ``ExceptionInfo`` of the exception being handled (as the child builds it)."""
+    return ExceptionInfo()
+
+
+def unpickled_exception(exc: BaseException) -> BaseException:
+    return get_pickled_exception(exc)  # type: ignore[no-any-return]
+
+
+def request_class_for(task: Any, pool: Any, hostname: str, app: Celery) -> type[Any]:
+    """The ``Request`` class Celery's default strategy builds for ``task``."""
+    from celery.utils.imports import symbol_by_name
+
+    base = symbol_by_name(task.Request)
+    return create_request_cls(base, task, pool, hostname, None, app=app)  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def current_app_set_to(app: Celery) -> Iterator[None]:
+    """Make ``app`` Celery's current app, as it is in a worker child, then restore."""
+    previous = get_current_app()
+    if previous is app:
+        yield
+        return
+    _set_current_app(app)
+    try:
+        yield
+    finally:
+        _set_current_app(previous)
+
+
+def forget_worker_state(request_ids: Iterable[str]) -> None:
+    """Drop what Celery's worker-global bookkeeping still holds of these requests.
+
+    ``celery.worker.state`` is process-global; a request cut off by a fault
+    never reaches ``task_ready``, so it would stay there and leak into the next
+    test.
+    """
+    ids = set(request_ids)
+    if not ids:
+        return
+    for task_id in ids:
+        worker_state.requests.pop(task_id, None)
+        with contextlib.suppress(KeyError):
+            worker_state.successful_requests.discard(task_id)
+        with contextlib.suppress(KeyError):
+            worker_state.revoked.discard(task_id)
+    for bucket in (
+        worker_state.reserved_requests,
+        worker_state.active_requests,
+        worker_state.scheduled_requests,
+    ):
+        for request in list(bucket):
+            if request.id in ids:
+                bucket.discard(request)
+
+
+class installed_app_state:  # noqa: N801 - used as a context manager, reads as one
+    """Point ``app`` at a broker, a result backend and a clock; undo all of it on exit.
+
+    Celery caches its broker connection pool, its producer pool and its result
+    backend on the app; they are swapped here and the originals put back.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        broker_url: str,
+        backend: Any,
+        connection_factory: Callable[[], Any],
+        now: Callable[[], Any],
+        conf: dict[str, Any],
+    ) -> None:
+        self.app = app
+        self.broker_url = broker_url
+        self.backend = backend
+        self.connection_factory = connection_factory
+        self.now = now
+        self.conf = conf
+        self._saved: dict[str, Any] = {}
+
+    def __enter__(self) -> installed_app_state:
+        app = self.app
+        conf = app.conf
+        amqp = app.amqp
+        missing = object()
+        self._saved = {
+            "conf": {key: conf.changes.get(key, missing) for key in (*self.conf, "broker_url")},
+            "pool": app._pool,
+            "producer_pool": amqp._producer_pool,
+            "backend_cache": app._backend_cache,
+            "local_backend": getattr(app._local, "backend", missing),
+            "now": app.__dict__.get("now", missing),
+            "missing": missing,
+        }
+        conf.update(self.conf, broker_url=self.broker_url)
+        connection = self.connection_factory()
+        limit = conf.broker_pool_limit or 10
+        app._pool = connection.Pool(limit)
+        from kombu.pools import ProducerPool
+
+        amqp._producer_pool = ProducerPool(app._pool, limit=limit)
+        app._backend_cache = None
+        app._local.backend = self.backend
+        if self.backend.thread_safe:
+            app._backend_cache = self.backend
+        app.now = self.now
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        app = self.app
+        saved = self._saved
+        missing = saved["missing"]
+        with contextlib.suppress(Exception):
+            app.amqp._producer_pool.force_close_all()
+        with contextlib.suppress(Exception):
+            app._pool.force_close_all()
+        app._pool = saved["pool"]
+        app.amqp._producer_pool = saved["producer_pool"]
+        app._backend_cache = saved["backend_cache"]
+        if saved["local_backend"] is missing:
+            app._local.__dict__.pop("backend", None)
+        else:
+            app._local.backend = saved["local_backend"]
+        if saved["now"] is missing:
+            app.__dict__.pop("now", None)
+        else:
+            app.now = saved["now"]
+        changes = app.conf.changes
+        for key, value in saved["conf"].items():
+            if value is missing:
+                changes.pop(key, None)
+            else:
+                changes[key] = value
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def accept_content(app: Celery) -> set[str]:
+    """The content types a worker of ``app`` accepts (what its consumer sets on messages)."""
+    from kombu.serialization import prepare_accept_content
+
+    return prepare_accept_content(app.conf.accept_content)  # type: ignore[no-any-return]
+
+
+def expire_on_virtual_clock(request: Any, now: float) -> bool:
+    """Revoke ``request`` the way Celery does when its ``expires`` has passed at ``now``.
+
+    Celery compares ``expires`` with the wall clock; the harness's time is the
+    virtual clock's, so the comparison is made here and Celery's own
+    ``Request.revoked()`` announces it (state REVOKED, message acked).
+    """
+    expires = request.expires
+    if expires is None or expires.timestamp() > now:
+        return False
+    worker_state.revoked.add(request.id)
+    return bool(request.revoked())
+
+
+@contextlib.contextmanager
+def fresh_tracers(app: Celery) -> Iterator[None]:
+    """Celery caches a tracer on each task, built with the backend and settings of its day.
+
+    Drop them for the harness (so tracers see the harness's backend and
+    ``worker_deduplicate_successful_tasks`` as configured now), and put the old
+    ones back after.
+    """
+    saved = {name: task.__trace__ for name, task in app.tasks.items()}
+    for task in app.tasks.values():
+        task.__trace__ = None
+    try:
+        yield
+    finally:
+        for name, task in app.tasks.items():
+            task.__trace__ = saved.get(name)

@@ -1,0 +1,452 @@
+"""The in-memory broker: queues, unacked deliveries, profiles, and the ledger.
+
+One :class:`InMemoryBroker` per harness; nothing here is shared between tests.
+Celery publishes to it through real kombu (the :class:`Transport` registered
+under the ``celery-faults://`` scheme), so serialization, headers and routing
+are kombu's own. The emulated worker takes deliveries from it and acks or
+rejects them through real ``kombu.Message`` objects.
+
+The broker holds no fault logic; it only knows what a broker knows: which
+messages are ready, which are delivered and not yet acked, and what happens to
+those when a consumer's connection drops (the profile).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kombu.transport import TRANSPORT_ALIASES, virtual
+
+from .clock import VirtualClock
+
+SCHEME = "celery-faults"
+
+RestorePolicy = Literal["on_disconnect", "after_visibility_timeout"]
+
+
+@dataclass(frozen=True)
+class BrokerProfile:
+    """How a broker treats unacked messages.
+
+    ``rabbitmq`` returns a consumer's unacked messages to the queue as soon as
+    its connection drops. ``redis`` and ``sqs`` keep them invisible until
+    ``visibility_timeout`` seconds after their delivery, whatever the consumer
+    does, so a message held longer than that (an ETA) is delivered again.
+    """
+
+    name: str
+    restore: RestorePolicy
+    visibility_timeout: float | None = None
+
+    @classmethod
+    def named(cls, name: str, transport_options: dict[str, Any] | None = None) -> BrokerProfile:
+        options = transport_options or {}
+        if name == "rabbitmq":
+            return cls(name, "on_disconnect")
+        if name in ("redis", "sqs"):
+            default = 3600.0 if name == "redis" else 1800.0
+            timeout = float(options.get("visibility_timeout", default))
+            return cls(name, "after_visibility_timeout", timeout)
+        raise ValueError(
+            f"unknown broker profile {name!r}; expected one of 'rabbitmq', 'redis', 'sqs'"
+        )
+
+
+@dataclass
+class StoredMessage:
+    """A message as the broker holds it: the raw kombu payload and where it goes."""
+
+    number: int
+    queue: str
+    payload: dict[str, Any]
+    task_id: str
+    task_name: str
+    deliveries: int = 0
+    replays_left: int = 0
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return self.payload.get("headers") or {}
+
+
+@dataclass
+class Delivery:
+    """One delivery of a stored message to a consumer, unacked until it is settled."""
+
+    tag: str
+    message: StoredMessage
+    consumer: str
+    number: int
+    redelivered: bool
+    delivered_at: float
+    settled: bool = False
+    settlement: str = ""  # "ack", "reject" or "restore", once settled
+    timer: Any = None
+
+
+@dataclass(frozen=True)
+class BrokerEvent:
+    """One line of the ledger."""
+
+    time: float
+    kind: str
+    task_id: str
+    task_name: str
+    message: int
+    delivery: int | None = None
+    consumer: str | None = None
+    detail: str = ""
+
+
+@dataclass
+class Ledger:
+    """Every broker event, in order: published, delivered, acked, rejected, restored, ..."""
+
+    events: list[BrokerEvent] = field(default_factory=list)
+    observers: list[Callable[[BrokerEvent], None]] = field(default_factory=list)
+
+    def record(self, event: BrokerEvent) -> None:
+        self.events.append(event)
+        for observe in self.observers:
+            observe(event)
+
+    def for_task(self, task_id: str) -> list[BrokerEvent]:
+        return [event for event in self.events if event.task_id == task_id]
+
+    def kinds(self, task_id: str | None = None) -> list[str]:
+        return [e.kind for e in self.events if task_id is None or e.task_id == task_id]
+
+    def __iter__(self) -> Any:
+        return iter(self.events)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+class InMemoryBroker:
+    """Queues and unacked deliveries for one harness, on a virtual clock."""
+
+    _registry: weakref.WeakValueDictionary[str, InMemoryBroker] = weakref.WeakValueDictionary()
+    _ids = itertools.count(1)
+
+    def __init__(self, clock: VirtualClock, profile: BrokerProfile | None = None) -> None:
+        self.clock = clock
+        self.profile = profile or BrokerProfile.named("rabbitmq")
+        self.ledger = Ledger()
+        self.queues: dict[str, deque[StoredMessage]] = {}
+        self.unacked: dict[str, Delivery] = {}
+        self.exchange_state = virtual.BrokerState()
+        self.name = f"broker-{next(self._ids)}"
+        #: Wraps every publish (the harness makes each one a side effect).
+        self.publish_through: (
+            Callable[[str, Callable[[], StoredMessage]], StoredMessage] | None
+        ) = None
+        self.after_publish: list[Callable[[StoredMessage], None]] = []
+        self._numbers = itertools.count(1)
+        self._dropped_acks: dict[str, Callable[[], None]] = {}
+        self._tags = itertools.count(1)
+        self.closed = False
+        InMemoryBroker._registry[self.name] = self
+
+    @property
+    def url(self) -> str:
+        return f"{SCHEME}://{self.name}"
+
+    @classmethod
+    def by_name(cls, name: str) -> InMemoryBroker:
+        try:
+            return cls._registry[name]
+        except KeyError:
+            raise LookupError(
+                f"no in-memory broker {name!r} is active: the app published to "
+                f"{SCHEME}://{name} outside the celery_faults harness that owns it"
+            ) from None
+
+    # -- publishing -------------------------------------------------------------
+
+    def publish(self, queue: str, payload: dict[str, Any]) -> StoredMessage:
+        """Store a message published to ``queue``, through :attr:`publish_through` if set."""
+        if self.closed:
+            raise ConnectionError(f"{self.url} is closed: its harness has ended")
+        if self.publish_through is None:
+            return self._store(queue, payload)
+        headers = payload.get("headers") or {}
+        label = f"{headers.get('task', '?')} to {queue!r}"
+        return self.publish_through(label, lambda: self._store(queue, payload))
+
+    def _store(self, queue: str, payload: dict[str, Any]) -> StoredMessage:
+        headers = payload.get("headers") or {}
+        message = StoredMessage(
+            number=next(self._numbers),
+            queue=queue,
+            payload=payload,
+            task_id=str(headers.get("id", "?")),
+            task_name=str(headers.get("task", "?")),
+        )
+        self.queues.setdefault(queue, deque()).append(message)
+        self._record("published", message, detail=f"to {queue!r}")
+        for after in self.after_publish:
+            after(message)
+        return message
+
+    def declare(self, queue: str) -> None:
+        self.queues.setdefault(queue, deque())
+
+    def ready_count(self, queue: str | None = None) -> int:
+        if queue is not None:
+            return len(self.queues.get(queue, ()))
+        return sum(len(q) for q in self.queues.values())
+
+    def purge(self, queue: str) -> int:
+        ready = self.queues.get(queue)
+        count = len(ready) if ready else 0
+        if ready:
+            ready.clear()
+        return count
+
+    def delete(self, queue: str) -> None:
+        self.queues.pop(queue, None)
+
+    # -- consuming --------------------------------------------------------------
+
+    def fetch(self, queues: Iterable[str], consumer: str) -> Delivery | None:
+        """Deliver the next ready message of ``queues`` to ``consumer``, unacked."""
+        for queue in queues:
+            ready = self.queues.get(queue)
+            if ready:
+                return self._deliver(ready.popleft(), consumer)
+        return None
+
+    def _deliver(self, message: StoredMessage, consumer: str) -> Delivery:
+        message.deliveries += 1
+        redelivered = message.deliveries > 1
+        delivery = Delivery(
+            tag=f"{self.name}.{next(self._tags)}",
+            message=message,
+            consumer=consumer,
+            number=message.deliveries,
+            redelivered=redelivered,
+            delivered_at=self.clock.time(),
+        )
+        self.unacked[delivery.tag] = delivery
+        self._record(
+            "delivered", message, delivery, detail="redelivered=True" if redelivered else ""
+        )
+        timeout = self.profile.visibility_timeout
+        if self.profile.restore == "after_visibility_timeout" and timeout is not None:
+            delivery.timer = self.clock.call_at(
+                delivery.delivered_at + timeout,
+                lambda: self._visibility_expired(delivery),
+            )
+        return delivery
+
+    def kombu_payload(self, delivery: Delivery) -> dict[str, Any]:
+        """The raw payload kombu's virtual ``Message`` is built from, for this delivery."""
+        payload = dict(delivery.message.payload)
+        properties = copy.deepcopy(payload.get("properties") or {})
+        info = properties.setdefault("delivery_info", {})
+        info["redelivered"] = delivery.redelivered
+        properties["delivery_tag"] = delivery.tag
+        payload["properties"] = properties
+        return payload
+
+    # -- settling ---------------------------------------------------------------
+
+    def drop_ack(self, tag: str, on_lost: Callable[[], None]) -> None:
+        """The ack for ``tag`` will be lost on its way; ``on_lost`` runs when it is sent."""
+        self._dropped_acks[tag] = on_lost
+
+    def ack(self, tag: str) -> None:
+        on_lost = self._dropped_acks.pop(tag, None)
+        if on_lost is not None:
+            self.lose_ack(tag)
+            on_lost()
+            return
+        delivery = self._settle(tag, "ack")
+        if delivery is not None:
+            self._record("acked", delivery.message, delivery)
+
+    def reject(self, tag: str, requeue: bool) -> None:
+        delivery = self._settle(tag, "reject")
+        if delivery is None:
+            return
+        if requeue:
+            self._record("rejected", delivery.message, delivery, detail="requeue")
+            self._restore(delivery.message, reason="requeued")
+        else:
+            self._record("rejected", delivery.message, delivery, detail="drop")
+
+    def lose_ack(self, tag: str) -> None:
+        """The consumer acked ``tag`` but the ack never reached the broker."""
+        delivery = self.unacked.get(tag)
+        if delivery is not None:
+            self._record("ack_lost", delivery.message, delivery)
+
+    def replay(self, message: StoredMessage) -> None:
+        """Put a delivered message back, as a broker redelivering it would."""
+        self._restore(message, reason="replayed")
+
+    def connection_lost(self, consumer: str, *, graceful: bool = False) -> None:
+        """``consumer``'s connection dropped: what happens to its unacked messages.
+
+        RabbitMQ returns them at once. Redis returns them at once only on a
+        graceful close (kombu's ``restore_at_shutdown``); after a crash they
+        wait out the visibility timeout since their delivery.
+        """
+        held = [d for d in self.unacked.values() if d.consumer == consumer]
+        immediate = graceful or self.profile.restore == "on_disconnect"
+        for delivery in held:
+            if immediate:
+                self._settle(delivery.tag, "restore")
+                self._restore(delivery.message, reason="connection lost", delivery=delivery)
+            else:
+                delivery.consumer = ""  # orphaned until its visibility timeout
+                self._record(
+                    "orphaned",
+                    delivery.message,
+                    delivery,
+                    detail=f"waits for visibility_timeout={self.profile.visibility_timeout:g}s",
+                )
+
+    def _visibility_expired(self, delivery: Delivery) -> None:
+        if delivery.settled or self.closed:
+            return
+        self._settle(delivery.tag, "restore")
+        self._restore(
+            delivery.message,
+            reason=f"visibility_timeout={self.profile.visibility_timeout:g}s passed",
+            delivery=delivery,
+        )
+
+    def _settle(self, tag: str, how: str) -> Delivery | None:
+        delivery = self.unacked.pop(tag, None)
+        if delivery is None:
+            self._record_stale(tag, how)
+            return None
+        delivery.settled = True
+        delivery.settlement = how
+        if delivery.timer is not None:
+            self.clock.cancel(delivery.timer)
+        return delivery
+
+    def _record_stale(self, tag: str, how: str) -> None:
+        # An ack or reject for a delivery the broker already took back (its
+        # visibility timeout passed, or its connection dropped): ignored, as
+        # Redis ignores it. Recorded, because it explains a duplicate.
+        name, _, _ = tag.rpartition(".")
+        if name != self.name or how == "restore":
+            return
+        self.ledger.record(
+            BrokerEvent(self.clock.time(), f"{how}_ignored", "?", "?", 0, detail=f"tag {tag}")
+        )
+
+    def _restore(
+        self, message: StoredMessage, *, reason: str, delivery: Delivery | None = None
+    ) -> None:
+        self.queues.setdefault(message.queue, deque()).appendleft(message)
+        self._record("restored", message, delivery, detail=reason)
+
+    def _record(
+        self,
+        kind: str,
+        message: StoredMessage,
+        delivery: Delivery | None = None,
+        detail: str = "",
+    ) -> None:
+        self.ledger.record(
+            BrokerEvent(
+                time=self.clock.time(),
+                kind=kind,
+                task_id=message.task_id,
+                task_name=message.task_name,
+                message=message.number,
+                delivery=delivery.number if delivery else None,
+                consumer=(delivery.consumer or None) if delivery else None,
+                detail=detail,
+            )
+        )
+
+    def close(self) -> None:
+        self.closed = True
+        for delivery in self.unacked.values():
+            if delivery.timer is not None:
+                self.clock.cancel(delivery.timer)
+        InMemoryBroker._registry.pop(self.name, None)
+
+
+# -- the kombu transport ---------------------------------------------------------
+
+
+class Channel(virtual.Channel):
+    """A kombu virtual channel whose queues live in an :class:`InMemoryBroker`."""
+
+    body_encoding = None  # type: ignore[assignment]  # bytes stay bytes: no base64 round trip
+    do_restore = False
+
+    @property
+    def broker(self) -> InMemoryBroker:
+        return self.connection.broker  # type: ignore[no-any-return]
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        return queue in self.broker.queues
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        self.broker.declare(queue)
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        self.broker.publish(queue, message)
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        ready = self.broker.queues.get(queue)
+        if not ready:
+            raise virtual.Empty()
+        stored = ready.popleft()
+        return stored.payload
+
+    def _size(self, queue: str) -> int:
+        return self.broker.ready_count(queue)
+
+    def _purge(self, queue: str) -> int:
+        return self.broker.purge(queue)
+
+    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        self.broker.delete(queue)
+
+    def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
+        if delivery_tag in self.broker.unacked or str(delivery_tag).startswith(self.broker.name):
+            self.broker.ack(delivery_tag)
+        else:
+            super().basic_ack(delivery_tag, multiple)  # type: ignore[no-untyped-call]
+
+    def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if delivery_tag in self.broker.unacked or str(delivery_tag).startswith(self.broker.name):
+            self.broker.reject(delivery_tag, requeue)
+        else:
+            super().basic_reject(delivery_tag, requeue)  # type: ignore[no-untyped-call]
+
+
+class Transport(virtual.Transport):
+    """``celery-faults://NAME``: the kombu transport for the broker named NAME."""
+
+    Channel = Channel
+    driver_type = driver_name = SCHEME
+    implements = virtual.Transport.implements.extend(exchange_type=frozenset(["direct", "topic"]))
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)  # type: ignore[no-untyped-call]
+        self.broker = InMemoryBroker.by_name(client.hostname or "")
+        self.state = self.broker.exchange_state
+
+    def driver_version(self) -> str:
+        return "in-memory"
+
+
+def register_transport() -> None:
+    """Make ``celery-faults://`` a kombu transport (idempotent)."""
+    TRANSPORT_ALIASES.setdefault(SCHEME, f"{__name__}:Transport")

@@ -1,0 +1,199 @@
+"""Side-effect points: tracked callables, HTTP requests, and task publishes.
+
+Every side effect goes through :meth:`EffectLog.perform`. Outside a task it is
+only recorded. Inside a task run by the emulated worker, the running
+execution is told before the effect (so ``raise(...)@N`` can replace it, and a
+dead child can do nothing more) and after it (so ``sigkill@N`` and its kin fire
+at that boundary).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import responses
+
+from .clock import VirtualClock
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Effect:
+    """One side effect that completed."""
+
+    kind: str  # "call", "http" or "publish"
+    label: str
+    time: float
+    task_id: str | None = None
+    task_name: str | None = None
+    delivery: int | None = None
+    index: int | None = None  # 1-based within its delivery
+    detail: dict[str, Any] | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.label}"
+
+
+class Execution(Protocol):
+    """What the emulated worker's child exposes to side-effect points."""
+
+    task_id: str
+    task_name: str
+    delivery: int
+    effect_count: int
+    dead: bool
+
+    def before_effect(self, kind: str, label: str) -> None: ...
+
+    def after_effect(self, effect: Effect) -> None: ...
+
+
+class EffectLog:
+    """The side effects executed during a harness, and the execution they belong to."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self.clock = clock
+        self.effects: list[Effect] = []
+        self.execution: Execution | None = None
+        self.observers: list[Callable[[Effect], None]] = []
+
+    def perform(
+        self,
+        kind: str,
+        label: str,
+        call: Callable[[], T],
+        detail: dict[str, Any] | None = None,
+    ) -> T:
+        execution = self.execution
+        if execution is None:
+            result = call()
+            self._record(Effect(kind, label, self.clock.time(), detail=detail))
+            return result
+        execution.before_effect(kind, label)
+        result = call()
+        execution.effect_count += 1
+        effect = Effect(
+            kind,
+            label,
+            self.clock.time(),
+            task_id=execution.task_id,
+            task_name=execution.task_name,
+            delivery=execution.delivery,
+            index=execution.effect_count,
+            detail=detail,
+        )
+        self._record(effect)
+        execution.after_effect(effect)
+        return result
+
+    def _record(self, effect: Effect) -> None:
+        self.effects.append(effect)
+        for observe in self.observers:
+            observe(effect)
+
+    def for_task(self, task_id: str) -> list[Effect]:
+        return [effect for effect in self.effects if effect.task_id == task_id]
+
+    def __iter__(self) -> Any:
+        return iter(self.effects)
+
+    def __len__(self) -> int:
+        return len(self.effects)
+
+    def __getitem__(self, index: int) -> Effect:
+        return self.effects[index]
+
+    def labels(self) -> list[str]:
+        return [effect.label for effect in self.effects]
+
+
+class TrackedRequestsMock(responses.RequestsMock):
+    """``responses.RequestsMock`` whose every request is a side effect."""
+
+    def __init__(self, log: EffectLog, **kwargs: Any) -> None:
+        kwargs.setdefault("assert_all_requests_are_fired", False)
+        super().__init__(**kwargs)
+        self.effect_log = log
+
+    def _on_request(self, adapter: Any, request: Any, **kwargs: Any) -> Any:
+        label = f"{request.method} {request.url}"
+        detail = {"timeout": kwargs.get("timeout")}
+        parent = super()._on_request
+        return self.effect_log.perform(
+            "http", label, lambda: parent(adapter, request, **kwargs), detail=detail
+        )
+
+
+class Patch:
+    """One attribute replaced for the life of a harness; :meth:`undo` puts it back."""
+
+    def __init__(self, owner: Any, attribute: str, replacement: Any) -> None:
+        self.owner = owner
+        self.attribute = attribute
+        self._had_own = attribute in getattr(owner, "__dict__", {})
+        self._original = owner.__dict__[attribute] if self._had_own else None
+        setattr(owner, attribute, replacement)
+
+    def undo(self) -> None:
+        if self._had_own:
+            setattr(self.owner, self.attribute, self._original)
+        else:
+            delattr(self.owner, self.attribute)
+
+
+def resolve_target(target: str | tuple[Any, str]) -> tuple[Any, str, str]:
+    """``"pkg.mod.func"``, ``"pkg.mod.Class.meth"`` or ``(obj, "attr")`` -> owner, attr, name."""
+    if isinstance(target, tuple):
+        owner, attribute = target
+        if not hasattr(owner, attribute):
+            raise AttributeError(f"track({target!r}): {owner!r} has no attribute {attribute!r}")
+        owner_name = getattr(owner, "__name__", type(owner).__name__)
+        return owner, attribute, f"{owner_name}.{attribute}"
+    if not isinstance(target, str) or "." not in target:
+        raise ValueError(
+            f"track() takes a dotted path such as 'proj.mail.send' or (object, 'attribute'), "
+            f"not {target!r}"
+        )
+    parts = target.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for part in parts[split:-1]:
+                found = getattr(found, part)
+        except AttributeError:
+            break
+        if hasattr(found, parts[-1]):
+            return found, parts[-1], target
+        break
+    raise AttributeError(f"track({target!r}): cannot import or find {target!r}")
+
+
+def tracking_wrapper(log: EffectLog, owner: Any, attribute: str, name: str) -> Any:
+    """A replacement for ``owner.attribute`` that performs each call as a side effect."""
+    raw = owner.__dict__.get(attribute) if hasattr(owner, "__dict__") else None
+    if isinstance(raw, staticmethod | classmethod):
+        function = raw.__func__
+
+        @functools.wraps(function)
+        def wrapped_raw(*args: Any, **kwargs: Any) -> Any:
+            return log.perform("call", name, lambda: function(*args, **kwargs))
+
+        return type(raw)(wrapped_raw)
+    original = getattr(owner, attribute)
+    if not callable(original):
+        raise TypeError(f"track({name!r}): {original!r} is not callable")
+
+    @functools.wraps(original)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return log.perform("call", name, lambda: original(*args, **kwargs))
+
+    wrapped.__celery_faults_tracked__ = name  # type: ignore[attr-defined]
+    return wrapped

@@ -1,0 +1,23 @@
+"""The plugin's exceptions and its warning class."""
+
+from __future__ import annotations
+
+
+class CeleryFaultsError(Exception):
+    """Base class of the plugin's errors."""
+
+
+class FaultSpecError(CeleryFaultsError, ValueError):
+    """A fault spec that cannot be read; the message names the bad token and the valid forms."""
+
+
+class DrainError(CeleryFaultsError):
+    """``drain()`` could not reach quiet: a task that retries or requeues forever."""
+
+
+class UnfiredFaultError(CeleryFaultsError, AssertionError):
+    """A fault the test asked for never fired, so the test proved nothing about it."""
+
+
+class CeleryFaultsWarning(UserWarning):
+    """A problem noticed in the code under test; an error under ``--celery-faults-strict``."""

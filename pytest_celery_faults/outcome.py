@@ -1,0 +1,89 @@
+"""``Outcome``: one task's fate, and the timeline that tells how it came about."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    """One line of a story: when (virtual seconds since the harness began), what, how deep."""
+
+    time: float
+    text: str
+    task_id: str | None = None
+    depth: int = 0
+
+    def __str__(self) -> str:
+        return f"+{self.time:8.3f}s  {'  ' * self.depth}{self.text}"
+
+
+@dataclass
+class Timeline:
+    """Entries in the order they happened; ``str()`` reads as a story."""
+
+    entries: list[TimelineEntry] = field(default_factory=list)
+
+    def add(self, entry: TimelineEntry) -> None:
+        self.entries.append(entry)
+
+    def for_task(self, task_id: str) -> Timeline:
+        return Timeline([e for e in self.entries if e.task_id in (task_id, None)])
+
+    def texts(self) -> list[str]:
+        return [entry.text for entry in self.entries]
+
+    def __iter__(self) -> Any:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __str__(self) -> str:
+        return "\n".join(str(entry) for entry in self.entries)
+
+
+@dataclass
+class Outcome:
+    """What happened to one task id: its messages, deliveries, executions and result.
+
+    ``rejected`` is the last reject Celery decided for it (``"requeue"`` or
+    ``"drop"``), even when a later delivery was acked. ``lost`` means the broker
+    holds no copy any more while the last execution was cut short by a fault
+    and nothing ran it to an end afterwards.
+    """
+
+    task_id: str
+    name: str
+    deliveries: int
+    executions: int
+    acked: bool
+    rejected: str | None
+    lost: bool
+    state: str
+    result: Any
+    exception: BaseException | None
+    retries: int
+    timeline: Timeline
+    faults: list[str] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "SUCCESS"
+
+    def summary(self) -> str:
+        if self.lost:
+            fate = "lost"
+        elif self.acked:
+            fate = "acked"
+        else:
+            fate = f"rejected ({self.rejected})" if self.rejected else "unacked"
+        shown = self.exception if self.exception is not None else self.result
+        return (
+            f"{self.name}[{self.task_id}]: state={self.state} ({shown!r}), {fate}, "
+            f"deliveries={self.deliveries}, executions={self.executions}, retries={self.retries}"
+        )
+
+    def __str__(self) -> str:
+        return f"{self.summary()}\n{self.timeline}"

@@ -1,0 +1,227 @@
+"""The engine: Celery's own Request decides, the harness shows it."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from pytest_celery_faults import CeleryFaults, DrainError, UnfiredFaultError
+
+calls: list[Any] = []
+
+
+def side_effect(value: Any) -> None:
+    calls.append(value)
+
+
+@pytest.fixture(autouse=True)
+def _clear_calls() -> None:
+    calls.clear()
+
+
+def make_task(app: Celery, **options: Any) -> Any:
+    @app.task(name="tests.two_effects", bind=True, shared=False, **options)
+    def two_effects(self: Any, x: int) -> int:
+        side_effect(("first", x))
+        side_effect(("second", x))
+        return x * 2
+
+    return two_effects
+
+
+def test_fault_free_run_acks_and_stores_the_result(app: Celery) -> None:
+    task = make_task(app)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(21))
+    assert (outcome.state, outcome.result, outcome.acked) == ("SUCCESS", 42, True)
+    assert (outcome.deliveries, outcome.executions, outcome.lost) == (1, 1, False)
+    assert [e.index for e in faults.effects] == [1, 2]
+    assert faults.ledger.kinds(outcome.task_id) == ["published", "delivered", "acked"]
+
+
+def test_sigkill_with_reject_on_worker_lost_requeues_and_reruns(app: Celery) -> None:
+    task = make_task(app, acks_late=True, reject_on_worker_lost=True)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1), "sigkill@1")
+    assert outcome.rejected == "requeue"
+    assert (outcome.deliveries, outcome.executions, outcome.state) == (2, 2, "SUCCESS")
+    # the first side effect ran twice: at-least-once, visible
+    assert calls == [("first", 1), ("first", 1), ("second", 1)]
+    assert "FAULT sigkill@1 after 1 side effect(s)" in str(outcome.timeline)
+
+
+def test_early_ack_and_sigkill_loses_the_message(app: Celery) -> None:
+    task = make_task(app)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1), "sigkill@1")
+    assert outcome.lost and outcome.acked
+    assert outcome.state == "FAILURE"
+    assert str(outcome.exception) == "Worker exited prematurely: signal 9 (SIGKILL) Job: 0."
+    assert calls == [("first", 1)]  # nothing after the crash ran
+
+
+def test_nothing_after_the_crash_runs_even_in_finally(app: Celery) -> None:
+    @app.task(name="tests.with_finally", acks_late=True, shared=False)
+    def with_finally() -> None:
+        try:
+            side_effect("work")
+        finally:
+            side_effect("cleanup")
+
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(with_finally.s(), "sigkill@1")
+    assert calls == ["work"]
+    assert outcome.state == "FAILURE"
+
+
+def test_exit_reports_exitcode_like_billiard(app: Celery) -> None:
+    task = make_task(app, acks_late=True, reject_on_worker_lost=False)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1), "exit(3)@1")
+    assert str(outcome.exception) == "Worker exited prematurely: exitcode 3."
+    assert (outcome.acked, outcome.lost, outcome.deliveries) == (True, True, 1)
+
+
+def test_power_loss_restores_unacked_on_rabbitmq_at_once(app: Celery) -> None:
+    task = make_task(app, acks_late=True)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1), "power_loss@1")
+        assert faults.clock.elapsed == 0
+    assert (outcome.deliveries, outcome.state, outcome.lost) == (2, "SUCCESS", False)
+    assert "back in the queue: connection lost" in outcome.timeline.texts()
+
+
+def test_power_loss_on_redis_waits_for_the_visibility_timeout(app: Celery) -> None:
+    app.conf.broker_transport_options = {"visibility_timeout": 30}
+    task = make_task(app, acks_late=True)
+    with CeleryFaults(app, profile="redis") as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1), "power_loss@1")
+        assert faults.clock.elapsed == pytest.approx(30)
+    assert (outcome.deliveries, outcome.state) == (2, "SUCCESS")
+
+
+def test_power_loss_with_early_ack_loses_the_message(app: Celery) -> None:
+    task = make_task(app)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1), "power_loss@1")
+    assert outcome.lost and outcome.state == "PENDING" and outcome.deliveries == 1
+
+
+def test_redis_duplicates_a_countdown_longer_than_the_visibility_timeout(app: Celery) -> None:
+    app.conf.broker_transport_options = {"visibility_timeout": 60}
+    task = make_task(app, acks_late=True)
+    with CeleryFaults(app, profile="redis") as faults:
+        faults.track(f"{__name__}.side_effect")
+        result = task.apply_async((5,), countdown=150)
+        faults.drain()
+        outcome = faults.outcome(result.id)
+    assert outcome.executions >= 2, outcome
+    assert calls.count(("first", 5)) == outcome.executions
+
+
+def test_rabbitmq_runs_a_long_countdown_once(app: Celery) -> None:
+    task = make_task(app, acks_late=True)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        result = task.apply_async((5,), countdown=150)
+        faults.drain()
+        assert faults.clock.elapsed == pytest.approx(150, abs=1)
+        outcome = faults.outcome(result.id)
+    assert (outcome.executions, outcome.deliveries) == (1, 1)
+
+
+def test_retries_run_on_the_virtual_clock(app: Celery) -> None:
+    attempts: list[int] = []
+
+    @app.task(name="tests.flaky", bind=True, max_retries=3, default_retry_delay=600, shared=False)
+    def flaky(self: Any) -> str:
+        attempts.append(self.request.retries)
+        if self.request.retries < 2:
+            raise self.retry()
+        return "done"
+
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(flaky.s())
+        assert faults.clock.elapsed == pytest.approx(1200, abs=1)
+    assert attempts == [0, 1, 2]
+    assert (outcome.state, outcome.result, outcome.retries) == ("SUCCESS", "done", 2)
+
+
+def test_a_task_that_requeues_forever_stops_with_an_error_naming_it(app: Celery) -> None:
+    from celery.exceptions import Reject
+
+    @app.task(name="tests.forever", acks_late=True, shared=False)
+    def forever() -> None:
+        raise Reject("again", requeue=True)
+
+    with CeleryFaults(app, max_executions=50) as faults:
+        forever.delay()
+        with pytest.raises(DrainError, match=r"tests\.forever \(5\d deliveries\)"):
+            faults.drain()
+
+
+def test_unfired_spec_fails_with_a_reason(app: Celery) -> None:
+    task = make_task(app)
+    with pytest.raises(UnfiredFaultError, match=r"sigkill@5 \(delivery 1\) never fired"):
+        with CeleryFaults(app) as faults:
+            faults.track(f"{__name__}.side_effect")
+            faults.run(task.s(1), "sigkill@5")
+
+
+def test_redeliver_delivers_each_message_again_marked_redelivered(app: Celery) -> None:
+    seen: list[bool] = []
+
+    @app.task(name="tests.seen", bind=True, shared=False)
+    def record(self: Any) -> None:
+        seen.append(self.request.delivery_info["redelivered"])
+
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(record.s(), "redeliver*2")
+    assert seen == [False, True, True]
+    assert outcome.deliveries == 3
+
+
+def test_app_configuration_is_restored(app: Celery) -> None:
+    app.conf.task_always_eager = True
+    task = make_task(app)
+    app.finalize()
+    before = dict(app.conf.changes)
+    backend_before = app.backend
+    with CeleryFaults(app) as faults:
+        faults.run(task.s(1))
+        assert app.conf.task_always_eager is False
+    assert dict(app.conf.changes) == before
+    assert app.backend is backend_before
+
+
+def test_memory_mode_opens_no_socket(app: Celery, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"a socket was opened: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    task = make_task(app, acks_late=True)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        assert faults.run(task.s(1), "power_loss@1").state == "SUCCESS"
+
+
+def test_two_harnesses_see_only_their_own_messages(app: Celery) -> None:
+    task = make_task(app)
+    with CeleryFaults(app) as first:
+        task.delay(1)
+        assert first.broker.ready_count() == 1
+    with CeleryFaults(app) as second:
+        assert second.broker.ready_count() == 0
+        assert second.drain() == []
