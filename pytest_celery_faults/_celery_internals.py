@@ -235,3 +235,17 @@ def fresh_tracers(app: Celery) -> Iterator[None]:
     finally:
         for name, task in app.tasks.items():
             task.__trace__ = saved.get(name)
+
+
+def cancel_active_requests(pool: Any) -> None:
+    """What a worker's consumer does to its running tasks on a cold shutdown.
+
+    Celery's own ``Consumer.cancel_active_requests`` decides which requests to
+    cancel and whether to store RETRY; it reads the worker-global
+    ``active_requests`` and calls ``request.cancel(pool, ...)``.
+    """
+    from types import SimpleNamespace
+
+    from celery.worker.consumer.consumer import Consumer
+
+    Consumer.cancel_active_requests(SimpleNamespace(pool=pool))

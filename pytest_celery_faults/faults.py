@@ -31,6 +31,8 @@ BOUNDARY_KINDS: Final[dict[str, str]] = {
     "raise": "the next side effect raises the exception instead of running",
     "timeout": "the hard time limit is hit",
     "soft_timeout": "the soft time limit is hit (SoftTimeLimitExceeded in the task)",
+    "warm_shutdown": "the worker is asked to stop: the task finishes, held messages go back",
+    "cold_shutdown": "the worker stops at once: the running task is cancelled and cut off",
 }
 #: Step kinds without a boundary.
 PLAIN_KINDS: Final[dict[str, str]] = {
@@ -42,7 +44,7 @@ CHILD_DEATHS: Final[frozenset[str]] = frozenset({"sigkill", "sigterm", "timeout"
 
 VALID_FORMS: Final[str] = (
     "sigkill@N, sigterm@N, exit(CODE)@N, power_loss@N, raise(dotted.Exception)@N, "
-    "timeout@N, soft_timeout@N, ack_lost, ok, "
+    "timeout@N, soft_timeout@N, warm_shutdown@N, cold_shutdown@N, ack_lost, ok, "
     "redeliver*K; steps for successive deliveries joined by ';', "
     "optionally prefixed by TASK_NAME:"
 )

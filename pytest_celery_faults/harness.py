@@ -44,7 +44,7 @@ from .errors import DrainError, UnfiredFaultError
 from .faults import ArmedSpec, FaultPlan, FaultSpec, Step
 from .outcome import Outcome, Timeline, TimelineEntry
 from .results import InMemoryResultBackend
-from .worker import EmulatedWorker, ExecutionRecord
+from .worker import CUT_SHORT, EmulatedWorker, ExecutionRecord
 
 #: A drain that runs more executions than this has not converged (a task that requeues forever).
 DEFAULT_MAX_EXECUTIONS = 1000
@@ -319,7 +319,7 @@ class CeleryFaults:
             for message in queue
         ) or any(d.message.task_id == task_id for d in self.broker.unacked.values())
         last = records[-1] if records else None
-        cut_short = last is not None and last.ended in ("child killed", "exit", "power lost")
+        cut_short = last is not None and last.ended in CUT_SHORT
         return Outcome(
             task_id=task_id,
             name=name,
@@ -399,7 +399,7 @@ class CeleryFaults:
 
     def _on_record(self, record: ExecutionRecord) -> None:
         self.records.append(record)
-        if record.ended in ("child killed", "exit", "power lost"):
+        if record.ended in CUT_SHORT:
             self._note(record.task_id, f"{record.ended} ({record.worker})", depth=1)
 
     def _on_fired(self, record: ExecutionRecord, step: Step) -> None:

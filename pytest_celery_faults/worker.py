@@ -38,6 +38,8 @@ from .effects import Effect, EffectLog
 from .faults import FaultPlan, Step
 
 SIGNALS = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM}
+#: How an execution can end before the task did: the process running it went away.
+CUT_SHORT = frozenset({"child killed", "exit", "power lost", "cold shutdown"})
 
 
 class ChildKilled(BaseException):
@@ -49,11 +51,16 @@ class ChildKilled(BaseException):
 
 
 class PowerLost(BaseException):
-    """The whole worker is gone: nothing more runs, acks or stores."""
+    """The whole worker is gone: nothing more runs, acks or stores.
 
-    def __init__(self, step: Step) -> None:
+    ``graceful`` when it went by a cold shutdown, which still closes its broker
+    connection properly (Redis then restores unacked messages at once).
+    """
+
+    def __init__(self, step: Step, *, graceful: bool = False) -> None:
         super().__init__(str(step))
         self.step = step
+        self.graceful = graceful
 
 
 @dataclass
@@ -83,6 +90,7 @@ class ChildExecution:
     record: ExecutionRecord
     on_fired: Callable[[ChildExecution, Step], None]
     soft_timeout: Callable[[], None]
+    shutdown: Callable[[str], None]
     effect_count: int = 0
     dead: bool = False
     started: bool = False
@@ -127,6 +135,13 @@ class ChildExecution:
         if kind in ("sigkill", "sigterm", "timeout"):
             self.dead = True
             raise ChildKilled(step)
+        if kind == "warm_shutdown":
+            self.shutdown("warm")  # the running task goes on to its end
+            return
+        if kind == "cold_shutdown":
+            self.shutdown("cold")
+            self.dead = True
+            raise PowerLost(step, graceful=True)
         raise AssertionError(f"fault kind {kind!r} does not fire at a boundary")
 
 
@@ -147,6 +162,7 @@ class InProcessPool:
         self.worker = worker
         self._jobs = itertools.count()
         self.limit = 1
+        self.terminated: list[tuple[int, int | None]] = []
 
     def apply_async(
         self,
@@ -214,8 +230,8 @@ class InProcessPool:
             except ChildKilled as death:
                 record.ended = "child killed"
                 return False, None, death.step
-            except PowerLost:
-                record.ended = "power lost"
+            except PowerLost as gone:
+                record.ended = "cold shutdown" if gone.graceful else "power lost"
                 raise
             except BaseException as exc:  # billiard's workloop reports every job error
                 record.ended = "exit" if isinstance(exc, SystemExit) else "raised"
@@ -223,8 +239,10 @@ class InProcessPool:
                     return False, None, record.fired
                 return False, internals.current_exception_info(), None
         if execution.dead:  # the task swallowed its own death; the process is gone anyway
-            if record.fired is not None and record.fired.kind == "power_loss":
-                raise PowerLost(record.fired)
+            if record.fired is not None and record.fired.kind in ("power_loss", "cold_shutdown"):
+                graceful = record.fired.kind == "cold_shutdown"
+                record.ended = "cold shutdown" if graceful else "power lost"
+                raise PowerLost(record.fired, graceful=graceful)
             record.ended = "child killed"
             return False, None, record.fired
         record.ended = "returned"
@@ -243,7 +261,8 @@ class InProcessPool:
 
     # The pool API Celery's requests may call.
     def terminate_job(self, pid: int, signum: int | None = None) -> None:
-        """Only reachable from ``revoke(terminate=True)``, which needs a running child."""
+        """Celery asks to kill the child ``pid`` (a cold shutdown's ``Request.cancel``)."""
+        self.terminated.append((pid, signum))
 
 
 @dataclass(order=True)
@@ -299,7 +318,7 @@ class EmulatedWorker:
         multiplier = app.conf.worker_prefetch_multiplier
         self.prefetch_limit = max(1, int(multiplier)) if multiplier else 0
         self.broken_connection = False
-        self._deliveries: dict[int, Delivery] = {}
+        self.stop_requested = False
 
     def _next_pid(self) -> int:
         return 10_000 * self.index + 100 * self.generation + next(self._children)
@@ -393,6 +412,7 @@ class EmulatedWorker:
             record=record,
             on_fired=lambda ex, fired: self.on_fired(ex.record, fired),
             soft_timeout=lambda: None,
+            shutdown=self._shutdown,
         )
         if step is not None and step.kind == "ack_lost":
             self.broker.drop_ack(delivery.tag, self._ack_lost)
@@ -401,9 +421,9 @@ class EmulatedWorker:
         self.preparing = execution
         try:
             request.execute_using_pool(self.pool)
-        except PowerLost:
+        except PowerLost as gone:
             self.on_record(record)
-            self.die()
+            self.die(graceful=gone.graceful)
             return True
         except Exception as exc:  # TaskRevokedError and friends: Celery's own refusal
             self.callback_errors.append(exc)
@@ -411,7 +431,9 @@ class EmulatedWorker:
         finally:
             self.preparing = None
         self.after_delivery(delivery)
-        if self.broken_connection:
+        if self.stop_requested:
+            self.die(graceful=True)
+        elif self.broken_connection:
             self.reconnect()
         return True
 
@@ -430,6 +452,18 @@ class EmulatedWorker:
     def _ack_lost(self) -> None:
         self.broken_connection = True
 
+    def _shutdown(self, how: str) -> None:
+        """The worker was told to stop (``warm``) or to stop now (``cold``)."""
+        if how == "warm":
+            self.stop_requested = True
+            return
+        # Cold: the consumer cancels its running requests, from the main process.
+        running, self.effects.execution = self.effects.execution, None
+        try:
+            internals.cancel_active_requests(self.pool)
+        finally:
+            self.effects.execution = running
+
     def reconnect(self) -> None:
         """The connection dropped (a lost ack): the broker takes back what we held."""
         self.broken_connection = False
@@ -438,11 +472,11 @@ class EmulatedWorker:
         self.generation += 1
         self.consumer = f"{self.hostname}#{self.generation}"
 
-    def die(self) -> None:
-        """Power loss: the worker and its children are gone; its connection drops."""
+    def die(self, *, graceful: bool = False) -> None:
+        """The worker and its children are gone; its connection drops (closed, if graceful)."""
         self.alive = False
         self._drop_held()
-        self.broker.connection_lost(self.consumer)
+        self.broker.connection_lost(self.consumer, graceful=graceful)
         with contextlib.suppress(Exception):
             self.connection.release()
 

@@ -225,3 +225,37 @@ def test_two_harnesses_see_only_their_own_messages(app: Celery) -> None:
     with CeleryFaults(app) as second:
         assert second.broker.ready_count() == 0
         assert second.drain() == []
+
+
+def test_cold_shutdown_early_ack_stores_retry_and_loses_the_message(app: Celery) -> None:
+    task = make_task(app)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1), "cold_shutdown@1")
+    # Celery's Consumer.cancel_active_requests -> Request.cancel(emit_retry=True)
+    assert (outcome.state, outcome.lost, outcome.deliveries) == ("RETRY", True, 1)
+    assert calls == [("first", 1)]
+
+
+@pytest.mark.parametrize("profile", ["rabbitmq", "redis"])
+def test_cold_shutdown_acks_late_restores_at_once(app: Celery, profile: str) -> None:
+    task = make_task(app, acks_late=True)
+    with CeleryFaults(app, profile=profile) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1), "cold_shutdown@1")
+        assert faults.clock.elapsed == 0  # a closed connection, even on Redis
+    assert (outcome.state, outcome.deliveries, outcome.lost) == ("SUCCESS", 2, False)
+
+
+def test_warm_shutdown_finishes_the_task_and_returns_prefetched_messages(app: Celery) -> None:
+    task = make_task(app, acks_late=True)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        faults.inject("tests.two_effects:warm_shutdown@1")
+        first, second = task.delay(1), task.delay(2)
+        faults.drain()
+        one, two = faults.outcome(first.id), faults.outcome(second.id)
+    assert (one.state, one.deliveries, one.acked) == ("SUCCESS", 1, True)
+    # the second message was prefetched by the stopping worker: back, redelivered
+    assert (two.state, two.deliveries) == ("SUCCESS", 2)
+    assert calls == [("first", 1), ("second", 1), ("first", 2), ("second", 2)]
