@@ -195,18 +195,24 @@ class CeleryFaults:
         return self.plan.arm(spec, explicit=False)
 
     def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome:
-        """Publish ``signature`` with ``specs`` bound to it, drain, return its outcome."""
+        """Publish ``signature`` with ``specs`` bound to it, drain, return its outcome.
+
+        For a plain signature the specs bind to its task id. For a chain, group
+        or chord they bind to the first matching message the canvas publishes,
+        and the outcome returned is that of the canvas's frozen (last) task.
+        """
         self._require_active()
         frozen = signature.freeze()
-        task_id = frozen.id
-        name = signature.task if hasattr(signature, "task") else None
+        plain = getattr(signature, "subtask_type", None) is None
         for spec in specs:
-            parsed = self.plan.arm(spec)
-            if parsed.spec.task is None or parsed.spec.task == name:
-                parsed.task_id = task_id
+            armed = self.plan.arm(spec)
+            if plain and armed.spec.task in (None, signature.task):
+                armed.task_id = frozen.id
         signature.apply_async()
         self.drain()
-        return self.outcome(task_id)
+        while getattr(frozen, "results", None):  # a group: its last task stands for it
+            frozen = frozen.results[-1]
+        return self.outcome(frozen.id)
 
     def drain(self) -> list[Outcome]:
         """Run the workers until nothing is ready or pending, moving the virtual clock."""

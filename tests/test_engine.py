@@ -173,10 +173,10 @@ def test_a_task_that_requeues_forever_stops_with_an_error_naming_it(app: Celery)
 
 def test_unfired_spec_fails_with_a_reason(app: Celery) -> None:
     task = make_task(app)
-    with pytest.raises(UnfiredFaultError, match=r"sigkill@5 \(delivery 1\) never fired"):
-        with CeleryFaults(app) as faults:
-            faults.track(f"{__name__}.side_effect")
-            faults.run(task.s(1), "sigkill@5")
+    unfired = pytest.raises(UnfiredFaultError, match=r"sigkill@5 \(delivery 1\) never fired")
+    with unfired, CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        faults.run(task.s(1), "sigkill@5")
 
 
 def test_redeliver_delivers_each_message_again_marked_redelivered(app: Celery) -> None:
@@ -259,3 +259,38 @@ def test_warm_shutdown_finishes_the_task_and_returns_prefetched_messages(app: Ce
     # the second message was prefetched by the stopping worker: back, redelivered
     assert (two.state, two.deliveries) == ("SUCCESS", 2)
     assert calls == [("first", 1), ("second", 1), ("first", 2), ("second", 2)]
+
+
+def test_run_binds_specs_to_the_first_task_of_a_chain(app: Celery) -> None:
+    from celery import chain
+
+    @app.task(name="tests.a", shared=False, acks_late=True, reject_on_worker_lost=True)
+    def first(x: int) -> int:
+        side_effect(("a", x))
+        return x + 1
+
+    @app.task(name="tests.b", shared=False)
+    def second(x: int) -> int:
+        side_effect(("b", x))
+        return x * 10
+
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(chain(first.s(1), second.s()), "sigkill@1")
+    assert (outcome.name, outcome.result) == ("tests.b", 20)
+    assert calls == [("a", 1), ("a", 1), ("b", 2)]
+
+
+def test_a_message_expired_on_the_virtual_clock_is_revoked_by_celery(app: Celery) -> None:
+    task = make_task(app)
+    with CeleryFaults(app) as faults:
+        result = task.apply_async((1,), countdown=120, expires=60)
+        [outcome] = faults.drain()
+    assert outcome.task_id == result.id
+    assert (outcome.state, outcome.executions, outcome.acked) == ("REVOKED", 0, True)
+
+
+def test_result_get_drains_instead_of_waiting(app: Celery) -> None:
+    task = make_task(app)
+    with CeleryFaults(app):
+        assert task.delay(4).get() == 8
