@@ -110,14 +110,16 @@ class Ledger:
 
     events: list[BrokerEvent] = field(default_factory=list)
     observers: list[Callable[[BrokerEvent], None]] = field(default_factory=list)
+    _by_task: dict[str, list[BrokerEvent]] = field(default_factory=dict, repr=False)
 
     def record(self, event: BrokerEvent) -> None:
         self.events.append(event)
+        self._by_task.setdefault(event.task_id, []).append(event)
         for observe in self.observers:
             observe(event)
 
     def for_task(self, task_id: str) -> list[BrokerEvent]:
-        return [event for event in self.events if event.task_id == task_id]
+        return list(self._by_task.get(task_id, ()))
 
     def kinds(self, task_id: str | None = None) -> list[str]:
         return [e.kind for e in self.events if task_id is None or e.task_id == task_id]
@@ -150,6 +152,7 @@ class InMemoryBroker:
         self.after_publish: list[Callable[[StoredMessage], None]] = []
         self._numbers = itertools.count(1)
         self._dropped_acks: dict[str, Callable[[], None]] = {}
+        self._held: dict[str, int] = {}  # task id -> copies ready or unacked here
         self._tags = itertools.count(1)
         self.closed = False
         InMemoryBroker._registry[self.name] = self
@@ -190,6 +193,7 @@ class InMemoryBroker:
             task_name=str(headers.get("task", "?")),
         )
         self.queues.setdefault(queue, deque()).append(message)
+        self._hold(message.task_id, 1)
         self._record("published", message, detail=f"to {queue!r}")
         for after in self.after_publish:
             after(message)
@@ -203,14 +207,34 @@ class InMemoryBroker:
             return len(self.queues.get(queue, ()))
         return sum(len(q) for q in self.queues.values())
 
+    def holds(self, task_id: str) -> bool:
+        """Whether a copy of a message for ``task_id`` is ready or unacked here."""
+        return self._held.get(task_id, 0) > 0
+
+    def _hold(self, task_id: str, change: int) -> None:
+        self._held[task_id] = self._held.get(task_id, 0) + change
+
+    def take(self, queue: str) -> StoredMessage | None:
+        """Remove the next ready message of ``queue`` without tracking it (``basic_get``)."""
+        ready = self.queues.get(queue)
+        if not ready:
+            return None
+        message = ready.popleft()
+        self._hold(message.task_id, -1)
+        return message
+
     def purge(self, queue: str) -> int:
         ready = self.queues.get(queue)
-        count = len(ready) if ready else 0
-        if ready:
-            ready.clear()
+        if not ready:
+            return 0
+        count = len(ready)
+        for message in ready:
+            self._hold(message.task_id, -1)
+        ready.clear()
         return count
 
     def delete(self, queue: str) -> None:
+        self.purge(queue)
         self.queues.pop(queue, None)
 
     # -- consuming --------------------------------------------------------------
@@ -331,6 +355,7 @@ class InMemoryBroker:
             return None
         delivery.settled = True
         delivery.settlement = how
+        self._hold(delivery.message.task_id, -1)
         if delivery.timer is not None:
             self.clock.cancel(delivery.timer)
         return delivery
@@ -350,6 +375,7 @@ class InMemoryBroker:
         self, message: StoredMessage, *, reason: str, delivery: Delivery | None = None
     ) -> None:
         self.queues.setdefault(message.queue, deque()).appendleft(message)
+        self._hold(message.task_id, 1)
         self._record("restored", message, delivery, detail=reason)
 
     def _record(
@@ -403,10 +429,9 @@ class Channel(virtual.Channel):
         self.broker.publish(queue, message)
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
-        ready = self.broker.queues.get(queue)
-        if not ready:
+        stored = self.broker.take(queue)
+        if stored is None:
             raise virtual.Empty()
-        stored = ready.popleft()
         return stored.payload
 
     def _size(self, queue: str) -> int:

@@ -117,6 +117,7 @@ class CeleryFaults:
         self.plan = FaultPlan()
         self.timeline = Timeline()
         self.records: list[ExecutionRecord] = []
+        self._records_by_task: dict[str, list[ExecutionRecord]] = {}
         self.random = random.Random(self.seed)
         self._retries: dict[str, int] = {}
         self._messages: dict[str, int] = {}
@@ -168,7 +169,7 @@ class CeleryFaults:
             self._installed.__exit__(None, None, None)
             self.broker.close()
 
-    def _new_worker(self, index: int, generation: int = 1) -> EmulatedWorker:
+    def _new_worker(self, index: int) -> EmulatedWorker:
         return EmulatedWorker(
             app=self.app,
             broker=self.broker,
@@ -176,7 +177,6 @@ class CeleryFaults:
             effects=self.effects,
             plan=self.plan,
             index=index,
-            generation=generation,
             on_record=self._on_record,
             on_fired=self._on_fired,
             after_delivery=self._after_delivery,
@@ -209,15 +209,26 @@ class CeleryFaults:
             if plain and armed.spec.task in (None, signature.task):
                 armed.task_id = frozen.id
         signature.apply_async()
-        self.drain()
+        self._drain()
         while getattr(frozen, "results", None):  # a group: its last task stands for it
             frozen = frozen.results[-1]
         return self.outcome(frozen.id)
 
     def drain(self) -> list[Outcome]:
-        """Run the workers until nothing is ready or pending, moving the virtual clock."""
+        """Run the workers until nothing is ready or pending, moving the virtual clock.
+
+        Returns the outcomes of the task ids delivered meanwhile, in delivery order.
+        """
         self._require_active()
+        first_event = len(self.ledger)
+        self._drain()
         touched: dict[str, None] = {}
+        for event in self.ledger.events[first_event:]:
+            if event.kind == "delivered":
+                touched.setdefault(event.task_id)
+        return [self.outcome(task_id) for task_id in touched]
+
+    def _drain(self) -> None:
         first_delivery = len(self.ledger)
         executions = 0
         while True:
@@ -241,22 +252,18 @@ class CeleryFaults:
                     f"(more than {DEFAULT_HORIZON:.0f}s); something is scheduled forever"
                 )
             self.clock.advance_to(due)
-        for event in self.ledger.events[first_delivery:]:
-            if event.kind == "delivered":
-                touched.setdefault(event.task_id)
-        return [self.outcome(task_id) for task_id in touched]
 
     def _drain_for_result(self) -> None:
-        self.drain()
+        self._require_active()
+        self._drain()
 
     def _live_workers(self) -> list[EmulatedWorker]:
         live = [worker for worker in self.workers if worker.alive]
         if live:
             return live
-        # Every worker lost power: the supervisor starts them again.
-        self.workers = [
-            self._new_worker(worker.index, worker.generation + 1) for worker in self.workers
-        ]
+        # Every worker is gone: the supervisor starts them again.
+        for worker in self.workers:
+            worker.restart()
         return list(self.workers)
 
     def _fill(self, live: Sequence[EmulatedWorker]) -> None:
@@ -309,7 +316,7 @@ class CeleryFaults:
     def outcome(self, task_id: str) -> Outcome:
         """The fate of ``task_id`` so far."""
         events = self.ledger.for_task(task_id)
-        records = [record for record in self.records if record.task_id == task_id]
+        records = self._records_by_task.get(task_id, [])
         name = events[0].task_name if events else (records[0].task_name if records else "?")
         settles = [e for e in events if e.kind in ("acked", "rejected", "restored", "ack_lost")]
         rejects = [e for e in events if e.kind == "rejected"]
@@ -319,11 +326,7 @@ class CeleryFaults:
         exception = value if isinstance(value, BaseException) else None
         if exception is not None:
             exception = internals.unpickled_exception(exception)
-        held = any(
-            message.task_id == task_id
-            for queue in self.broker.queues.values()
-            for message in queue
-        ) or any(d.message.task_id == task_id for d in self.broker.unacked.values())
+        held = self.broker.holds(task_id)
         last = records[-1] if records else None
         cut_short = last is not None and last.ended in CUT_SHORT
         return Outcome(
@@ -367,7 +370,7 @@ class CeleryFaults:
             else:
                 deliveries = self.plan.deliveries.get(armed.task_id, 0)
                 effects = max(
-                    (r.effects for r in self.records if r.task_id == armed.task_id), default=0
+                    (r.effects for r in self._records_by_task.get(armed.task_id, ())), default=0
                 )
                 steps = ", ".join(f"{step} (delivery {n})" for n, step in armed.unfired_steps)
                 why = (
@@ -405,6 +408,7 @@ class CeleryFaults:
 
     def _on_record(self, record: ExecutionRecord) -> None:
         self.records.append(record)
+        self._records_by_task.setdefault(record.task_id, []).append(record)
         if record.ended in CUT_SHORT:
             self._note(record.task_id, f"{record.ended} ({record.worker})", depth=1)
 

@@ -24,12 +24,16 @@ class Timeline:
     """Entries in the order they happened; ``str()`` reads as a story."""
 
     entries: list[TimelineEntry] = field(default_factory=list)
+    _by_task: dict[str | None, list[TimelineEntry]] = field(default_factory=dict, repr=False)
 
     def add(self, entry: TimelineEntry) -> None:
         self.entries.append(entry)
+        self._by_task.setdefault(entry.task_id, []).append(entry)
 
     def for_task(self, task_id: str) -> Timeline:
-        return Timeline([e for e in self.entries if e.task_id in (task_id, None)])
+        """The entries about ``task_id``, in order."""
+        entries = list(self._by_task.get(task_id, ()))
+        return Timeline(entries, {task_id: list(entries)})
 
     def texts(self) -> list[str]:
         return [entry.text for entry in self.entries]

@@ -284,7 +284,6 @@ class EmulatedWorker:
         effects: EffectLog,
         plan: FaultPlan,
         index: int,
-        generation: int = 1,
         on_record: Callable[[ExecutionRecord], None],
         on_fired: Callable[[ExecutionRecord, Step], None],
         after_delivery: Callable[[Delivery], None],
@@ -295,9 +294,9 @@ class EmulatedWorker:
         self.effects = effects
         self.plan = plan
         self.index = index
-        self.generation = generation
+        self.generation = 1
         self.hostname = f"celery@faults-{index}"
-        self.consumer = f"{self.hostname}#{generation}"
+        self.consumer = f"{self.hostname}#{self.generation}"
         self.on_record = on_record
         self.on_fired = on_fired
         self.after_delivery = after_delivery
@@ -472,13 +471,24 @@ class EmulatedWorker:
         self.generation += 1
         self.consumer = f"{self.hostname}#{self.generation}"
 
+    def restart(self) -> None:
+        """The supervisor starts the worker again: a new process with a new connection.
+
+        The Python object is reused (its request classes stay valid: they are
+        bound to this worker's pool and hostname), its state starts empty.
+        """
+        self.generation += 1
+        self.consumer = f"{self.hostname}#{self.generation}"
+        self.child_pid = self._next_pid()
+        self.alive = True
+        self.stop_requested = self.broken_connection = False
+        self._drop_held()
+
     def die(self, *, graceful: bool = False) -> None:
         """The worker and its children are gone; its connection drops (closed, if graceful)."""
         self.alive = False
         self._drop_held()
         self.broker.connection_lost(self.consumer, graceful=graceful)
-        with contextlib.suppress(Exception):
-            self.connection.release()
 
     def _drop_held(self) -> None:
         self.reserved.clear()
