@@ -13,7 +13,6 @@ those when a consumer's connection drops (the profile).
 
 from __future__ import annotations
 
-import copy
 import itertools
 import weakref
 from collections import deque
@@ -273,9 +272,10 @@ class InMemoryBroker:
     def kombu_payload(self, delivery: Delivery) -> dict[str, Any]:
         """The raw payload kombu's virtual ``Message`` is built from, for this delivery."""
         payload = dict(delivery.message.payload)
-        properties = copy.deepcopy(payload.get("properties") or {})
-        info = properties.setdefault("delivery_info", {})
+        properties = dict(payload.get("properties") or {})
+        info = dict(properties.get("delivery_info") or {})
         info["redelivered"] = delivery.redelivered
+        properties["delivery_info"] = info
         properties["delivery_tag"] = delivery.tag
         payload["properties"] = properties
         return payload

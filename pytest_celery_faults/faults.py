@@ -260,6 +260,9 @@ class FaultPlan:
     def __init__(self) -> None:
         self.armed: list[ArmedSpec] = []
         self.deliveries: dict[str, int] = {}
+        self._waiting: list[ArmedSpec] = []  # step specs not bound to a task id yet
+        self._redelivering: list[ArmedSpec] = []
+        self._bound: dict[str, list[ArmedSpec]] = {}
 
     def arm(
         self, spec: FaultSpec | str, *, task_id: str | None = None, explicit: bool = True
@@ -268,44 +271,53 @@ class FaultPlan:
         for step in parsed.steps:
             if step.kind == "raise":
                 step.exception_class()  # refuse an unimportable exception now, not mid-task
-        armed = ArmedSpec(parsed, explicit=explicit, task_id=task_id)
+        armed = ArmedSpec(parsed, explicit=explicit)
         self.armed.append(armed)
+        if parsed.redeliver:
+            self._redelivering.append(armed)
+        elif task_id is not None:
+            self.bind(armed, task_id)
+        else:
+            self._waiting.append(armed)
         return armed
+
+    def bind(self, armed: ArmedSpec, task_id: str) -> None:
+        """Tie a step spec to ``task_id``."""
+        if armed in self._waiting:
+            self._waiting.remove(armed)
+        armed.task_id = task_id
+        self._bound.setdefault(task_id, []).append(armed)
 
     def replays_for(self, task_id: str, task_name: str) -> int:
         """Bind waiting step specs to a newly published message; its redelivery count."""
-        replays = 0
-        for armed in self.armed:
-            spec = armed.spec
-            if not spec.matches(task_name):
-                continue
-            if spec.redeliver:
-                replays = max(replays, spec.redeliver)
-            elif armed.task_id is None and task_id not in self.deliveries:
-                armed.task_id = task_id
+        if self._waiting and task_id not in self.deliveries:
+            for armed in [a for a in self._waiting if a.spec.matches(task_name)]:
+                self.bind(armed, task_id)
         self.deliveries.setdefault(task_id, 0)
-        return replays
+        return max(
+            (a.spec.redeliver for a in self._redelivering if a.spec.matches(task_name)),
+            default=0,
+        )
 
     def next_delivery(self, task_id: str, task_name: str) -> tuple[int, Step | None]:
         """Count a delivery of ``task_id``; the step that applies to it."""
         number = self.deliveries.get(task_id, 0) + 1
         self.deliveries[task_id] = number
-        for armed in self.armed:
-            if armed.task_id == task_id and not armed.spec.redeliver:
-                step = armed.spec.step_for(number)
-                if step is not None and step.kind != "ok":
-                    return number, step
+        for armed in self._bound.get(task_id, ()):
+            step = armed.spec.step_for(number)
+            if step is not None and step.kind != "ok":
+                return number, step
         return number, None
 
     def fired(self, task_id: str, delivery: int, step: Step) -> None:
-        for armed in self.armed:
-            if armed.task_id == task_id and armed.spec.step_for(delivery) == step:
+        for armed in self._bound.get(task_id, ()):
+            if armed.spec.step_for(delivery) == step:
                 armed.fired.append((task_id, delivery, step))
                 return
 
     def replayed(self, task_name: str) -> None:
-        for armed in self.armed:
-            if armed.spec.redeliver and armed.spec.matches(task_name):
+        for armed in self._redelivering:
+            if armed.spec.matches(task_name):
                 armed.replays += 1
 
     def unfired(self, *, explicit_only: bool = True) -> list[ArmedSpec]:

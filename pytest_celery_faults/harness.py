@@ -15,7 +15,7 @@ virtual clock; on exit every change is undone.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -41,7 +41,7 @@ from .effects import (
     tracking_wrapper,
 )
 from .errors import DrainError, UnfiredFaultError
-from .faults import ArmedSpec, FaultPlan, FaultSpec, Step
+from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .outcome import Outcome, Timeline, TimelineEntry
 from .results import InMemoryResultBackend
 from .worker import CUT_SHORT, EmulatedWorker, ExecutionRecord
@@ -205,9 +205,9 @@ class CeleryFaults:
         frozen = signature.freeze()
         plain = getattr(signature, "subtask_type", None) is None
         for spec in specs:
-            armed = self.plan.arm(spec)
-            if plain and armed.spec.task in (None, signature.task):
-                armed.task_id = frozen.id
+            parsed = parse_spec(spec)
+            bind_here = plain and not parsed.redeliver and parsed.task in (None, signature.task)
+            self.plan.arm(parsed, task_id=frozen.id if bind_here else None)
         signature.apply_async()
         self._drain()
         while getattr(frozen, "results", None):  # a group: its last task stands for it
@@ -236,9 +236,10 @@ class CeleryFaults:
             self._fill(live)
             for worker in live:
                 worker.release_due()
-            worker_order = list(live)
-            self.random.shuffle(worker_order)
-            if any(worker.run_next() for worker in worker_order):
+            if len(live) > 1:
+                live = list(live)
+                self.random.shuffle(live)  # which worker runs first: the seed's choice
+            if any(worker.run_next() for worker in live):
                 executions += 1
                 if executions > self.max_executions:
                     raise DrainError(self._no_quiet_message(executions, first_delivery))
@@ -422,20 +423,13 @@ class CeleryFaults:
             self._note(effect.task_id, f"side effect {effect.index}: {effect}", depth=1)
 
     def _on_ledger_event(self, event: BrokerEvent) -> None:
-        template = _LEDGER_TEXT.get(event.kind)
-        text = (
-            template.format(
-                name=event.task_name,
-                short=event.task_id[:8],
-                detail=event.detail,
-                consumer=event.consumer or "?",
-                redelivered=" (redelivered=True)" if event.detail else "",
-            ).rstrip()
-            if template
-            else f"{event.kind} {event.detail}".rstrip()
-        )
         self.timeline.add(
-            TimelineEntry(event.time - self.clock.start, text, event.task_id, depth=0)
+            TimelineEntry(
+                event.time - self.clock.start,
+                lambda: _ledger_text(event),
+                event.task_id,
+                depth=0,
+            )
         )
 
     def _note(self, task_id: str, text: str, depth: int) -> None:
@@ -446,5 +440,14 @@ class CeleryFaults:
         return f"<CeleryFaults {self.app.main or 'app'} {state} profile={self.profile_name}>"
 
 
-def specs_text(specs: Iterable[str | FaultSpec]) -> str:
-    return ", ".join(str(spec) for spec in specs)
+def _ledger_text(event: BrokerEvent) -> str:
+    template = _LEDGER_TEXT.get(event.kind)
+    if template is None:
+        return f"{event.kind} {event.detail}".rstrip()
+    return template.format(
+        name=event.task_name,
+        short=event.task_id[:8],
+        detail=event.detail,
+        consumer=event.consumer or "?",
+        redelivered=" (redelivered=True)" if event.detail else "",
+    ).rstrip()

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass(frozen=True)
 class TimelineEntry:
-    """One line of a story: when (virtual seconds since the harness began), what, how deep."""
+    """One line of a story: when (virtual seconds since the harness began), what, how deep.
+
+    ``text`` may be given as a callable, rendered when first read: most
+    timelines are never printed, and scenarios are many.
+    """
 
     time: float
-    text: str
+    render: str | Callable[[], str]
     task_id: str | None = None
     depth: int = 0
+
+    @property
+    def text(self) -> str:
+        if callable(self.render):
+            object.__setattr__(self, "render", self.render())
+        return self.render  # type: ignore[return-value]
 
     def __str__(self) -> str:
         return f"+{self.time:8.3f}s  {'  ' * self.depth}{self.text}"
