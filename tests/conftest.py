@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -16,3 +17,12 @@ def app() -> Iterator[Celery]:
     application.conf.broker_url = "memory://"
     yield application
     application.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_left_behind() -> Iterator[None]:
+    """The plugin starts no threads; a test that leaves one behind fails."""
+    before = set(threading.enumerate())
+    yield
+    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not left, f"threads left behind: {left}"
