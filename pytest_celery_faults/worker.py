@@ -50,6 +50,19 @@ class ChildKilled(BaseException):
         self.step = step
 
 
+class TerminatedBySignal(SystemExit):
+    """What billiard's ``_shutdown_cleanup`` raises in a child that got SIGTERM.
+
+    The child unwinds (``finally`` blocks run, and may perform side effects),
+    reports no result, and dies; the pool then reports ``signal 15 (SIGTERM)``.
+    Measured on a real prefork worker (Celery 5.7, billiard 4.3.2).
+    """
+
+    def __init__(self, step: Step) -> None:
+        super().__init__(-(256 - signal.SIGTERM))
+        self.step = step
+
+
 class PowerLost(BaseException):
     """The whole worker is gone: nothing more runs, acks or stores.
 
@@ -132,7 +145,9 @@ class ChildExecution:
         if kind == "soft_timeout":
             self.soft_timeout()
             raise internals.SoftTimeLimitExceeded()
-        if kind in ("sigkill", "sigterm", "timeout"):
+        if kind == "sigterm":
+            raise TerminatedBySignal(step)
+        if kind in ("sigkill", "timeout"):
             self.dead = True
             raise ChildKilled(step)
         if kind == "warm_shutdown":
@@ -227,7 +242,7 @@ class InProcessPool:
             try:
                 execution.start()
                 value = target(*args, **kwargs)
-            except ChildKilled as death:
+            except (ChildKilled, TerminatedBySignal) as death:
                 record.ended = "child killed"
                 return False, None, death.step
             except PowerLost as gone:

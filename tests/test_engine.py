@@ -294,3 +294,20 @@ def test_result_get_drains_instead_of_waiting(app: Celery) -> None:
     task = make_task(app)
     with CeleryFaults(app):
         assert task.delay(4).get() == 8
+
+
+def test_sigterm_lets_finally_blocks_run_as_billiards_handler_does(app: Celery) -> None:
+    # Measured on a real prefork worker: billiard's SIGTERM handler raises
+    # SystemExit in the task, so cleanup code runs; the result is not reported.
+    @app.task(name="tests.with_cleanup", acks_late=True, shared=False)
+    def with_cleanup() -> None:
+        try:
+            side_effect("work")
+        finally:
+            side_effect("cleanup")
+
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(with_cleanup.s(), "sigterm@1")
+    assert calls == ["work", "cleanup"]
+    assert str(outcome.exception) == "Worker exited prematurely: signal 15 (SIGTERM) Job: 0."
