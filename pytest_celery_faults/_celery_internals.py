@@ -114,6 +114,10 @@ def forget_worker_state(request_ids: Iterable[str]) -> None:
                 bucket.discard(request)
 
 
+#: ``app.amqp`` cached properties that hold a broker connection or settings.
+_AMQP_CACHES = ("_event_dispatcher", "send_task_message")
+
+
 class installed_app_state:  # noqa: N801 - used as a context manager, reads as one
     """Point ``app`` at a broker, a result backend and a clock; undo all of it on exit.
 
@@ -144,7 +148,10 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
         conf = app.conf
         amqp = app.amqp
         missing = object()
+        cached = app.amqp.__dict__
         self._saved = {
+            # Built on first publish from the broker URL and settings of that day.
+            "amqp_cache": {key: cached.pop(key) for key in _AMQP_CACHES if key in cached},
             "conf": {key: conf.changes.get(key, missing) for key in (*self.conf, "broker_url")},
             "pool": app._pool,
             "producer_pool": amqp._producer_pool,
@@ -171,6 +178,10 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
         app = self.app
         saved = self._saved
         missing = saved["missing"]
+        cached = app.amqp.__dict__
+        for key in _AMQP_CACHES:
+            cached.pop(key, None)
+        cached.update(saved["amqp_cache"])
         with contextlib.suppress(Exception):
             app.amqp._producer_pool.force_close_all()
         with contextlib.suppress(Exception):

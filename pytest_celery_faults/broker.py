@@ -20,11 +20,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kombu.connection import Connection
 from kombu.transport import TRANSPORT_ALIASES, virtual
 
 from .clock import VirtualClock
 
 SCHEME = "celery-faults"
+TRANSPORT_OPTION = "celery_faults_broker"
 
 RestorePolicy = Literal["on_disconnect", "after_visibility_timeout"]
 
@@ -120,6 +122,10 @@ class Ledger:
     def for_task(self, task_id: str) -> list[BrokerEvent]:
         return list(self._by_task.get(task_id, ()))
 
+    def clear(self) -> None:
+        self.events.clear()
+        self._by_task.clear()
+
     def kinds(self, task_id: str | None = None) -> list[str]:
         return [e.kind for e in self.events if task_id is None or e.task_id == task_id]
 
@@ -159,6 +165,16 @@ class InMemoryBroker:
     @property
     def url(self) -> str:
         return f"{SCHEME}://{self.name}"
+
+    def connection(self) -> Connection:
+        """A kombu connection to this broker.
+
+        The broker itself travels in ``transport_options`` (kept by
+        ``Connection.clone()``, so by every pooled connection), so the
+        transport finds it however its module was imported; the name in the
+        URL is the fallback for connections Celery makes on its own.
+        """
+        return Connection(self.url, transport_options={TRANSPORT_OPTION: self})
 
     @classmethod
     def by_name(cls, name: str) -> InMemoryBroker:
@@ -398,6 +414,17 @@ class InMemoryBroker:
             )
         )
 
+    def reset(self) -> None:
+        """Empty every queue, forget every delivery and event: a fresh scenario."""
+        for delivery in self.unacked.values():
+            if delivery.timer is not None:
+                self.clock.cancel(delivery.timer)
+        self.queues.clear()
+        self.unacked.clear()
+        self.ledger.clear()
+        self._held.clear()
+        self._dropped_acks.clear()
+
     def close(self) -> None:
         self.closed = True
         for delivery in self.unacked.values():
@@ -465,13 +492,18 @@ class Transport(virtual.Transport):
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)  # type: ignore[no-untyped-call]
-        self.broker = InMemoryBroker.by_name(client.hostname or "")
+        given = client.transport_options.get(TRANSPORT_OPTION)
+        self.broker = given if given is not None else InMemoryBroker.by_name(client.hostname)
         self.state = self.broker.exchange_state
 
     def driver_version(self) -> str:
         return "in-memory"
 
 
+def _transport_class() -> type[Transport]:
+    return Transport
+
+
 def register_transport() -> None:
-    """Make ``celery-faults://`` a kombu transport (idempotent)."""
-    TRANSPORT_ALIASES.setdefault(SCHEME, f"{__name__}:Transport")
+    """Make ``celery-faults://`` a kombu transport: this module's, however it was imported."""
+    TRANSPORT_ALIASES[SCHEME] = _transport_class  # type: ignore[assignment]

@@ -70,6 +70,11 @@ class VirtualClock:
             raise ValueError(f"cannot move the clock back: advance({seconds!r})")
         self.advance_to(self._now + seconds)
 
+    def reset(self) -> None:
+        """Back to the start, with no timers: a fresh scenario on the same clock."""
+        self._now = self.start
+        self._timers.clear()
+
     def cancel(self, timer: _Timer) -> None:
         timer.cancelled = True
 

@@ -96,6 +96,10 @@ class EffectLog:
         for observe in self.observers:
             observe(effect)
 
+    def clear(self) -> None:
+        self.effects.clear()
+        self.execution = None
+
     def for_task(self, task_id: str) -> list[Effect]:
         return [effect for effect in self.effects if effect.task_id == task_id]
 

@@ -264,6 +264,14 @@ class FaultPlan:
         self._redelivering: list[ArmedSpec] = []
         self._bound: dict[str, list[ArmedSpec]] = {}
 
+    def clear(self) -> None:
+        """Disarm everything: a fresh scenario."""
+        self.armed.clear()
+        self.deliveries.clear()
+        self._waiting.clear()
+        self._redelivering.clear()
+        self._bound.clear()
+
     def arm(
         self, spec: FaultSpec | str, *, task_id: str | None = None, explicit: bool = True
     ) -> ArmedSpec:

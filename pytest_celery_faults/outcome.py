@@ -41,6 +41,10 @@ class Timeline:
         self.entries.append(entry)
         self._by_task.setdefault(entry.task_id, []).append(entry)
 
+    def clear(self) -> None:
+        self.entries.clear()
+        self._by_task.clear()
+
     def for_task(self, task_id: str) -> Timeline:
         """The entries about ``task_id``, in order."""
         entries = list(self._by_task.get(task_id, ()))

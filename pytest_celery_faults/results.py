@@ -32,6 +32,11 @@ class InMemoryResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
         #: True while a dead child is unwinding: a dead process stores nothing.
         self.refuse_writes = refuse_writes or (lambda: False)
 
+    def clear(self) -> None:
+        """Forget every stored result: a fresh scenario."""
+        self.store.clear()
+        self._cache.clear()
+
     def get(self, key: bytes) -> Any:
         return self.store.get(key)
 

@@ -29,7 +29,6 @@ from time import monotonic
 from typing import Any
 
 from celery import Celery
-from kombu.connection import Connection
 
 from . import _celery_internals as internals
 from .broker import Delivery, InMemoryBroker
@@ -326,7 +325,7 @@ class EmulatedWorker:
         self._children = itertools.count(1)
         self.child_pid = self._next_pid()
         self._request_classes: dict[str, type[Any]] = {}
-        self.connection = Connection(broker.url)
+        self.connection = broker.connection()
         self.channel = self.connection.default_channel
         self.accept = internals.accept_content(app)
         multiplier = app.conf.worker_prefetch_multiplier

@@ -9,6 +9,12 @@ from collections.abc import Iterator
 import pytest
 from celery import Celery
 
+# pytester's in-process runs drop the modules first imported inside them; a
+# later run would then import Celery's worker and billiard again, and classes
+# from two imports of one module would meet (isinstance fails). Import them here.
+import pytest_celery_faults.harness  # noqa: F401
+import pytest_celery_faults.idempotency  # noqa: F401
+
 
 @pytest.fixture
 def app() -> Iterator[Celery]:

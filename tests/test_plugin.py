@@ -49,7 +49,9 @@ def test_fixture_runs_a_task_through_the_emulated_worker(project: pytest.Pyteste
 def test_missing_app_setting_names_the_option(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_it="def test_x(celery_faults):\n    pass\n")
     result = pytester.runpytest()
-    result.stdout.fnmatch_lines(["*celery_faults needs the app under test: set `celery_faults_app*"])
+    result.stdout.fnmatch_lines(
+        ["*celery_faults needs the app under test: set `celery_faults_app*"]
+    )
     assert result.ret != 0
 
 
