@@ -15,15 +15,16 @@ virtual clock; on exit every change is undone.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
 from celery import Celery
-from kombu.connection import Connection
 
 from . import _celery_internals as internals
+from . import idempotency
 from .broker import (
+    TRANSPORT_OPTION,
     BrokerEvent,
     BrokerProfile,
     Delivery,
@@ -42,6 +43,7 @@ from .effects import (
 )
 from .errors import DrainError, UnfiredFaultError
 from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
+from .idempotency import Scenario, SweepReport
 from .outcome import Outcome, Timeline, TimelineEntry
 from .results import InMemoryResultBackend
 from .worker import CUT_SHORT, EmulatedWorker, ExecutionRecord
@@ -122,6 +124,7 @@ class CeleryFaults:
         self._retries: dict[str, int] = {}
         self._messages: dict[str, int] = {}
         self._patches: list[Patch] = []
+        self.suite_wide: list[str | FaultSpec] = []
         self.backend = InMemoryResultBackend(
             app=app,
             on_wait=self._drain_for_result,
@@ -137,9 +140,16 @@ class CeleryFaults:
             app,
             broker_url=self.broker.url,
             backend=self.backend,
-            connection_factory=lambda: Connection(self.broker.url),
+            connection_factory=self.broker.connection,
             now=self.clock.now,
-            conf={"task_always_eager": False},
+            conf={
+                "task_always_eager": False,
+                # Connections Celery makes itself find the broker here too.
+                "broker_transport_options": {
+                    **(app.conf.broker_transport_options or {}),
+                    TRANSPORT_OPTION: self.broker,
+                },
+            },
         )
         self._tracers = internals.fresh_tracers(app)
         self._installed.__enter__()
@@ -169,6 +179,36 @@ class CeleryFaults:
             self._installed.__exit__(None, None, None)
             self.broker.close()
 
+    def reset(self, *, suite_wide: bool = True) -> None:
+        """Start a fresh scenario in place: empty broker, results, effects, plan and clock.
+
+        What the test set up stays: tracked callables, the HTTP mock's
+        registered responses (their call history is cleared), the app.
+        Suite-wide specs (``--celery-faults``) are armed again unless
+        ``suite_wide=False`` (scenarios that choose their own faults).
+        """
+        self._require_active()
+        request_ids: set[str] = set()
+        for worker in self.workers:
+            request_ids |= worker.request_ids
+            worker.request_ids.clear()
+            worker.restart()
+        internals.forget_worker_state(request_ids)
+        self.broker.reset()
+        self.clock.reset()
+        self.backend.clear()
+        self.effects.clear()
+        self.plan.clear()
+        self.timeline.clear()
+        self.records.clear()
+        self._records_by_task.clear()
+        self._retries.clear()
+        self._messages.clear()
+        self.http.calls.reset()
+        if suite_wide:
+            for spec in self.suite_wide:
+                self.plan.arm(spec, explicit=False)
+
     def _new_worker(self, index: int) -> EmulatedWorker:
         return EmulatedWorker(
             app=self.app,
@@ -192,6 +232,7 @@ class CeleryFaults:
     def arm_suite_wide(self, spec: str | FaultSpec) -> ArmedSpec:
         """Arm a spec the test did not ask for (``--celery-faults``); it never fails unfired."""
         self._require_active()
+        self.suite_wide.append(spec)
         return self.plan.arm(spec, explicit=False)
 
     def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome:
@@ -349,6 +390,37 @@ class CeleryFaults:
     def outcomes(self) -> list[Outcome]:
         """Every task id the broker has seen, in publish order."""
         return [self.outcome(task_id) for task_id in self._messages]
+
+    # -- idempotency ------------------------------------------------------------
+
+    def assert_idempotent(
+        self,
+        signature: Any,
+        observe: Callable[[], Any],
+        reset: Callable[[], Any] | None = None,
+        specs: Iterable[str | FaultSpec] | None = None,
+    ) -> list[Scenario]:
+        """Run ``signature`` fault-free, then under each spec from a fresh state.
+
+        Fails (``AssertionError``) when ``observe()`` differs from the
+        fault-free run or the task's fate does, showing the spec to replay,
+        the difference and the timeline. Default specs: redelivery, a lost
+        ack, and sigkill, exit and power loss at every side-effect boundary
+        the fault-free run reached. The harness is reset before and after.
+        """
+        __tracebackhide__ = True
+        return idempotency.assert_idempotent(self, signature, observe, reset, specs)
+
+    def sweep(
+        self,
+        signature: Any,
+        observe: Callable[[], Any],
+        reset: Callable[[], Any] | None = None,
+        hows: Sequence[str] = idempotency.SWEEP_KINDS,
+        pairs: bool = True,
+    ) -> SweepReport:
+        """Every fault kind at every boundary, and every pair over two deliveries."""
+        return idempotency.sweep(self, signature, observe, reset, hows, pairs)
 
     # -- unfired specs ----------------------------------------------------------
 
