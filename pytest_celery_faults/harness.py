@@ -32,6 +32,7 @@ from .broker import (
     Ledger,
     register_transport,
 )
+from .checks import Checks
 from .clock import VirtualClock
 from .effects import (
     Effect,
@@ -154,6 +155,10 @@ class CeleryFaults:
         self._tracers = internals.fresh_tracers(app)
         self._installed.__enter__()
         self._tracers.__enter__()
+        self.warnings: list[str] = []
+        self.checks = Checks(app, self._warn)
+        self.checks.start()
+        self.effects.observers.append(self.checks.effect)
         self.http = TrackedRequestsMock(self.effects)
         self.http.start()
         self.workers = [self._new_worker(index) for index in range(1, self.worker_count + 1)]
@@ -164,6 +169,7 @@ class CeleryFaults:
             return
         self.active = False
         try:
+            self.checks.stop()
             self.http.stop(allow_assert=False)
             self.http.reset()
         finally:
@@ -463,6 +469,11 @@ class CeleryFaults:
     def _require_active(self) -> None:
         if not self.active:
             raise RuntimeError("the CeleryFaults harness is not active (use it as `with`)")
+
+    def _warn(self, problem: str) -> None:
+        """A check found ``problem`` in the code under test (reported once)."""
+        if problem not in self.warnings:
+            self.warnings.append(problem)
 
     def _on_publish(self, message: Any) -> None:
         task_id, name = message.task_id, message.task_name

@@ -1,4 +1,4 @@
-"""pytest wiring: options, ini, markers, fixtures. The work happens in the core modules.
+"""pytest wiring: options, ini, markers, fixtures, report. The work happens in the core.
 
 This module is imported by every pytest session where the plugin is installed,
 so it imports neither Celery nor the harness at module level.
@@ -7,7 +7,8 @@ so it imports neither Celery nor the harness at module level.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+import warnings
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,18 +18,28 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from .harness import CeleryFaults
+    from .report import SessionReport
 
 APP_INI = "celery_faults_app"
+SWEEP_FIXTURE = "_celery_faults_sweep_case"
+SWEEP_HOWS = ("sigkill", "sigterm", "exit", "power_loss")
 
 MARKERS = (
     "celery_faults(*specs, profile='rabbitmq', workers=1, seed=None, allow_unfired=False): "
     "arm fault specs (e.g. 'sigkill@1', 'tasks.charge:power_loss@0', 'redeliver*2') for "
-    "every message this test publishes; choose the broker profile and the worker count.",
+    "the messages this test publishes; choose the broker profile and the worker count.",
     "redeliver(times=1): every message in the test is delivered `times` more times after "
     "it completes (the at-least-once check).",
     "crash_after(n, how='sigkill', task=None): the child running the (first matching) task "
     "dies after n side effects; how is sigkill, sigterm, exit or power_loss.",
+    "fault_sweep(max_effects=5, hows=('sigkill', 'sigterm', 'exit', 'power_loss')): run the "
+    "test once per fault kind and side-effect boundary 0..max_effects, ids like "
+    "test_x[power_loss@1]; cases beyond the task's side effects are skipped.",
 )
+
+report_key: pytest.StashKey[SessionReport] = pytest.StashKey()
+verdict_key: pytest.StashKey[str] = pytest.StashKey()
+harness_key: pytest.StashKey[CeleryFaults] = pytest.StashKey()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,8 +61,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         metavar="N",
         dest="celery_faults_seed",
-        help="seed for every choice the plugin makes (worker order with workers>1). "
-        "Default: 0.",
+        help="seed for every choice the plugin makes (worker order with workers>1). Default: 0.",
+    )
+    group.addoption(
+        "--celery-faults-report",
+        action="store",
+        default=None,
+        metavar="PATH",
+        dest="celery_faults_report",
+        help="write a JSON report (per test: specs, outcomes, verdict, replay specs) to "
+        "PATH; the same seed gives the same bytes. Default: no report.",
+    )
+    group.addoption(
+        "--celery-faults-strict",
+        action="store_true",
+        default=False,
+        dest="celery_faults_strict",
+        help="the plugin's warnings (HTTP without timeout, serializer round trips, "
+        "decorator order, unbound retry) fail the test. Default: they only warn.",
     )
     parser.addini(
         APP_INI,
@@ -74,20 +101,25 @@ def pytest_configure(config: pytest.Config) -> None:
                 parse_spec(spec)
             except FaultSpecError as exc:
                 raise pytest.UsageError(f"--celery-faults: {exc}") from None
+    from .report import SessionReport
+
+    config.stash[report_key] = SessionReport(seed=_seed(config))
+    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(XdistHooks(config), "celery-faults-xdist")
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
+def pytest_report_header(config: pytest.Config) -> str:
     specs = config.getoption("celery_faults_specs", default=[]) or []
-    seed = _seed(config)
-    if not specs and config.getoption("celery_faults_seed") is None:
-        return None
-    shown = " ".join(f"--celery-faults={spec!r}" for spec in specs)
-    return f"celery-faults: {shown} --celery-faults-seed={seed}".replace("  ", " ")
+    shown = "".join(f" --celery-faults={spec!r}" for spec in specs)
+    return f"celery-faults:{shown} --celery-faults-seed={_seed(config)}"
 
 
 def _seed(config: pytest.Config) -> int:
     seed = config.getoption("celery_faults_seed", default=None)
     return 0 if seed is None else int(seed)
+
+
+# -- markers ---------------------------------------------------------------------
 
 
 @dataclass
@@ -125,23 +157,41 @@ def _redeliver_marker(times: int = 1) -> str:
 def _crash_after_marker(n: int, how: str = "sigkill", task: str | None = None) -> str:
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n={n!r}: expected a whole number >= 0")
-    hows = {"sigkill": "sigkill", "sigterm": "sigterm", "exit": "exit(1)", "power_loss": "power_loss"}
+    hows = {"sigkill": "sigkill", "sigterm": "sigterm", "exit": "exit(1)"}
+    hows["power_loss"] = "power_loss"
     if how not in hows:
         raise ValueError(f"how={how!r}: expected one of {', '.join(map(repr, hows))}")
     spec = f"{hows[how]}@{n}"
     return f"{task}:{spec}" if task else spec
 
 
+def _fault_sweep_marker(
+    max_effects: int = 5, hows: tuple[str, ...] | list[str] = SWEEP_HOWS
+) -> list[str]:
+    if not isinstance(max_effects, int) or isinstance(max_effects, bool) or max_effects < 0:
+        raise ValueError(f"max_effects={max_effects!r}: expected a whole number >= 0")
+    if isinstance(hows, str) or not hows:
+        raise ValueError(f"hows={hows!r}: expected a non-empty tuple of fault kinds")
+    from .faults import BOUNDARY_KINDS
+    from .idempotency import boundary_specs
+
+    for how in hows:
+        if how not in BOUNDARY_KINDS or how == "raise":
+            raise ValueError(f"hows: {how!r} is not a fault kind with a boundary")
+    return boundary_specs(hows, max_effects)
+
+
 def marker_settings(item: pytest.Item) -> MarkerSettings:
     """Read and validate the plugin's markers on ``item``; errors name the marker."""
+    from .broker import BrokerProfile
     from .faults import parse_spec
 
     settings = MarkerSettings()
     try:
-        closest = item.get_closest_marker("celery_faults")
         for mark in reversed(list(item.iter_markers("celery_faults"))):
             specs, _ = _celery_faults_marker(*mark.args, **mark.kwargs)
             settings.specs.extend(specs)
+        closest = item.get_closest_marker("celery_faults")
         if closest is not None:
             _, options = _celery_faults_marker(*closest.args, **closest.kwargs)
             settings.profile = options["profile"]
@@ -154,20 +204,33 @@ def marker_settings(item: pytest.Item) -> MarkerSettings:
         crash = item.get_closest_marker("crash_after")
         if crash is not None:
             settings.specs.append(_crash_after_marker(*crash.args, **crash.kwargs))
+        sweep = item.get_closest_marker("fault_sweep")
+        if sweep is not None:
+            _fault_sweep_marker(*sweep.args, **sweep.kwargs)
         for spec in settings.specs:
             parse_spec(spec)
-        from .broker import BrokerProfile
-
         BrokerProfile.named(settings.profile)
-        if not isinstance(settings.workers, int) or settings.workers < 1:
-            raise ValueError(f"workers={settings.workers!r}: expected a whole number >= 1")
+        workers = settings.workers
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers={workers!r}: expected a whole number >= 1")
     except (TypeError, ValueError) as exc:
         raise MarkerError(f"{item.nodeid}: bad celery-faults marker: {exc}") from None
     return settings
 
 
 class MarkerError(Exception):
-    """A plugin marker with bad arguments (reported as a collection error)."""
+    """A plugin marker with bad arguments (reported as a usage error at collection)."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    sweep = metafunc.definition.get_closest_marker("fault_sweep")
+    if sweep is None or SWEEP_FIXTURE not in metafunc.fixturenames:
+        return
+    try:
+        specs = _fault_sweep_marker(*sweep.args, **sweep.kwargs)
+    except (TypeError, ValueError):
+        return  # pytest_collection_modifyitems reports it, with every other bad marker
+    metafunc.parametrize(SWEEP_FIXTURE, specs, ids=specs, indirect=True)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -175,10 +238,9 @@ def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
     errors = []
+    names = ("celery_faults", "redeliver", "crash_after", "fault_sweep")
     for item in items:
-        if any(
-            item.get_closest_marker(name) for name in ("celery_faults", "redeliver", "crash_after")
-        ):
+        if any(item.get_closest_marker(name) for name in names):
             try:
                 marker_settings(item)
             except MarkerError as exc:
@@ -187,13 +249,16 @@ def pytest_collection_modifyitems(
         raise pytest.UsageError("\n".join(errors))
 
 
+# -- fixtures --------------------------------------------------------------------
+
+
 @pytest.fixture
 def celery_faults_app(request: pytest.FixtureRequest) -> Celery:
     """The Celery app under test, from the ``celery_faults_app`` ini option."""
     value = request.config.getini(APP_INI)
     if not value:
         raise pytest.UsageError(
-            f"celery_faults needs the app under test: set `{APP_INI} = \"proj.celery:app\"` "
+            f'celery_faults needs the app under test: set `{APP_INI} = "proj.celery:app"` '
             f"in [tool.pytest.ini_options] (or pytest.ini), or override the "
             f"`{APP_INI}` fixture in a conftest.py"
         )
@@ -201,6 +266,7 @@ def celery_faults_app(request: pytest.FixtureRequest) -> Celery:
 
 
 def load_app(dotted: str) -> Celery:
+    """``module:attribute`` (or ``module.attribute``) -> the Celery app it names."""
     module_name, sep, attribute = dotted.partition(":")
     if not sep:
         module_name, _, attribute = dotted.rpartition(".")
@@ -222,27 +288,129 @@ def load_app(dotted: str) -> Celery:
 
 
 @pytest.fixture
-def celery_faults(request: pytest.FixtureRequest, celery_faults_app: Celery) -> Iterator[CeleryFaults]:
+def _celery_faults_sweep_case(request: pytest.FixtureRequest) -> str | None:
+    """The spec of this ``fault_sweep`` case, or ``None`` outside a sweep."""
+    return getattr(request, "param", None)
+
+
+@pytest.fixture
+def celery_faults(
+    request: pytest.FixtureRequest,
+    celery_faults_app: Celery,
+    _celery_faults_sweep_case: str | None,
+) -> Iterator[CeleryFaults]:
     """The fault-injection harness for this test, active for its whole duration."""
+    from .errors import CeleryFaultsWarning
     from .harness import CeleryFaults
+    from .report import record_harness
 
     settings = marker_settings(request.node)
     config = request.config
-    seed = settings.seed if settings.seed is not None else _seed(config)
     harness = CeleryFaults(
         celery_faults_app,
         profile=settings.profile,
         workers=settings.workers,
-        seed=seed,
+        seed=settings.seed if settings.seed is not None else _seed(config),
         check_unfired=not settings.allow_unfired,
     )
+    specs = list(settings.specs)
+    if _celery_faults_sweep_case is not None:
+        specs.append(_celery_faults_sweep_case)
     harness.start()
     try:
-        harness.inject(*settings.specs)
+        harness.inject(*specs)
         for spec in config.getoption("celery_faults_specs", default=[]) or []:
             harness.arm_suite_wide(spec)
+        request.node.stash[harness_key] = harness
         yield harness
     finally:
         harness.stop()
-    if not settings.allow_unfired:
+    record = record_harness(request.node.nodeid, harness, specs, list(harness.warnings))
+    record.verdict = request.node.stash.get(verdict_key, "passed")
+    config.stash[report_key].add(record)
+    if harness.warnings and config.getoption("celery_faults_strict"):
+        pytest.fail(
+            "celery_faults (--celery-faults-strict):\n  " + "\n  ".join(harness.warnings),
+            pytrace=False,
+        )
+    for problem in harness.warnings:
+        warnings.warn(CeleryFaultsWarning(problem), stacklevel=1)
+    if not settings.allow_unfired and _celery_faults_sweep_case is None:
         harness.assert_all_fired()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when != "call":
+        return report
+    item.stash[verdict_key] = report.outcome
+    case = getattr(getattr(item, "callspec", None), "params", {}).get(SWEEP_FIXTURE)
+    harness = item.stash.get(harness_key, None)
+    if case is not None and harness is not None and report.passed and harness.unfired():
+        reached = max((record.effects for record in harness.records), default=0)
+        report.outcome = "skipped"
+        report.longrepr = (
+            str(item.path),
+            item.location[1] or 0,
+            f"Skipped: {case} is beyond the {reached} side effect(s) the task reached; "
+            f"nothing to test",
+        )
+        item.stash[verdict_key] = "skipped"
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    report = config.stash.get(report_key, None)
+    if report is None or not report.records:
+        return
+    terminalreporter.section("celery-faults")
+    for line in report.summary_lines():
+        terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    path = config.getoption("celery_faults_report", default=None)
+    report = config.stash.get(report_key, None)
+    if not path or report is None:
+        return
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:  # an xdist worker: the controller writes the file
+        config.workeroutput["celery_faults_report"] = report.to_json()  # type: ignore[attr-defined]
+        return
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(report.to_json())
+
+
+class XdistHooks:
+    """Merge the workers' records into the controller's report (registered when xdist runs)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    @pytest.hookimpl
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        import json
+
+        from .report import TestRecord
+
+        data = getattr(node, "workeroutput", {}).get("celery_faults_report")
+        if not data:
+            return
+        report = self.config.stash[report_key]
+        for nodeid, test in json.loads(data)["tests"].items():
+            record = TestRecord(
+                nodeid,
+                test["specs"],
+                test["suite_wide_specs"],
+                test["outcomes"],
+                test["unfired"],
+                test["suite_wide_unfired"],
+                test["warnings"],
+                test["verdict"],
+            )
+            report.add(record)
+        report.records.sort(key=lambda record: record.nodeid)

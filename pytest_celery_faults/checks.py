@@ -1,0 +1,163 @@
+"""The plugin's checks on the code under test: each finding is a line of text.
+
+They are collected by the harness while it runs and reported by the pytest
+plugin as :class:`~pytest_celery_faults.errors.CeleryFaultsWarning` (errors
+under ``--celery-faults-strict``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, signals
+from celery.local import Proxy
+from kombu.serialization import dumps, loads
+
+from .effects import Effect
+
+
+def http_timeout_problem(effect: Effect) -> str | None:
+    """An HTTP request whose connect or read phase could wait forever."""
+    if effect.kind != "http" or effect.detail is None:
+        return None
+    timeout = effect.detail.get("timeout")
+    if isinstance(timeout, tuple | list):
+        phases = zip(("connect", "read"), timeout, strict=False)
+        unbounded = [phase for phase, value in phases if value is None]
+        if len(timeout) == 2 and not unbounded:
+            return None
+        missing = " and ".join(unbounded) or "connect and read"
+    elif timeout is None:
+        missing = "connect and read"
+    else:
+        return None
+    where = f"task {effect.task_name}" if effect.task_name else "the test"
+    return (
+        f"{where}: HTTP {effect.label} without a {missing} timeout; requests waits "
+        f"forever on a server that stops answering (pass timeout=(connect, read))"
+    )
+
+
+def round_trip_problem(value: Any, serializer: str, what: str, task: str) -> str | None:
+    """``value`` does not come back equal (or at all) through ``serializer``."""
+    try:
+        content_type, encoding, data = dumps(value, serializer=serializer)
+        back = loads(data, content_type, encoding, accept={content_type})
+    except Exception as exc:  # what the worker would meet: the message cannot be built
+        return f"task {task}: {what} {value!r} cannot be encoded with {serializer}: {exc}"
+    if back != value or type(back) is not type(value):
+        return (
+            f"task {task}: {what} {value!r} ({type(value).__name__}) comes back from the "
+            f"{serializer} round trip as {back!r} ({type(back).__name__})"
+        )
+    return None
+
+
+def argument_problems(task: Any, args: Any, kwargs: Any) -> list[str]:
+    serializer = task.serializer or task.app.conf.task_serializer
+    problems = []
+    for index, value in enumerate(args or ()):
+        problem = round_trip_problem(value, serializer, f"argument {index}", task.name)
+        if problem:
+            problems.append(problem)
+    for key, value in sorted((kwargs or {}).items()):
+        problem = round_trip_problem(value, serializer, f"argument {key}=", task.name)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def result_problem(task: Any, retval: Any) -> str | None:
+    if task.ignore_result:
+        return None
+    serializer = task.app.conf.result_serializer
+    return round_trip_problem(retval, serializer, "result", task.name)
+
+
+def definition_problems(app: Celery) -> list[str]:
+    """Tasks hidden behind another decorator, and unbound tasks that call ``self.retry``."""
+    problems = []
+    for name, task in sorted(app.tasks.items()):
+        if name.startswith("celery."):
+            continue
+        run = type(task).__dict__.get("run")
+        function = run.__func__ if isinstance(run, staticmethod) else run
+        module = sys.modules.get(getattr(function, "__module__", "") or "")
+        attribute = getattr(function, "__name__", "")
+        exposed = getattr(module, attribute, None) if module is not None else None
+        if isinstance(exposed, Proxy):  # app.task before finalize returns a proxy
+            exposed = exposed._get_current_object()
+        if module is not None and exposed is not task and _wraps(exposed, task):
+            problems.append(
+                f"task {name}: {module.__name__}.{attribute} is another decorator wrapped "
+                f"around the task; put @app.task outermost, or .delay() and the worker "
+                f"bypass the wrapper"
+            )
+        if isinstance(run, staticmethod) and _calls_self_retry(function):
+            problems.append(
+                f"task {name} calls self.retry but is not bound: add bind=True to its decorator"
+            )
+    return problems
+
+
+def _wraps(candidate: Any, task: Any) -> bool:
+    """Whether ``candidate`` reaches ``task`` through ``__wrapped__`` links."""
+    for _ in range(10):
+        if candidate is None:
+            return False
+        if isinstance(candidate, Proxy):  # app.task before finalize returns a proxy
+            candidate = candidate._get_current_object()
+        if candidate is task:
+            return True
+        candidate = getattr(candidate, "__wrapped__", None)
+    return False
+
+
+def _calls_self_retry(function: Any) -> bool:
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return "self.retry(" in source
+
+
+class Checks:
+    """Connects the checks to Celery's signals for the life of a harness."""
+
+    def __init__(self, app: Celery, report: Callable[[str], None]) -> None:
+        self.app = app
+        self.report = report
+
+    def start(self) -> None:
+        for problem in definition_problems(self.app):
+            self.report(problem)
+        signals.before_task_publish.connect(self._before_publish, weak=False)
+        signals.task_postrun.connect(self._postrun, weak=False)
+
+    def stop(self) -> None:
+        signals.before_task_publish.disconnect(self._before_publish)
+        signals.task_postrun.disconnect(self._postrun)
+
+    def effect(self, effect: Effect) -> None:
+        problem = http_timeout_problem(effect)
+        if problem:
+            self.report(problem)
+
+    def _before_publish(self, sender: str | None = None, body: Any = None, **_: Any) -> None:
+        task = self.app.tasks.get(sender or "")
+        if task is None or not isinstance(body, tuple | list) or len(body) < 2:
+            return
+        for problem in argument_problems(task, body[0], body[1]):
+            self.report(problem)
+
+    def _postrun(
+        self, sender: Any = None, retval: Any = None, state: str | None = None, **_: Any
+    ) -> None:
+        if state != "SUCCESS" or sender is None or sender.app is not self.app:
+            return
+        problem = result_problem(sender, retval)
+        if problem:
+            self.report(problem)

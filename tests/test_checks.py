@@ -1,0 +1,108 @@
+"""The checks: each one warns, and fails the test under --celery-faults-strict."""
+
+from __future__ import annotations
+
+import pytest
+
+APP = """
+import functools
+import requests
+from celery import Celery
+
+app = Celery("proj", set_as_current=False)
+
+
+@app.task(name="proj.fetch", shared=False)
+def fetch():
+    return requests.get("https://api.example/items").status_code
+
+
+@app.task(name="proj.fetch_bounded", shared=False)
+def fetch_bounded():
+    return requests.get("https://api.example/items", timeout=(3, 10)).status_code
+
+
+@app.task(name="proj.fetch_half", shared=False)
+def fetch_half():
+    return requests.get("https://api.example/items", timeout=(3, None)).status_code
+
+
+@app.task(name="proj.pair", shared=False)
+def pair(point):
+    return tuple(point)
+
+
+def logged(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*args, **kwargs)
+    return wrapper
+
+
+@logged
+@app.task(name="proj.hidden", shared=False)
+def hidden():
+    return 1
+
+
+@app.task(name="proj.unbound_retry", shared=False)
+def unbound_retry(self):
+    raise self.retry()
+"""
+
+TESTS = """
+import proj
+
+
+def test_{name}(celery_faults):
+    celery_faults.http.add("GET", "https://api.example/items", json={{}})
+    celery_faults.run(proj.{task}.s({args}))
+"""
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyfile(proj=APP)
+    pytester.makeini(
+        "[pytest]\ncelery_faults_app = proj:app\n"
+        "filterwarnings = always::pytest_celery_faults.errors.CeleryFaultsWarning\n"
+    )
+    return pytester
+
+
+CASES = [
+    (
+        "fetch",
+        "",
+        "*task proj.fetch: HTTP GET https://api.example/items without a connect and read timeout*",
+    ),
+    ("fetch_half", "", "*task proj.fetch_half: HTTP GET * without a read timeout*"),
+    (
+        "pair",
+        "(1, 2)",
+        "*task proj.pair: argument 0 (1, 2) (tuple) comes back from the json round trip as "
+        "[[]1, 2[]] (list)*",
+    ),
+    ("fetch_bounded", "", "*proj.hidden is another decorator wrapped around the task*"),
+    ("fetch_bounded", "", "*task proj.unbound_retry calls self.retry but is not bound*"),
+]
+
+
+@pytest.mark.parametrize(("task", "args", "line"), CASES)
+def test_each_check_warns_then_fails_under_strict(
+    project: pytest.Pytester, task: str, args: str, line: str
+) -> None:
+    project.makepyfile(test_it=TESTS.format(name=task, task=task, args=args))
+    warned = project.runpytest("-p", "no:randomly")
+    warned.assert_outcomes(passed=1, warnings=warned.parseoutcomes()["warnings"])
+    warned.stdout.fnmatch_lines(["*CeleryFaultsWarning*", line])
+    strict = project.runpytest("-p", "no:randomly", "--celery-faults-strict")
+    strict.assert_outcomes(passed=1, errors=1)
+    strict.stdout.fnmatch_lines(["*celery_faults (--celery-faults-strict):*", line])
+
+
+def test_a_bounded_request_is_not_reported(project: pytest.Pytester) -> None:
+    project.makepyfile(test_it=TESTS.format(name="ok", task="fetch_bounded", args=""))
+    result = project.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    assert "HTTP GET" not in result.stdout.str()
