@@ -123,6 +123,7 @@ class CeleryFaults:
         self._records_by_task: dict[str, list[ExecutionRecord]] = {}
         self.random = random.Random(self.seed)
         self._retries: dict[str, int] = {}
+        self._faults: dict[str, list[str]] = {}  # task id -> the faults that hit it
         self._messages: dict[str, int] = {}
         self._patches: list[Patch] = []
         self.suite_wide: list[str | FaultSpec] = []
@@ -209,6 +210,7 @@ class CeleryFaults:
         self.records.clear()
         self._records_by_task.clear()
         self._retries.clear()
+        self._faults.clear()
         self._messages.clear()
         self.http.calls.reset()
         if suite_wide:
@@ -390,7 +392,7 @@ class CeleryFaults:
             exception=exception,
             retries=self._retries.get(task_id, 0),
             timeline=self.timeline.for_task(task_id),
-            faults=[str(record.fired) for record in records if record.fired is not None],
+            faults=list(self._faults.get(task_id, ())),
         )
 
     def outcomes(self) -> list[Outcome]:
@@ -488,6 +490,8 @@ class CeleryFaults:
         if message.replays_left > 0 and delivery.settlement == "ack":
             message.replays_left -= 1
             self.plan.replayed(message.task_name)
+            self._faults.setdefault(message.task_id, []).append("redeliver")
+            self._note(message.task_id, "FAULT redeliver: the broker delivers it again", depth=1)
             self.broker.replay(message)
 
     def _on_record(self, record: ExecutionRecord) -> None:
@@ -498,6 +502,7 @@ class CeleryFaults:
 
     def _on_fired(self, record: ExecutionRecord, step: Step) -> None:
         self.plan.fired(record.task_id, record.delivery, step)
+        self._faults.setdefault(record.task_id, []).append(str(step))
         after = f" after {record.effects} side effect(s)" if step.at is not None else ""
         self._note(record.task_id, f"FAULT {step}{after}", depth=1)
 

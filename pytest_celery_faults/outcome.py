@@ -62,6 +62,10 @@ class Timeline:
     def __str__(self) -> str:
         return "\n".join(str(entry) for entry in self.entries)
 
+    def __repr__(self) -> str:
+        # pytest shows `assert ..., timeline` through repr(): make that the story.
+        return f"timeline:\n{self}"
+
 
 @dataclass
 class Outcome:
@@ -91,6 +95,11 @@ class Outcome:
     def succeeded(self) -> bool:
         return self.state == "SUCCESS"
 
+    @property
+    def story(self) -> str:
+        """Summary and timeline as one string: ``assert ..., outcome.story`` shows it whole."""
+        return str(self)
+
     def summary(self) -> str:
         if self.lost:
             fate = "lost"
@@ -106,3 +115,6 @@ class Outcome:
 
     def __str__(self) -> str:
         return f"{self.summary()}\n{self.timeline}"
+
+    def __repr__(self) -> str:
+        return f"<Outcome {self}>"
