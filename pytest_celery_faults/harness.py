@@ -126,6 +126,9 @@ class CeleryFaults:
         self._faults: dict[str, list[str]] = {}  # task id -> the faults that hit it
         self._messages: dict[str, int] = {}
         self._patches: list[Patch] = []
+        self.tracked: list[str] = []  # the dotted targets tracked, for real-broker mode
+        #: Called after each run() with the signature, its specs and the emulated outcome.
+        self.after_run: list[Callable[[Any, tuple[str | FaultSpec, ...], Outcome], None]] = []
         self.suite_wide: list[str | FaultSpec] = []
         self.backend = InMemoryResultBackend(
             app=app,
@@ -257,11 +260,15 @@ class CeleryFaults:
             parsed = parse_spec(spec)
             bind_here = plain and not parsed.redeliver and parsed.task in (None, signature.task)
             self.plan.arm(parsed, task_id=frozen.id if bind_here else None)
+        original = signature.clone() if self.after_run else signature
         signature.apply_async()
         self._drain()
         while getattr(frozen, "results", None):  # a group: its last task stands for it
             frozen = frozen.results[-1]
-        return self.outcome(frozen.id)
+        outcome = self.outcome(frozen.id)
+        for hook in self.after_run:
+            hook(original, specs, outcome)
+        return outcome
 
     def drain(self) -> list[Outcome]:
         """Run the workers until nothing is ready or pending, moving the virtual clock.
@@ -351,6 +358,8 @@ class CeleryFaults:
         self._require_active()
         owner, attribute, default_name = resolve_target(target)
         label = name or default_name
+        if isinstance(target, str):
+            self.tracked.append(target)
         self._patches.append(
             Patch(owner, attribute, tracking_wrapper(self.effects, owner, attribute, label))
         )

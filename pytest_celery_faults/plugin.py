@@ -6,7 +6,6 @@ so it imports neither Celery nor the harness at module level.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ if TYPE_CHECKING:
     from .report import SessionReport
 
 APP_INI = "celery_faults_app"
+BROKER_INI = "celery_faults_broker"
 SWEEP_FIXTURE = "_celery_faults_sweep_case"
 SWEEP_HOWS = ("sigkill", "sigterm", "exit", "power_loss")
 
@@ -79,6 +79,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         dest="celery_faults_strict",
         help="the plugin's warnings (HTTP without timeout, serializer round trips, "
         "decorator order, unbound retry) fail the test. Default: they only warn.",
+    )
+    group.addoption(
+        "--celery-faults-broker",
+        action="store",
+        default=None,
+        metavar="URL",
+        dest="celery_faults_broker",
+        help="real-broker mode: every celery_faults.run() also runs on a real prefork "
+        "worker against URL (amqp://... or redis://...) and fails when the outcome differs "
+        "from the emulation. Needs the celery_faults_app ini option. Default: off.",
+    )
+    parser.addini(
+        BROKER_INI,
+        help="the broker URL for real-broker mode (as --celery-faults-broker). Default: unset.",
+        default=None,
     )
     parser.addini(
         APP_INI,
@@ -266,25 +281,39 @@ def celery_faults_app(request: pytest.FixtureRequest) -> Celery:
 
 
 def load_app(dotted: str) -> Celery:
-    """``module:attribute`` (or ``module.attribute``) -> the Celery app it names."""
-    module_name, sep, attribute = dotted.partition(":")
-    if not sep:
-        module_name, _, attribute = dotted.rpartition(".")
-    try:
-        found: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            found = getattr(found, part)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise pytest.UsageError(
-            f"{APP_INI} = {dotted!r}: cannot load it ({exc}); expected 'module:attribute'"
-        ) from None
-    from celery import Celery
+    """The app the ini option names; a usage error naming the option when it cannot."""
+    from .apps import load_app as load
 
-    if not isinstance(found, Celery):
+    try:
+        return load(dotted)
+    except ValueError as exc:
+        raise pytest.UsageError(f"{APP_INI} = {exc}") from None
+
+
+def _broker_url(config: pytest.Config) -> str | None:
+    url = config.getoption("celery_faults_broker", default=None) or config.getini(BROKER_INI)
+    return str(url) if url else None
+
+
+@pytest.fixture(scope="session")
+def _celery_faults_real_runner(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """One real worker for the session, started on first use (real-broker mode)."""
+    from .real.runner import BrokerUnreachable, RealBrokerRunner
+
+    url = _broker_url(request.config)
+    app_path = request.config.getini(APP_INI)
+    if not url:
+        raise pytest.UsageError("real-broker mode needs --celery-faults-broker=URL")
+    if not app_path:
         raise pytest.UsageError(
-            f"{APP_INI} = {dotted!r} is a {type(found).__name__}, not a Celery app"
+            f"--celery-faults-broker needs the `{APP_INI}` ini option: the real worker "
+            f"imports the app by that name"
         )
-    return found
+    try:
+        with RealBrokerRunner(str(app_path), url) as runner:
+            yield runner
+    except BrokerUnreachable as exc:
+        pytest.fail(f"--celery-faults-broker: {exc}", pytrace=False)
 
 
 @pytest.fixture
@@ -306,9 +335,15 @@ def celery_faults(
 
     settings = marker_settings(request.node)
     config = request.config
+    broker_url = _broker_url(config)
+    profile = settings.profile
+    if broker_url:
+        from .real.runner import profile_for
+
+        profile = profile_for(broker_url)
     harness = CeleryFaults(
         celery_faults_app,
-        profile=settings.profile,
+        profile=profile,
         workers=settings.workers,
         seed=settings.seed if settings.seed is not None else _seed(config),
         check_unfired=not settings.allow_unfired,
@@ -322,6 +357,14 @@ def celery_faults(
         for spec in config.getoption("celery_faults_specs", default=[]) or []:
             harness.arm_suite_wide(spec)
         request.node.stash[harness_key] = harness
+        if broker_url:
+            from functools import partial
+
+            from .real.compare import check_against_real
+
+            runner = request.getfixturevalue("_celery_faults_real_runner")
+            runner.track = harness.tracked  # the child tracks what the test tracks
+            harness.after_run.append(partial(check_against_real, runner))
         yield harness
     finally:
         harness.stop()

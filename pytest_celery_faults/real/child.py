@@ -1,0 +1,125 @@
+"""Runs inside the real worker's pool child: counts side effects and fires real faults.
+
+The plan arrives through a JSON file named in the environment, never through
+the message. Every start, side effect and fault is appended to a record file
+as one JSON line, which the runner reads to observe what really happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from celery import signals
+
+from ..effects import Patch, resolve_target
+from ..faults import Step, parse_spec
+
+PLAN_ENV = "CELERY_FAULTS_PLAN"
+
+
+class ChildFaults:
+    """The fault plan as the child applies it: steps per delivery of one task id."""
+
+    def __init__(self, plan_path: str, plan: dict[str, Any]) -> None:
+        self.plan_path = plan_path
+        self.record_path: str = plan["record"]
+        self.tracked: set[str] = set()
+        self.current: str | None = None
+        self.step: Step | None = None
+        self.effects = 0
+        self.patches: list[Patch] = []
+        self.track(plan.get("track", []))
+
+    def track(self, targets: list[str]) -> None:
+        """Count calls of each dotted target as side effects (once per target)."""
+        for target in targets:
+            if target in self.tracked:
+                continue
+            owner, attribute, name = resolve_target(target)
+            self.patches.append(
+                Patch(owner, attribute, self._wrap(getattr(owner, attribute), name))
+            )
+            self.tracked.add(target)
+
+    def record(self, **fields: Any) -> None:
+        line = json.dumps(fields, sort_keys=True) + "\n"
+        with open(self.record_path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+
+    def deliveries_so_far(self, task_id: str) -> int:
+        with open(self.record_path, encoding="utf-8") as handle:
+            return sum(
+                1
+                for line in handle
+                if '"start"' in line and json.loads(line).get("task_id") == task_id
+            )
+
+    def scenario(self) -> tuple[str | None, tuple[Step, ...]]:
+        """The scenario now running: the runner rewrites the plan before each one."""
+        with open(self.plan_path, encoding="utf-8") as handle:
+            plan = json.load(handle)
+        self.track(plan.get("track", []))
+        spec = plan.get("spec")
+        return plan.get("task_id"), parse_spec(spec).steps if spec else ()
+
+    def on_prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
+        number = self.deliveries_so_far(task_id or "") + 1
+        target, steps = self.scenario()
+        self.current, self.effects = task_id, 0
+        info = task.request.delivery_info or {} if task is not None else {}
+        self.record(
+            event="start",
+            task_id=task_id,
+            delivery=number,
+            redelivered=bool(info.get("redelivered")),
+            retries=task.request.retries if task is not None else 0,
+        )
+        step = None
+        if task_id == target and number <= len(steps):
+            step = steps[number - 1]
+        self.step = step if step is not None and step.kind != "ok" else None
+        if self.step is not None and self.step.at == 0:
+            self.fire()
+
+    def _wrap(self, original: Any, name: str) -> Any:
+        def tracked(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            self.effects += 1
+            self.record(event="effect", task_id=self.current, index=self.effects, label=name)
+            if self.step is not None and self.step.at == self.effects:
+                self.fire()
+            return result
+
+        return tracked
+
+    def fire(self) -> None:
+        """The fault, for real: this process, or the whole worker, dies."""
+        step, self.step = self.step, None
+        if step is None:
+            return
+        self.record(event="fault", task_id=self.current, spec=str(step), after=self.effects)
+        if step.kind == "exit":
+            sys.exit(step.code)
+        if step.kind == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step.kind == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        if step.kind == "power_loss":
+            # The runner started the worker as the leader of its own process group.
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        raise RuntimeError(f"real-broker mode cannot inject {step} (not supported yet)")
+
+
+def install() -> ChildFaults | None:
+    """Called in each pool child (worker_process_init): read the plan, hook the task."""
+    path = os.environ.get(PLAN_ENV)
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as handle:
+        faults = ChildFaults(path, json.load(handle))
+    signals.task_prerun.connect(faults.on_prerun, weak=False)
+    return faults
