@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from . import _celery_internals as internals
 from . import idempotency
@@ -162,6 +162,7 @@ class CeleryFaults:
         self.warnings: list[str] = []
         self.checks = Checks(app, self._warn)
         self.checks.start()
+        signals.task_prerun.connect(self._on_prerun, weak=False)
         self.effects.observers.append(self.checks.effect)
         self.http = TrackedRequestsMock(self.effects)
         self.http.start()
@@ -173,6 +174,7 @@ class CeleryFaults:
             return
         self.active = False
         try:
+            signals.task_prerun.disconnect(self._on_prerun)
             self.checks.stop()
             self.http.stop(allow_assert=False)
             self.http.reset()
@@ -480,6 +482,12 @@ class CeleryFaults:
     def _require_active(self) -> None:
         if not self.active:
             raise RuntimeError("the CeleryFaults harness is not active (use it as `with`)")
+
+    def _on_prerun(self, task_id: str | None = None, **_: Any) -> None:
+        # An execution is a run of the body; a deduplicated redelivery has none.
+        execution = self.effects.execution
+        if execution is not None and execution.task_id == task_id:
+            execution.body_starts()
 
     def _warn(self, problem: str) -> None:
         """A check found ``problem`` in the code under test (reported once)."""

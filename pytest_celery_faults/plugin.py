@@ -6,6 +6,7 @@ so it imports neither Celery nor the harness at module level.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 APP_INI = "celery_faults_app"
 BROKER_INI = "celery_faults_broker"
 SWEEP_FIXTURE = "_celery_faults_sweep_case"
+#: The time limit of a harness test when pytest-timeout has none configured.
+DEFAULT_TIMEOUT = 300.0
 SWEEP_HOWS = ("sigkill", "sigterm", "exit", "power_loss")
 
 MARKERS = (
@@ -254,6 +257,7 @@ def pytest_collection_modifyitems(
 ) -> None:
     errors = []
     names = ("celery_faults", "redeliver", "crash_after", "fault_sweep")
+    limit_hung_tasks(config, items)
     for item in items:
         if any(item.get_closest_marker(name) for name in names):
             try:
@@ -262,6 +266,27 @@ def pytest_collection_modifyitems(
                 errors.append(str(exc))
     if errors:
         raise pytest.UsageError("\n".join(errors))
+
+
+def limit_hung_tasks(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every harness test runs under a time limit: pytest-timeout's, else the plugin's.
+
+    When the limit stops a test inside a task, the failure says which task and
+    after which side effect it hung (a note on pytest-timeout's exception).
+    """
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
+    configured = (
+        config.getoption("timeout", default=None)
+        or config.getini("timeout")
+        or os.environ.get("PYTEST_TIMEOUT")
+    )
+    if configured:
+        return
+    for item in items:
+        uses_harness = "celery_faults" in getattr(item, "fixturenames", ())
+        if uses_harness and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT))
 
 
 # -- fixtures --------------------------------------------------------------------

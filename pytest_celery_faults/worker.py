@@ -108,10 +108,15 @@ class ChildExecution:
     started: bool = False
 
     def start(self) -> None:
-        self.started = self.record.started = True
+        """The child took the job: a fault at boundary 0 fires now, before the body."""
+        self.started = True
         step = self.step
         if step is not None and step.at == 0 and step.kind != "raise":
             self._fire(step)
+
+    def body_starts(self) -> None:
+        """Celery's task_prerun: the task's body is about to run (an execution)."""
+        self.record.started = True
 
     def before_effect(self, kind: str, label: str) -> None:
         if self.dead:
@@ -157,6 +162,20 @@ class ChildExecution:
             self.dead = True
             raise PowerLost(step, graceful=True)
         raise AssertionError(f"fault kind {kind!r} does not fire at a boundary")
+
+
+def where_it_hung(execution: ChildExecution, effects: EffectLog) -> str:
+    """Which task was running, and after which side effect, when the run was stopped."""
+    done = [e for e in effects.for_task(execution.task_id) if e.delivery == execution.delivery]
+    place = (
+        f"after side effect {done[-1].index} ({done[-1]})"
+        if done
+        else "before its first side effect"
+    )
+    return (
+        f"celery_faults: task {execution.task_name}[{execution.task_id}] (delivery "
+        f"{execution.delivery}) was running {place} when the test was stopped"
+    )
 
 
 class _AppliedJob:
@@ -247,7 +266,7 @@ class InProcessPool:
             except PowerLost as gone:
                 record.ended = "cold shutdown" if gone.graceful else "power lost"
                 raise
-            except BaseException as exc:  # billiard's workloop reports every job error
+            except (Exception, SystemExit) as exc:  # billiard's workloop reports job errors
                 record.ended = "exit" if isinstance(exc, SystemExit) else "raised"
                 if execution.dead:
                     return False, None, record.fired
@@ -457,6 +476,14 @@ class EmulatedWorker:
         try:
             with internals.current_app_set_to(self.app):
                 yield
+        except (ChildKilled, PowerLost, Exception, SystemExit):
+            raise
+        except BaseException as interruption:
+            # Not the task's: the test run itself is being stopped (pytest-timeout's
+            # time limit, Ctrl-C). A real child would not see it; let it through,
+            # saying where the task was.
+            interruption.add_note(where_it_hung(execution, self.effects))
+            raise
         finally:
             self.effects.execution = previous
 

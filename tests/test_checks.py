@@ -106,3 +106,63 @@ def test_a_bounded_request_is_not_reported(project: pytest.Pytester) -> None:
     result = project.runpytest("-p", "no:randomly")
     result.assert_outcomes(passed=1)
     assert "HTTP GET" not in result.stdout.str()
+
+
+def test_a_stopped_test_says_where_the_task_hung(pytester: pytest.Pytester) -> None:
+    # pytest-timeout stops a hung test by raising pytest's Failed in it; here a
+    # side effect raises it at once, so the test needs no real time to pass.
+    pytester.makepyfile(
+        proj="""
+        import pytest
+        from celery import Celery
+
+        app = Celery("proj", set_as_current=False)
+
+        def fetch(n):
+            return n
+
+        def hang(n):
+            pytest.fail("Timeout >1.0s")
+
+        @app.task(name="proj.sync", acks_late=True, shared=False)
+        def sync():
+            fetch(1)
+            hang(2)
+        """
+    )
+    pytester.makeini("[pytest]\ncelery_faults_app = proj:app\n")
+    pytester.makepyfile(
+        test_it="""
+        import proj
+
+        def test_sync(celery_faults):
+            celery_faults.track("proj.fetch")
+            celery_faults.run(proj.sync.s())
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*Timeout >1.0s*",
+            "*celery_faults: task proj.sync[[]*[]] (delivery 1) was running after side effect "
+            "1 (call proj.fetch) when the test was stopped*",
+        ]
+    )
+
+
+def test_harness_tests_get_a_time_limit_when_none_is_configured(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(proj="from celery import Celery\napp = Celery('p')\n")
+    pytester.makeini("[pytest]\ncelery_faults_app = proj:app\n")
+    pytester.makepyfile(
+        test_it="""
+        def test_with_harness(celery_faults, request):
+            assert request.node.get_closest_marker("timeout").args == (300.0,)
+
+        def test_without(request):
+            assert request.node.get_closest_marker("timeout") is None
+        """
+    )
+    pytester.runpytest("-p", "no:randomly").assert_outcomes(passed=2)

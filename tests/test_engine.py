@@ -311,3 +311,17 @@ def test_sigterm_lets_finally_blocks_run_as_billiards_handler_does(app: Celery) 
         outcome = faults.run(with_cleanup.s(), "sigterm@1")
     assert calls == ["work", "cleanup"]
     assert str(outcome.exception) == "Worker exited prematurely: signal 15 (SIGTERM) Job: 0."
+
+
+def test_executions_count_bodies_not_deliveries(app: Celery) -> None:
+    # worker_deduplicate_successful_tasks: the redelivery after a lost ack is
+    # recognised as done and its body skipped; and a fault at @0 comes before
+    # the body. Neither is an execution (found by the ack-table work).
+    app.conf.worker_deduplicate_successful_tasks = True
+    task = make_task(app, acks_late=True, reject_on_worker_lost=True)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        deduplicated = faults.run(task.s(1), "ack_lost")
+        killed_first = faults.run(task.s(2), "sigkill@0")
+    assert (deduplicated.deliveries, deduplicated.executions) == (2, 1)
+    assert (killed_first.deliveries, killed_first.executions) == (2, 1)

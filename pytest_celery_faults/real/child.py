@@ -70,6 +70,12 @@ class ChildFaults:
         number = self.deliveries_so_far(task_id or "") + 1
         target, steps = self.scenario()
         self.current, self.effects = task_id, 0
+        step = steps[number - 1] if task_id == target and number <= len(steps) else None
+        self.step = step if step is not None and step.kind != "ok" else None
+        if self.step is not None and self.step.at == 0:
+            # Boundary 0 is before the body: the delivery counts, the execution does not.
+            self.record(event="start", task_id=task_id, delivery=number, body=False)
+            self.fire()
         info = task.request.delivery_info or {} if task is not None else {}
         self.record(
             event="start",
@@ -77,13 +83,8 @@ class ChildFaults:
             delivery=number,
             redelivered=bool(info.get("redelivered")),
             retries=task.request.retries if task is not None else 0,
+            body=True,
         )
-        step = None
-        if task_id == target and number <= len(steps):
-            step = steps[number - 1]
-        self.step = step if step is not None and step.kind != "ok" else None
-        if self.step is not None and self.step.at == 0:
-            self.fire()
 
     def _wrap(self, original: Any, name: str) -> Any:
         def tracked(*args: Any, **kwargs: Any) -> Any:

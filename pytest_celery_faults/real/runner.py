@@ -221,7 +221,11 @@ class RealBrokerRunner:
 
     def _observe(self, task_id: str, first: int, deaths: int, result: Any) -> RealOutcome:
         log = [r for r in self._records()[first:] if r.get("task_id") in (task_id, None)]
-        starts = [r for r in log if r.get("event") == "start" and r.get("task_id") == task_id]
+        starts = [
+            r
+            for r in log
+            if r.get("event") == "start" and r.get("task_id") == task_id and r.get("body", True)
+        ]
         state = result.state
         exception = None
         if state == "FAILURE":
