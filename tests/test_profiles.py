@@ -1,4 +1,11 @@
-"""Broker profiles: when a broker gives unacked messages back, and to whom."""
+"""Broker profiles: when a broker gives unacked messages back, and to whom.
+
+RabbitMQ returns a consumer's unacked messages the moment its connection drops.
+Redis and SQS keep a delivered message invisible for ``visibility_timeout``
+seconds after its delivery, whatever the consumer does: a dead worker's messages
+come back only then, and a message held longer than that (an ETA or countdown
+waiting in the worker) is delivered a second time while the first copy waits.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,9 @@ import pytest
 from celery import Celery
 
 from pytest_celery_faults import CeleryFaults
+from pytest_celery_faults.broker import BrokerEvent
 
+#: (argument, delivery_info['redelivered']) for each time a task body started.
 seen: list[tuple[int, bool]] = []
 
 
@@ -31,6 +40,29 @@ def _clear() -> None:
     seen.clear()
 
 
+def events(faults: CeleryFaults, task_id: str, *kinds: str) -> list[BrokerEvent]:
+    return [e for e in faults.ledger.for_task(task_id) if e.kind in kinds]
+
+
+def since_start(faults: CeleryFaults, event: BrokerEvent) -> float:
+    return event.time - faults.clock.start
+
+
+# -- a worker that loses power ---------------------------------------------------
+
+
+def test_rabbitmq_restores_at_once_when_the_connection_drops(app: Celery) -> None:
+    task = make_task(app, acks_late=True)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.effect")
+        outcome = faults.run(task.s(1), "power_loss@1")
+        assert faults.clock.elapsed == 0.0  # the clock never moved
+        restored = events(faults, outcome.task_id, "restored")
+    assert [(e.detail, since_start(faults, e)) for e in restored] == [("connection lost", 0.0)]
+    assert seen == [(1, False), (1, True)]
+    assert (outcome.deliveries, outcome.state, outcome.lost) == (2, "SUCCESS", False)
+
+
 @pytest.mark.parametrize(("profile", "timeout"), [("redis", 45.0), ("sqs", 90.0)])
 def test_visibility_timeout_profiles_restore_only_after_it(
     app: Celery, profile: str, timeout: float
@@ -40,42 +72,78 @@ def test_visibility_timeout_profiles_restore_only_after_it(
     with CeleryFaults(app, profile=profile) as faults:
         faults.track(f"{__name__}.effect")
         outcome = faults.run(task.s(1), "power_loss@1")
-        assert faults.clock.elapsed == pytest.approx(timeout)
+        assert faults.clock.elapsed == timeout  # moved by exactly the visibility timeout
+        kinds = events(faults, outcome.task_id, "delivered", "orphaned", "restored", "acked")
+    # unacked on the dead connection at t=0, back in the queue at t=timeout, not before
+    assert [(e.kind, since_start(faults, e)) for e in kinds] == [
+        ("delivered", 0.0),
+        ("orphaned", 0.0),
+        ("restored", timeout),
+        ("delivered", timeout),
+        ("acked", timeout),
+    ]
+    assert kinds[2].detail == f"visibility_timeout={timeout:g}s passed"
     assert seen == [(1, False), (1, True)]
-    assert outcome.deliveries == 2
+    assert (outcome.deliveries, outcome.state) == (2, "SUCCESS")
 
 
-def test_rabbitmq_restores_at_once(app: Celery) -> None:
+@pytest.mark.parametrize(("profile", "default"), [("redis", 3600.0), ("sqs", 1800.0)])
+def test_without_the_option_the_transports_default_visibility_timeout_applies(
+    app: Celery, profile: str, default: float
+) -> None:
+    # kombu.transport.redis.Channel.visibility_timeout = 3600;
+    # kombu.transport.SQS.Channel.default_visibility_timeout = 1800
     task = make_task(app, acks_late=True)
-    with CeleryFaults(app) as faults:
+    with CeleryFaults(app, profile=profile) as faults:
         faults.track(f"{__name__}.effect")
         faults.run(task.s(1), "power_loss@1")
-        assert faults.clock.elapsed == 0
-    assert seen == [(1, False), (1, True)]
+        assert faults.clock.elapsed == default
 
 
 @pytest.mark.parametrize(("profile", "elapsed"), [("rabbitmq", 0.0), ("redis", 20.0)])
-def test_ack_lost_redelivers_per_profile(app: Celery, profile: str, elapsed: float) -> None:
+def test_a_lost_ack_redelivers_at_once_on_rabbitmq_and_after_the_timeout_on_redis(
+    app: Celery, profile: str, elapsed: float
+) -> None:
     app.conf.broker_transport_options = {"visibility_timeout": 20}
     task = make_task(app, acks_late=True)
     with CeleryFaults(app, profile=profile) as faults:
         faults.track(f"{__name__}.effect")
         outcome = faults.run(task.s(1), "ack_lost")
-        assert faults.clock.elapsed == pytest.approx(elapsed)
-    assert seen == [(1, False), (1, True)]
-    assert (outcome.deliveries, outcome.acked) == (2, True)
+        assert faults.clock.elapsed == elapsed
+        redelivery = events(faults, outcome.task_id, "delivered")[1]
+    assert (redelivery.detail, since_start(faults, redelivery)) == ("redelivered=True", elapsed)
+    assert seen == [(1, False), (1, True)]  # the body ran twice
+    assert (outcome.deliveries, outcome.executions, outcome.acked) == (2, 2, True)
 
 
-def test_redis_runs_an_eta_beyond_the_visibility_timeout_twice(app: Celery) -> None:
+# -- an ETA held longer than the visibility timeout ------------------------------
+
+
+@pytest.mark.parametrize("profile", ["redis", "sqs"])
+@pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "acks_late"])
+@pytest.mark.parametrize(
+    ("countdown", "runs"),
+    [(5, [(7, False)]), (15, [(7, False), (7, True)]), (25, [(7, False), (7, True), (7, True)])],
+    ids=["within", "beyond-once", "beyond-twice"],
+)
+def test_redis_runs_an_eta_held_beyond_the_visibility_timeout_again(
+    app: Celery, profile: str, acks_late: bool, countdown: int, runs: list[tuple[int, bool]]
+) -> None:
+    # The worker holds an ETA message unacked until it is due (even with early ack: that
+    # ack comes when the pool accepts it). Each visibility timeout that passes meanwhile
+    # restores it, and the worker receives one more copy.
     app.conf.broker_transport_options = {"visibility_timeout": 10}
-    task = make_task(app, acks_late=True)
-    with CeleryFaults(app, profile="redis") as faults:
-        result = task.apply_async((7,), countdown=25)
+    task = make_task(app, acks_late=acks_late)
+    with CeleryFaults(app, profile=profile) as faults:
+        result = task.apply_async((7,), countdown=countdown)
         faults.drain()
         outcome = faults.outcome(result.id)
-    # delivered at t=0 and held for its ETA; restored at t=10 and t=20 while held
-    assert outcome.executions == outcome.deliveries == 3
-    assert seen[0] == (7, False) and all(redelivered for _, redelivered in seen[1:])
+        restored = events(faults, result.id, "restored")
+        assert faults.clock.elapsed == pytest.approx(countdown, abs=1e-3)
+    assert seen == runs
+    assert [since_start(faults, e) for e in restored] == [10.0, 20.0][: len(runs) - 1]
+    assert outcome.deliveries == outcome.executions == len(runs)
+    assert outcome.state == "SUCCESS"
 
 
 def test_rabbitmq_holds_an_eta_without_duplicating_it(app: Celery) -> None:
@@ -83,34 +151,77 @@ def test_rabbitmq_holds_an_eta_without_duplicating_it(app: Celery) -> None:
     with CeleryFaults(app) as faults:
         result = task.apply_async((7,), countdown=25)
         faults.drain()
-        assert faults.outcome(result.id).executions == 1
+        outcome = faults.outcome(result.id)
+        assert faults.clock.elapsed == pytest.approx(25, abs=1e-3)
+        assert events(faults, result.id, "restored") == []
     assert seen == [(7, False)]
+    assert (outcome.deliveries, outcome.executions) == (1, 1)
 
 
-def test_a_redelivered_message_goes_to_a_live_worker(app: Celery) -> None:
+# -- several workers -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("profile", "elapsed"), [("rabbitmq", 0.0), ("redis", 30.0)])
+def test_a_redelivered_message_goes_to_a_live_worker(
+    app: Celery, profile: str, elapsed: float
+) -> None:
+    app.conf.broker_transport_options = {"visibility_timeout": 30}
     task = make_task(app, acks_late=True)
-    with CeleryFaults(app, workers=2, seed=3) as faults:
+    with CeleryFaults(app, profile=profile, workers=2, seed=3) as faults:
         faults.track(f"{__name__}.effect")
         outcome = faults.run(task.s(1), "power_loss@1")
-        first, second = (record.worker for record in faults.records)
-        assert sum(worker.alive for worker in faults.workers) == 1
-    assert first != second
-    assert first.split("#")[0] != second.split("#")[0]  # another worker, not a restart
-    assert outcome.deliveries == 2
+        first, second = faults.records
+        delivered = events(faults, outcome.task_id, "delivered")
+        alive = {worker.hostname: worker.alive for worker in faults.workers}
+        assert faults.clock.elapsed == elapsed
+    assert (first.ended, second.ended) == ("power lost", "returned")
+    # delivered to the worker that died, then to the other one, which ran it
+    assert [e.consumer for e in delivered] == [first.worker, second.worker]
+    first_host, second_host = (record.worker.split("#")[0] for record in (first, second))
+    assert first_host != second_host  # another worker, not the dead one restarted
+    assert alive == {first_host: False, second_host: True}
+    assert seen == [(1, False), (1, True)]
+    assert (outcome.deliveries, outcome.state) == (2, "SUCCESS")
 
 
-def test_prefetched_messages_of_a_dead_worker_come_back_redelivered(app: Celery) -> None:
+# -- prefetched messages ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("profile", "elapsed"), [("rabbitmq", 0.0), ("redis", 60.0)])
+def test_prefetched_messages_of_a_dead_worker_come_back_redelivered(
+    app: Celery, profile: str, elapsed: float
+) -> None:
+    app.conf.broker_transport_options = {"visibility_timeout": 60}
     task = make_task(app, acks_late=True)
-    with CeleryFaults(app) as faults:
+    with CeleryFaults(app, profile=profile) as faults:
         faults.track(f"{__name__}.effect")
         faults.inject("profiles.job:power_loss@0")
         results = [task.delay(n) for n in range(3)]
         faults.drain()
         outcomes = [faults.outcome(result.id) for result in results]
-    # the worker held all three (prefetch 4) when it lost power on the first
-    assert [o.deliveries for o in outcomes] == [2, 2, 2]
+        ledgers = [faults.ledger.for_task(result.id) for result in results]
+        runs = [[r.ended for r in faults.records if r.task_id == res.id] for res in results]
+        dying = faults.records[0].worker
+        assert faults.clock.elapsed == elapsed
+    # the worker held all three (prefetch 4) when it lost power in the first one; the
+    # other two never started there
+    assert runs == [["power lost", "returned"], ["returned"], ["returned"]]
+    for ledger in ledgers:
+        delivered = [e for e in ledger if e.kind == "delivered"]
+        assert delivered[0].consumer == dying
+        assert delivered[1].consumer != dying
+        assert [e.detail for e in delivered] == ["", "redelivered=True"]
+        restored = next(e for e in ledger if e.kind == "restored")
+        assert since_start(faults, restored) == elapsed
+    # messages 1 and 2 never started before the power loss: their bodies ran once each,
+    # on the redelivery
     assert sorted(seen) == [(0, True), (1, True), (2, True)]
-    assert all(o.state == "SUCCESS" for o in outcomes)
+    # (power_loss@0 fires before message 0's body: its first delivery is no execution)
+    assert [(o.deliveries, o.executions, o.state) for o in outcomes] == [
+        (2, 1, "SUCCESS"),
+        (2, 1, "SUCCESS"),
+        (2, 1, "SUCCESS"),
+    ]
 
 
 def test_early_acked_message_is_lost_with_power_but_prefetched_ones_are_not(app: Celery) -> None:
@@ -121,5 +232,8 @@ def test_early_acked_message_is_lost_with_power_but_prefetched_ones_are_not(app:
         first, second = task.delay(1), task.delay(2)
         faults.drain()
         lost, kept = faults.outcome(first.id), faults.outcome(second.id)
-    assert (lost.lost, lost.state) == (True, "PENDING")
-    assert (kept.state, kept.deliveries) == ("SUCCESS", 2)
+        kept_deliveries = events(faults, second.id, "delivered")
+    assert (lost.lost, lost.state, lost.deliveries, lost.acked) == (True, "PENDING", 1, True)
+    assert [e.detail for e in kept_deliveries] == ["", "redelivered=True"]
+    assert (kept.state, kept.deliveries, kept.executions, kept.lost) == ("SUCCESS", 2, 1, False)
+    assert seen == [(2, True)]  # message 1's body never ran: power_loss@0
