@@ -114,6 +114,16 @@ class FaultSpec:
     def matches(self, task_name: str) -> bool:
         return self.task is None or self.task == task_name
 
+    def import_exceptions(self) -> None:
+        """Import every class a ``raise(...)`` step names; :class:`FaultSpecError` if one fails.
+
+        Done when a spec is armed, and by the plugin at collection, so a typo in a
+        marker or ``--celery-faults`` is a usage error rather than a failure mid-task.
+        """
+        for step in self.steps:
+            if step.kind == "raise":
+                step.exception_class()
+
     @property
     def fault_count(self) -> int:
         """How many faults the spec injects (``ok`` steps are not faults)."""
@@ -179,7 +189,9 @@ def _parse_step(token: str, source: str) -> Step:
     if kind not in BOUNDARY_KINDS:
         raise bad(f"unknown fault {kind!r} in {token!r}")
     if at_text is None:
-        raise bad(f"{token!r} needs a side-effect boundary, as in {kind}@0")
+        named = arg.strip() if arg and _DOTTED.match(arg.strip()) else "ConnectionError"
+        example = f"raise({named})" if kind == "raise" else kind
+        raise bad(f"{token!r} needs a side-effect boundary, as in {example}@0")
     at = _natural(at_text, token=token, source=source)
     if kind == "exit":
         code = _natural(arg if arg is not None else "1", token=token, source=source)
@@ -214,10 +226,14 @@ def resolve_exception(dotted: str, *, spec: str) -> type[BaseException]:
         )
     except (ImportError, AttributeError) as exc:
         raise FaultSpecError(
-            f"invalid fault spec {spec!r}: cannot import {dotted!r} ({exc})"
+            f"invalid fault spec {spec!r}: cannot import {dotted!r} ({exc}); "
+            f"valid forms: {VALID_FORMS}"
         ) from None
     if not (isinstance(found, type) and issubclass(found, BaseException)):
-        raise FaultSpecError(f"invalid fault spec {spec!r}: {dotted!r} is not an exception class")
+        raise FaultSpecError(
+            f"invalid fault spec {spec!r}: {dotted!r} is not an exception class; "
+            f"valid forms: {VALID_FORMS}"
+        )
     return found
 
 
@@ -276,9 +292,7 @@ class FaultPlan:
         self, spec: FaultSpec | str, *, task_id: str | None = None, explicit: bool = True
     ) -> ArmedSpec:
         parsed = parse_spec(spec)
-        for step in parsed.steps:
-            if step.kind == "raise":
-                step.exception_class()  # refuse an unimportable exception now, not mid-task
+        parsed.import_exceptions()  # refuse an unimportable exception now, not mid-task
         armed = ArmedSpec(parsed, explicit=explicit)
         self.armed.append(armed)
         if parsed.redeliver:

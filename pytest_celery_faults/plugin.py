@@ -226,7 +226,7 @@ def marker_settings(item: pytest.Item) -> MarkerSettings:
         if sweep is not None:
             _fault_sweep_marker(*sweep.args, **sweep.kwargs)
         for spec in settings.specs:
-            parse_spec(spec)
+            parse_spec(spec).import_exceptions()
         BrokerProfile.named(settings.profile)
         workers = settings.workers
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -258,6 +258,8 @@ def pytest_collection_modifyitems(
     errors = []
     names = ("celery_faults", "redeliver", "crash_after", "fault_sweep")
     limit_hung_tasks(config, items)
+    if items:
+        _import_option_exceptions(config)
     for item in items:
         if any(item.get_closest_marker(name) for name in names):
             try:
@@ -266,6 +268,22 @@ def pytest_collection_modifyitems(
                 errors.append(str(exc))
     if errors:
         raise pytest.UsageError("\n".join(errors))
+
+
+def _import_option_exceptions(config: pytest.Config) -> None:
+    """Import the exceptions ``--celery-faults`` names, now that the test modules are.
+
+    ``pytest_configure`` only parses the specs: an exception class may live in
+    the project under test, importable only once collection has set up sys.path.
+    """
+    from .errors import FaultSpecError
+    from .faults import parse_spec
+
+    for spec in config.getoption("celery_faults_specs", default=[]) or []:
+        try:
+            parse_spec(spec).import_exceptions()
+        except FaultSpecError as exc:
+            raise pytest.UsageError(f"--celery-faults: {exc}") from None
 
 
 def limit_hung_tasks(config: pytest.Config, items: list[pytest.Item]) -> None:

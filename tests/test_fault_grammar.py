@@ -132,22 +132,7 @@ def test_a_non_string_is_refused_by_type(value: object, shown: str) -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param(
-            kind,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="engine bug: faults._parse_step suggests 'raise@0' for a bare "
-                "'raise', which is itself invalid (raise needs an exception)",
-            ),
-        )
-        if kind == "raise"
-        else kind
-        for kind in BOUNDARY_KINDS
-    ],
-)
+@pytest.mark.parametrize("kind", BOUNDARY_KINDS)
 def test_the_example_a_missing_boundary_suggests_is_a_valid_spec(kind: str) -> None:
     with pytest.raises(FaultSpecError) as raised:
         parse_spec(kind)
@@ -167,24 +152,20 @@ def test_an_unimportable_exception_is_refused_when_armed(app: Celery) -> None:
         assert faults.plan.armed == []  # nothing was armed
     assert str(missing_module.value) == (
         "invalid fault spec 'raise(not_a_module.Boom)@0': cannot import "
-        "'not_a_module.Boom' (No module named 'not_a_module')"
+        f"'not_a_module.Boom' (No module named 'not_a_module'); valid forms: {VALID_FORMS}"
     )
     assert str(missing_name.value).startswith(
         "invalid fault spec 'raise(builtins.NoSuchError)@0': cannot import "
         "'builtins.NoSuchError' ("
     )
     assert str(not_exception.value) == (
-        "invalid fault spec 'raise(builtins.len)@0': 'builtins.len' is not an exception class"
+        "invalid fault spec 'raise(builtins.len)@0': 'builtins.len' is not an exception "
+        f"class; valid forms: {VALID_FORMS}"
     )
     for raised in (missing_module, missing_name, not_exception):
         assert "\n" not in str(raised.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: faults.resolve_exception's errors (cannot import / not an "
-    "exception class) do not list the valid forms, unlike every other FaultSpecError",
-)
 @pytest.mark.parametrize("text", ["raise(not_a_module.Boom)@0", "raise(builtins.len)@0"])
 def test_an_unimportable_exception_lists_the_valid_forms(app: Celery, text: str) -> None:
     with (
@@ -290,12 +271,6 @@ def test_bad_marker_arguments_are_one_line_collection_errors(pytester: pytest.Py
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: plugin.py checks --celery-faults and marker specs with parse_spec "
-    "only; an unimportable raise(...) is found when the fixture arms it, as a setup error "
-    "with a traceback in every test, not as a one-line usage error",
-)
 @pytest.mark.parametrize(
     ("marker", "option"),
     [
@@ -312,4 +287,29 @@ def test_an_unimportable_exception_in_a_marker_or_option_is_a_usage_error(
     result = pytester.runpytest(*([option] if option else []))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
-    assert "cannot import 'not_a_module.Boom'" in result.stderr.str()
+    where = "test_an_unimportable_exception_in_a_marker_or_option_is_a_usage_error.py::test_x: "
+    source = "--celery-faults: " if option else f"{where}bad celery-faults marker: "
+    assert stderr_lines(result) == [
+        f"ERROR: {source}invalid fault spec 'raise(not_a_module.Boom)@1': cannot import "
+        f"'not_a_module.Boom' (No module named 'not_a_module'); valid forms: {VALID_FORMS}"
+    ]
+
+
+def test_the_option_can_name_an_exception_of_the_project_under_test(
+    pytester: pytest.Pytester,
+) -> None:
+    """The option's exception may live beside the tests; it is imported, then armed."""
+    pytester.makeconftest(APP_CONFTEST)
+    pytester.makepyfile(
+        shop_errors="class PaymentDeclined(Exception):\n    pass\n",
+        test_shop="""
+            import shop_errors
+
+            def test_x(celery_faults):
+                assert celery_faults.plan.armed[0].spec.steps[0].exception_class() is (
+                    shop_errors.PaymentDeclined
+                )
+        """,
+    )
+    result = pytester.runpytest("--celery-faults=raise(shop_errors.PaymentDeclined)@0")
+    result.assert_outcomes(passed=1)
