@@ -301,15 +301,15 @@ def test_the_option_can_name_an_exception_of_the_project_under_test(
     """The option's exception may live beside the tests; it is imported, then armed."""
     pytester.makeconftest(APP_CONFTEST)
     pytester.makepyfile(
-        shop_errors="class PaymentDeclined(Exception):\n    pass\n",
-        test_shop="""
-            import shop_errors
+        grammar_project_errors="class PaymentDeclined(Exception):\n    pass\n",
+        test_project_exception="""
+            import grammar_project_errors
 
             def test_x(celery_faults):
                 assert celery_faults.plan.armed[0].spec.steps[0].exception_class() is (
-                    shop_errors.PaymentDeclined
+                    grammar_project_errors.PaymentDeclined
                 )
         """,
     )
-    result = pytester.runpytest("--celery-faults=raise(shop_errors.PaymentDeclined)@0")
+    result = pytester.runpytest("--celery-faults=raise(grammar_project_errors.PaymentDeclined)@0")
     result.assert_outcomes(passed=1)
