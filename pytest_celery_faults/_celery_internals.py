@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import billiard.einfo
 from billiard.common import human_status
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
@@ -28,6 +30,7 @@ __all__ = [
     "TimeLimitExceeded",
     "WorkerLostError",
     "child_death_info",
+    "code_summaries_cached",
     "current_app_set_to",
     "forget_worker_state",
     "installed_app_state",
@@ -60,6 +63,43 @@ def time_limit_info(timeout: float | None) -> ExceptionInfo:
 def current_exception_info() -> ExceptionInfo:
     """billiard's ``ExceptionInfo`` of the exception being handled (as the child builds it)."""
     return ExceptionInfo()
+
+
+#: billiard's picklable stand-in for a code object, one per code object while cached.
+_code_summaries: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_cache_users = 0
+
+
+def _cached_code_summary(code: Any) -> Any:
+    summary = _code_summaries.get(code)
+    if summary is None:
+        summary = _code_summaries[code] = billiard.einfo._Code(code)
+    return summary
+
+
+@contextlib.contextmanager
+def code_summaries_cached() -> Iterator[None]:
+    """Build billiard's ``_Code`` summary of each code object once, not per traceback.
+
+    Every ``ExceptionInfo`` (a task that raises, a child that dies) copies each
+    frame's code object, listing all of its ``co_positions()``: for Celery's
+    ``trace_task`` that is most of the cost of a failure. The summary depends on
+    the code object alone, so sharing it changes no traceback text.
+    """
+    global _cache_users
+    frame_class = billiard.einfo._Frame
+    if getattr(frame_class, "Code", None) is not billiard.einfo._Code and _cache_users == 0:
+        yield  # another billiard, or someone else's hook: leave it alone
+        return
+    _cache_users += 1
+    frame_class.Code = staticmethod(_cached_code_summary)
+    try:
+        yield
+    finally:
+        _cache_users -= 1
+        if _cache_users == 0:
+            frame_class.Code = billiard.einfo._Code
+            _code_summaries.clear()
 
 
 def unpickled_exception(exc: BaseException) -> BaseException:

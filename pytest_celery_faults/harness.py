@@ -157,8 +157,10 @@ class CeleryFaults:
             },
         )
         self._tracers = internals.fresh_tracers(app)
+        self._code_summaries = internals.code_summaries_cached()
         self._installed.__enter__()
         self._tracers.__enter__()
+        self._code_summaries.__enter__()
         self.warnings: list[str] = []
         self.checks = Checks(app, self._warn)
         self.checks.start()
@@ -187,6 +189,7 @@ class CeleryFaults:
                 request_ids |= worker.request_ids
                 worker.close()
             internals.forget_worker_state(request_ids)
+            self._code_summaries.__exit__(None, None, None)
             self._tracers.__exit__(None, None, None)
             self._installed.__exit__(None, None, None)
             self.broker.close()
@@ -525,7 +528,7 @@ class CeleryFaults:
 
     def _on_effect(self, effect: Effect) -> None:
         if effect.task_id is not None:
-            self._note(effect.task_id, f"side effect {effect.index}: {effect}", depth=1)
+            self._note(effect.task_id, lambda: f"side effect {effect.index}: {effect}", depth=1)
 
     def _on_ledger_event(self, event: BrokerEvent) -> None:
         self.timeline.add(
@@ -537,7 +540,7 @@ class CeleryFaults:
             )
         )
 
-    def _note(self, task_id: str, text: str, depth: int) -> None:
+    def _note(self, task_id: str, text: str | Callable[[], str], depth: int) -> None:
         self.timeline.add(TimelineEntry(self.clock.elapsed, text, task_id, depth))
 
     def __repr__(self) -> str:

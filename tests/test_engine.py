@@ -325,3 +325,35 @@ def test_executions_count_bodies_not_deliveries(app: Celery) -> None:
         killed_first = faults.run(task.s(2), "sigkill@0")
     assert (deduplicated.deliveries, deduplicated.executions) == (2, 1)
     assert (killed_first.deliveries, killed_first.executions) == (2, 1)
+
+
+def _raise_through_frames(depth: int) -> None:
+    if depth:
+        _raise_through_frames(depth - 1)
+    raise KeyError(f"deep {depth}")
+
+
+def test_tracebacks_are_unchanged_by_the_code_summary_cache(app: Celery) -> None:
+    """Failures are cheaper in a harness (billiard's per-frame summaries are shared), same text."""
+    import traceback
+
+    import billiard.einfo
+
+    def exception_info() -> billiard.einfo.ExceptionInfo:
+        try:
+            _raise_through_frames(3)
+        except KeyError:
+            return billiard.einfo.ExceptionInfo()
+        raise AssertionError("unreachable")
+
+    def text(info: billiard.einfo.ExceptionInfo) -> tuple[str, list[str]]:
+        return info.traceback, traceback.format_tb(info.tb)  # type: ignore[arg-type]
+
+    outside = text(exception_info())
+    with CeleryFaults(app), CeleryFaults(app):
+        inside = text(exception_info())
+        assert text(exception_info()) == inside  # from the cache, the second time
+        assert billiard.einfo._Frame.Code is not billiard.einfo._Code
+    assert inside == outside
+    assert "_raise_through_frames(depth - 1)" in outside[0]
+    assert billiard.einfo._Frame.Code is billiard.einfo._Code  # nothing outlives the harness
