@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from celery import signals
@@ -19,6 +20,8 @@ from ..effects import Patch, resolve_target
 from ..faults import Step, parse_spec
 
 PLAN_ENV = "CELERY_FAULTS_PLAN"
+#: How long a whole-worker kill waits for the parent's early ack of the delivery.
+ACK_WAIT_SECONDS = 5.0
 
 
 class ChildFaults:
@@ -29,6 +32,8 @@ class ChildFaults:
         self.record_path: str = plan["record"]
         self.tracked: set[str] = set()
         self.current: str | None = None
+        self.delivery = 0
+        self.acks_early = False
         self.step: Step | None = None
         self.effects = 0
         self.patches: list[Patch] = []
@@ -50,13 +55,36 @@ class ChildFaults:
         with open(self.record_path, "a", encoding="utf-8") as handle:
             handle.write(line)
 
-    def deliveries_so_far(self, task_id: str) -> int:
+    def count(self, event: str, task_id: str) -> int:
+        """How many ``event`` lines the record holds for ``task_id``."""
         with open(self.record_path, encoding="utf-8") as handle:
             return sum(
                 1
                 for line in handle
-                if '"start"' in line and json.loads(line).get("task_id") == task_id
+                if f'"{event}"' in line
+                and json.loads(line).get("event") == event
+                and json.loads(line).get("task_id") == task_id
             )
+
+    def deliveries_so_far(self, task_id: str) -> int:
+        return self.count("start", task_id)
+
+    def await_early_ack(self, timeout: float = ACK_WAIT_SECONDS) -> None:
+        """Wait until the parent has acked this delivery (an early-ack task only).
+
+        In prefork the parent acks when the child reports the job accepted, while
+        the child already runs the body: a whole-worker kill in the body's first
+        milliseconds can beat the ack, and the message comes back. The emulation
+        acks as the pool accepts, before the body; this puts the real kill after
+        the ack too. No ack within ``timeout`` and the fault fires anyway.
+        """
+        if not self.acks_early or self.current is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self.count("acked", self.current) < self.delivery:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.005)
 
     def scenario(self) -> tuple[str | None, tuple[Step, ...]]:
         """The scenario now running: the runner rewrites the plan before each one."""
@@ -69,7 +97,8 @@ class ChildFaults:
     def on_prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         number = self.deliveries_so_far(task_id or "") + 1
         target, steps = self.scenario()
-        self.current, self.effects = task_id, 0
+        self.current, self.effects, self.delivery = task_id, 0, number
+        self.acks_early = task is not None and not task.acks_late
         step = steps[number - 1] if task_id == target and number <= len(steps) else None
         self.step = step if step is not None and step.kind != "ok" else None
         if self.step is not None and self.step.at == 0:
@@ -102,6 +131,8 @@ class ChildFaults:
         step, self.step = self.step, None
         if step is None:
             return
+        if step.kind == "power_loss":
+            self.await_early_ack()
         self.record(event="fault", task_id=self.current, spec=str(step), after=self.effects)
         if step.kind == "exit":
             sys.exit(step.code)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from celery import signals
+from kombu.message import Message
 
 from ..apps import load_app
 from . import child
@@ -44,6 +46,7 @@ def main(argv: list[str]) -> None:
         with open(record, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"event": "ready", "pid": os.getpid()}) + "\n")
 
+    record_acks(record)
     signals.worker_process_init.connect(lambda **_: child.install(), weak=False)
     signals.worker_ready.connect(ready, weak=False)
     app.worker_main(
@@ -59,6 +62,25 @@ def main(argv: list[str]) -> None:
             "--loglevel=ERROR",
         ]
     )
+
+
+def record_acks(record: str) -> None:
+    """Write an ``acked`` line each time this (parent) process acks a task message.
+
+    An early ack is sent by the parent when the child reports the job accepted,
+    while the child already runs the body: the child waits for this line before
+    a fault that kills the whole worker, so the fault lands after the ack, where
+    the emulation puts it (see ``child.ChildFaults.fire``).
+    """
+    original: Callable[..., None] = Message.ack
+
+    def ack(self: Message, multiple: bool = False) -> None:
+        original(self, multiple=multiple)
+        task_id = (self.headers or {}).get("id")
+        with open(record, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"event": "acked", "task_id": task_id}) + "\n")
+
+    Message.ack = ack  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
