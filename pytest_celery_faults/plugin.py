@@ -109,16 +109,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for marker in MARKERS:
         config.addinivalue_line("markers", marker)
-    specs = config.getoption("celery_faults_specs", default=[]) or []
-    if specs:
-        from .errors import FaultSpecError
-        from .faults import parse_spec
-
-        for spec in specs:
-            try:
-                parse_spec(spec)
-            except FaultSpecError as exc:
-                raise pytest.UsageError(f"--celery-faults: {exc}") from None
+    check_option_specs(config, import_exceptions=False)
     from .report import SessionReport
 
     config.stash[report_key] = SessionReport(seed=_seed(config))
@@ -259,7 +250,7 @@ def pytest_collection_modifyitems(
     names = ("celery_faults", "redeliver", "crash_after", "fault_sweep")
     limit_hung_tasks(config, items)
     if items:
-        _import_option_exceptions(config)
+        check_option_specs(config, import_exceptions=True)
     for item in items:
         if any(item.get_closest_marker(name) for name in names):
             try:
@@ -270,18 +261,21 @@ def pytest_collection_modifyitems(
         raise pytest.UsageError("\n".join(errors))
 
 
-def _import_option_exceptions(config: pytest.Config) -> None:
-    """Import the exceptions ``--celery-faults`` names, now that the test modules are.
+def check_option_specs(config: pytest.Config, *, import_exceptions: bool) -> None:
+    """A bad ``--celery-faults`` value is a usage error naming the problem.
 
-    ``pytest_configure`` only parses the specs: an exception class may live in
-    the project under test, importable only once collection has set up sys.path.
+    ``pytest_configure`` parses the specs; the exception classes a ``raise(...)``
+    names are imported after collection, since one may live in the project under
+    test, importable only once collection has set up sys.path.
     """
     from .errors import FaultSpecError
     from .faults import parse_spec
 
     for spec in config.getoption("celery_faults_specs", default=[]) or []:
         try:
-            parse_spec(spec).import_exceptions()
+            parsed = parse_spec(spec)
+            if import_exceptions:
+                parsed.import_exceptions()
         except FaultSpecError as exc:
             raise pytest.UsageError(f"--celery-faults: {exc}") from None
 

@@ -11,17 +11,19 @@ import json
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 from celery import signals
 
 from ..effects import Patch, resolve_target
 from ..faults import Step, parse_spec
+from .waiting import polls
 
 PLAN_ENV = "CELERY_FAULTS_PLAN"
 #: How long a whole-worker kill waits for the parent's early ack of the delivery.
 ACK_WAIT_SECONDS = 5.0
+#: The ack usually lands within milliseconds; look often, the task is waiting.
+ACK_POLL_SECONDS = 0.005
 
 
 class ChildFaults:
@@ -57,14 +59,10 @@ class ChildFaults:
 
     def count(self, event: str, task_id: str) -> int:
         """How many ``event`` lines the record holds for ``task_id``."""
+        wanted = {"event": event, "task_id": task_id}
         with open(self.record_path, encoding="utf-8") as handle:
-            return sum(
-                1
-                for line in handle
-                if f'"{event}"' in line
-                and json.loads(line).get("event") == event
-                and json.loads(line).get("task_id") == task_id
-            )
+            records = (json.loads(line) for line in handle if f'"{event}"' in line)
+            return sum(wanted.items() <= record.items() for record in records)
 
     def deliveries_so_far(self, task_id: str) -> int:
         return self.count("start", task_id)
@@ -80,11 +78,9 @@ class ChildFaults:
         """
         if not self.acks_early or self.current is None:
             return
-        deadline = time.monotonic() + timeout
-        while self.count("acked", self.current) < self.delivery:
-            if time.monotonic() > deadline:
+        for _ in polls(timeout, interval=ACK_POLL_SECONDS):
+            if self.count("acked", self.current) >= self.delivery:
                 return
-            time.sleep(0.005)
 
     def scenario(self) -> tuple[str | None, tuple[Step, ...]]:
         """The scenario now running: the runner rewrites the plan before each one."""

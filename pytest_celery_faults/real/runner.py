@@ -29,10 +29,9 @@ from urllib.parse import urlparse
 from celery import Celery
 
 from .child import PLAN_ENV
+from .waiting import polls
 
 READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED", "REJECTED", "IGNORED"})
-#: How often the runner looks at the record file and the backend (a bounded poll).
-POLL = 0.05
 
 
 class BrokerUnreachable(ConnectionError):
@@ -147,13 +146,11 @@ class RealBrokerRunner:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: the only one we signal
             )
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
+        for _ in polls(self.startup_timeout):
             if any(r.get("event") == "ready" for r in self._records()[seen:]):
                 return
             if self.worker.poll() is not None:
                 break
-            time.sleep(POLL)  # bounded wait for the real worker to start
         self.stop_worker()
         with open(self.log_path, encoding="utf-8", errors="replace") as handle:
             tail = handle.read()[-2000:]
@@ -194,13 +191,12 @@ class RealBrokerRunner:
         deaths = 0
         self.client.send_task(task_name, args, kwargs or {}, task_id=task_id, queue=self.queue)
         result = self.client.AsyncResult(task_id)
-        deadline = time.monotonic() + timeout
         # After this long without news (and no result), the message is taken as lost.
         quiet = 10.0 if self.profile == "rabbitmq" else self.visibility_timeout + 7.0
         last_news = time.monotonic()
         seen = first_record
         settled_at: float | None = None
-        while time.monotonic() < deadline:
+        for _ in polls(timeout):
             if self.worker is not None and self.worker.poll() is not None:
                 deaths += 1
                 self.worker = None
@@ -216,7 +212,6 @@ class RealBrokerRunner:
                     break
             elif time.monotonic() - last_news > quiet:
                 break
-            time.sleep(POLL)  # bounded wait for the real worker
         return self._observe(task_id, first_record, deaths, result)
 
     def _observe(self, task_id: str, first: int, deaths: int, result: Any) -> RealOutcome:

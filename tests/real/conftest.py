@@ -35,7 +35,7 @@ def runner(request: pytest.FixtureRequest) -> Iterator[RealBrokerRunner]:
     except BrokerUnreachable as exc:
         if brokers_required():
             pytest.fail(f"real-broker tests are mandatory here (CI): {exc}", pytrace=False)
-        pytest.skip(f"{exc}; start RabbitMQ and Redis on loopback to run these tests")
+        pytest.skip(reason=f"{exc}; start RabbitMQ and Redis on loopback to run these tests")
     with RealBrokerRunner(
         "realapp:app", url, backend_url=BACKEND, track=("realapp.effect",)
     ) as real:

@@ -57,15 +57,15 @@ def test_real_worker_matches_the_emulation(
     )
     if real.executions > 1:
         assert real.redelivered[1:] == [True] * (real.executions - 1)
-    if spec and spec.startswith("power_loss") and not realapp.app.tasks[real_name(name)].acks_late:
+    if (
+        spec
+        and spec.startswith("power_loss")
+        and not realapp.app.tasks[f"realapp.{name}"].acks_late
+    ):
         # The emulation acks an early-ack task before its body; the real kill must
         # come after the parent's ack too, or the comparison is a race.
         events = [entry["event"] for entry in real.log if entry["event"] in ("acked", "fault")]
         assert events == ["acked", "fault"], real.timeline()
-
-
-def real_name(name: str) -> str:
-    return f"realapp.{name}"
 
 
 @pytest.mark.parametrize("runner", ["redis"], indirect=True)
