@@ -7,7 +7,7 @@ import realapp
 
 from pytest_celery_faults import CeleryFaults
 from pytest_celery_faults.real.compare import emulated_view
-from pytest_celery_faults.real.runner import RealBrokerRunner
+from pytest_celery_faults.real.runner import RealBrokerRunner, RealOutcome
 
 pytestmark = pytest.mark.real_broker
 
@@ -31,12 +31,26 @@ SCENARIOS = [
 ]
 
 
-def emulate(profile: str, name: str, spec: str | None) -> dict[str, object]:
+#: The ack table's endings that are the task body's doing, on each configuration.
+CONFIGURATIONS = ("early", "late", "late_requeue", "late_drop")
+ENDINGS = ("exception", "retry", "reject_requeue", "reject_drop", "ignore")
+
+
+def emulate(profile: str, name: str, spec: str | None, *args: str) -> dict[str, object]:
     task = realapp.app.tasks[f"realapp.{name}"]
     with CeleryFaults(realapp.app, profile=profile) as faults:
         faults.track("realapp.effect")
-        outcome = faults.run(task.s(), *([spec] if spec else []))
+        outcome = faults.run(task.s(*args), *([spec] if spec else []))
     return emulated_view(outcome)
+
+
+def observed_view(real: RealOutcome) -> dict[str, object]:
+    return {
+        "executions": real.executions,
+        "state": real.state,
+        "exception": real.exception,
+        "lost": real.lost,
+    }
 
 
 @pytest.mark.parametrize(("name", "spec"), SCENARIOS, ids=[f"{n}-{s}" for n, s in SCENARIOS])
@@ -44,12 +58,7 @@ def test_real_worker_matches_the_emulation(
     runner: RealBrokerRunner, name: str, spec: str | None
 ) -> None:
     real = runner.run(f"realapp.{name}", spec=spec)
-    observed = {
-        "executions": real.executions,
-        "state": real.state,
-        "exception": real.exception,
-        "lost": real.lost,
-    }
+    observed = observed_view(real)
     predicted = emulate(runner.profile, name, spec)
     assert observed == predicted, (
         f"{runner.profile}: realapp.{name} under {spec!r}\n"
@@ -66,6 +75,20 @@ def test_real_worker_matches_the_emulation(
         # come after the parent's ack too, or the comparison is a race.
         events = [entry["event"] for entry in real.log if entry["event"] in ("acked", "fault")]
         assert events == ["acked", "fault"], real.timeline()
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+@pytest.mark.parametrize("name", CONFIGURATIONS)
+def test_real_worker_matches_the_emulation_for_each_body_ending(
+    runner: RealBrokerRunner, name: str, ending: str
+) -> None:
+    real = runner.run(f"realapp.{name}", (ending,))
+    observed = observed_view(real)
+    predicted = emulate(runner.profile, name, None, ending)
+    assert observed == predicted, (
+        f"{runner.profile}: realapp.{name}({ending!r})\n"
+        f"real:      {observed}\nemulated:  {predicted}\nreal records:\n{real.timeline()}"
+    )
 
 
 @pytest.mark.parametrize("runner", ["redis"], indirect=True)
