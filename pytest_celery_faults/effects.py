@@ -55,6 +55,23 @@ class Execution(Protocol):
     def after_effect(self, effect: Effect) -> None: ...
 
 
+class ExecutionWatcher(Protocol):
+    """Told when an execution starts and how it ended (integrations use it).
+
+    ``started`` is called on the stack that runs the body, just before it.
+    ``ended`` is called with how the execution ended: ``"returned"``,
+    ``"raised"`` or ``"exit"`` on the execution's own stack after it unwound;
+    ``"child killed"``, ``"power lost"`` or ``"cold shutdown"`` when it was
+    cut off, from the harness's side, while the killed stack stays frozen and
+    runs nothing more (a database integration rolls back its open
+    transaction there, as the database does for a dead process's connection).
+    """
+
+    def started(self, execution: Execution) -> None: ...
+
+    def ended(self, execution: Execution, how: str) -> None: ...
+
+
 class EffectLog:
     """The side effects executed during a harness, and the execution they belong to."""
 
@@ -63,6 +80,15 @@ class EffectLog:
         self.effects: list[Effect] = []
         self.execution: Execution | None = None
         self.observers: list[Callable[[Effect], None]] = []
+        self.watchers: list[ExecutionWatcher] = []
+
+    def execution_started(self, execution: Execution) -> None:
+        for watcher in self.watchers:
+            watcher.started(execution)
+
+    def execution_ended(self, execution: Execution, how: str) -> None:
+        for watcher in self.watchers:
+            watcher.ended(execution, how)
 
     def perform(
         self,

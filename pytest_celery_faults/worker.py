@@ -256,30 +256,36 @@ class InProcessPool:
     ) -> tuple[bool, Any, Step | None]:
         worker = self.worker
         record = execution.record
-        with worker.running(execution):
-            try:
-                execution.start()
-                value = target(*args, **kwargs)
-            except (ChildKilled, TerminatedBySignal) as death:
+        try:
+            with worker.running(execution):
+                try:
+                    worker.effects.execution_started(execution)
+                    execution.start()
+                    value = target(*args, **kwargs)
+                except (ChildKilled, TerminatedBySignal) as death:
+                    record.ended = "child killed"
+                    return False, None, death.step
+                except PowerLost as gone:
+                    record.ended = "cold shutdown" if gone.graceful else "power lost"
+                    raise
+                except (Exception, SystemExit) as exc:  # billiard's workloop reports job errors
+                    record.ended = "exit" if isinstance(exc, SystemExit) else "raised"
+                    if execution.dead:
+                        return False, None, record.fired
+                    return False, internals.current_exception_info(), None
+            if execution.dead:  # the task swallowed its own death; the process is gone anyway
+                fired = record.fired
+                if fired is not None and fired.kind in ("power_loss", "cold_shutdown"):
+                    graceful = fired.kind == "cold_shutdown"
+                    record.ended = "cold shutdown" if graceful else "power lost"
+                    raise PowerLost(fired, graceful=graceful)
                 record.ended = "child killed"
-                return False, None, death.step
-            except PowerLost as gone:
-                record.ended = "cold shutdown" if gone.graceful else "power lost"
-                raise
-            except (Exception, SystemExit) as exc:  # billiard's workloop reports job errors
-                record.ended = "exit" if isinstance(exc, SystemExit) else "raised"
-                if execution.dead:
-                    return False, None, record.fired
-                return False, internals.current_exception_info(), None
-        if execution.dead:  # the task swallowed its own death; the process is gone anyway
-            if record.fired is not None and record.fired.kind in ("power_loss", "cold_shutdown"):
-                graceful = record.fired.kind == "cold_shutdown"
-                record.ended = "cold shutdown" if graceful else "power lost"
-                raise PowerLost(record.fired, graceful=graceful)
-            record.ended = "child killed"
-            return False, None, record.fired
-        record.ended = "returned"
-        return True, value, None
+                return False, None, record.fired
+            record.ended = "returned"
+            return True, value, None
+        finally:
+            if record.ended:
+                worker.effects.execution_ended(execution, record.ended)
 
     def _safely(self, callback: Callable[..., Any] | None, *args: Any, **kwargs: Any) -> None:
         # billiard's ApplyResult.safe_apply_callback logs and swallows callback errors.
