@@ -300,3 +300,10 @@ def cancel_active_requests(pool: Any) -> None:
     from celery.worker.consumer.consumer import Consumer
 
     Consumer.cancel_active_requests(SimpleNamespace(pool=pool))
+
+
+def rate_per_second(limit: Any) -> float:
+    """A task's ``rate_limit`` (``"10/m"``, a number per second, or ``None``) in starts/second."""
+    from celery.utils.time import rate
+
+    return float(rate(limit) or 0.0)

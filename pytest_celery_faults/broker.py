@@ -29,6 +29,8 @@ SCHEME = "celery-faults"
 TRANSPORT_OPTION = "celery_faults_broker"
 
 RestorePolicy = Literal["on_disconnect", "after_visibility_timeout"]
+#: RabbitMQ's default ``consumer_timeout`` (since 3.8.15), in seconds.
+RABBITMQ_CONSUMER_TIMEOUT = 1800.0
 
 
 @dataclass(frozen=True)
@@ -36,20 +38,24 @@ class BrokerProfile:
     """How a broker treats unacked messages.
 
     ``rabbitmq`` returns a consumer's unacked messages to the queue as soon as
-    its connection drops. ``redis`` and ``sqs`` keep them invisible until
-    ``visibility_timeout`` seconds after their delivery, whatever the consumer
-    does, so a message held longer than that (an ETA) is delivered again.
+    its connection drops, and closes the channel of a consumer that holds a
+    delivery unacked longer than ``consumer_timeout`` (RabbitMQ's default, 30
+    minutes): its unacked messages come back and its late ack is refused.
+    ``redis`` and ``sqs`` keep them invisible until ``visibility_timeout``
+    seconds after their delivery, whatever the consumer does, so a message
+    held longer than that (an ETA, a long task) is delivered again.
     """
 
     name: str
     restore: RestorePolicy
     visibility_timeout: float | None = None
+    consumer_timeout: float | None = None
 
     @classmethod
     def named(cls, name: str, transport_options: dict[str, Any] | None = None) -> BrokerProfile:
         options = transport_options or {}
         if name == "rabbitmq":
-            return cls(name, "on_disconnect")
+            return cls(name, "on_disconnect", consumer_timeout=RABBITMQ_CONSUMER_TIMEOUT)
         if name in ("redis", "sqs"):
             default = 3600.0 if name == "redis" else 1800.0
             timeout = float(options.get("visibility_timeout", default))
@@ -160,6 +166,8 @@ class InMemoryBroker:
         self._held: dict[str, int] = {}  # task id -> copies ready or unacked here
         self._tags = itertools.count(1)
         self.closed = False
+        #: Told the consumer tag whose channel the broker closed (``consumer_timeout``).
+        self.channel_closed: list[Callable[[str], None]] = []
         InMemoryBroker._registry[self.name] = self
 
     @property
@@ -262,6 +270,15 @@ class InMemoryBroker:
                 return self._deliver(ready.popleft(), consumer)
         return None
 
+    def deliver_copy(self, message: StoredMessage, consumer: str) -> Delivery:
+        """Deliver ``message`` once more while an earlier delivery is still unacked.
+
+        What a duplicate publish, or a visibility timeout passing under a long
+        task, puts in a consumer's hands: two copies in flight at once.
+        """
+        self._hold(message.task_id, 1)
+        return self._deliver(message, consumer)
+
     def _deliver(self, message: StoredMessage, consumer: str) -> Delivery:
         message.deliveries += 1
         redelivered = message.deliveries > 1
@@ -282,6 +299,11 @@ class InMemoryBroker:
             delivery.timer = self.clock.call_at(
                 delivery.delivered_at + timeout,
                 lambda: self._visibility_expired(delivery),
+            )
+        elif self.profile.consumer_timeout is not None:
+            delivery.timer = self.clock.call_at(
+                delivery.delivered_at + self.profile.consumer_timeout,
+                lambda: self._consumer_timed_out(delivery),
             )
         return delivery
 
@@ -353,6 +375,22 @@ class InMemoryBroker:
                     delivery,
                     detail=f"waits for visibility_timeout={self.profile.visibility_timeout:g}s",
                 )
+
+    def _consumer_timed_out(self, delivery: Delivery) -> None:
+        """RabbitMQ closes the channel of a consumer that held a delivery too long."""
+        if delivery.settled or self.closed:
+            return
+        consumer = delivery.consumer
+        self._record(
+            "channel_closed",
+            delivery.message,
+            delivery,
+            detail=f"unacked for consumer_timeout={self.profile.consumer_timeout:g}s "
+            "(PRECONDITION_FAILED)",
+        )
+        self.connection_lost(consumer)
+        for observe in self.channel_closed:
+            observe(consumer)
 
     def _visibility_expired(self, delivery: Delivery) -> None:
         if delivery.settled or self.closed:

@@ -1,4 +1,11 @@
-"""The virtual clock: time moves only when the harness says so, and never sleeps."""
+"""The virtual clock: time moves only when the harness says so, and never sleeps.
+
+While the worker side runs (a drain), task bodies read the clock too:
+:class:`TimeInBodies` makes ``time.time``, ``datetime.now``/``utcnow`` and
+``date.today`` (through time-machine, so ``from time import time`` and
+Django's ``timezone.now`` follow as well), ``time.monotonic`` and
+``time.sleep`` answer from it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
+
+import time_machine
 
 
 @dataclass(order=True)
@@ -31,6 +41,8 @@ class VirtualClock:
         self._now = self.start
         self._timers: list[_Timer] = []
         self._order = itertools.count()
+        #: Called with the new time whenever the clock moves.
+        self.on_move: list[Callable[[float], None]] = []
 
     def time(self) -> float:
         return self._now
@@ -61,9 +73,15 @@ class VirtualClock:
             if due is None or due > moment:
                 break
             timer = heapq.heappop(self._timers)
-            self._now = max(self._now, timer.due)
+            self._move(timer.due)
             timer.callback()
-        self._now = max(self._now, moment)
+        self._move(moment)
+
+    def _move(self, moment: float) -> None:
+        if moment > self._now:
+            self._now = moment
+            for listener in self.on_move:
+                listener(moment)
 
     def advance(self, seconds: float) -> None:
         if seconds < 0:
@@ -74,9 +92,73 @@ class VirtualClock:
         """Back to the start, with no timers: a fresh scenario on the same clock."""
         self._now = self.start
         self._timers.clear()
+        for listener in self.on_move:
+            listener(self._now)
 
     def cancel(self, timer: _Timer) -> None:
         timer.cancelled = True
 
     def __repr__(self) -> str:
         return f"<VirtualClock t=+{self.elapsed:.3f}s>"
+
+
+class TimeInBodies:
+    """While active, the process's clocks read the virtual clock; ``time.sleep`` waits on it.
+
+    Wall-clock reads go through time-machine (patched at C level, so every
+    import style follows). time-machine leaves ``time.monotonic`` and
+    ``time.sleep`` alone, so those two module attributes are replaced here:
+    ``monotonic`` is the real value at the harness's start plus the virtual
+    seconds elapsed, and ``sleep`` calls ``sleep(seconds)`` given here, which
+    returns ``False`` when the caller is not a task body (the real sleep runs).
+    Entered and left once per drain, re-entrant.
+    """
+
+    def __init__(self, clock: VirtualClock, sleep: Callable[[float], bool]) -> None:
+        self.clock = clock
+        self.sleep = sleep
+        self._depth = 0
+        self._travel: Any = None
+        self._traveller: Any = None
+        self._monotonic_base = time.monotonic() - clock.elapsed
+        self._saved: tuple[Any, Any] | None = None
+        clock.on_move.append(self._moved)
+
+    def __enter__(self) -> TimeInBodies:
+        self._depth += 1
+        if self._depth == 1:
+            self._travel = time_machine.travel(self.clock.time(), tick=False)
+            self._traveller = self._travel.start()
+            real_sleep, real_monotonic = time.sleep, time.monotonic
+            self._saved = (real_sleep, real_monotonic)
+            clock, base, sleep = self.clock, self._monotonic_base, self.sleep
+
+            def virtual_monotonic() -> float:
+                return base + clock.elapsed
+
+            def virtual_sleep(seconds: float) -> None:
+                if not sleep(seconds):
+                    real_sleep(seconds)
+
+            time.monotonic = virtual_monotonic
+            time.sleep = virtual_sleep  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            if self._saved is not None:
+                time.sleep, time.monotonic = self._saved
+                self._saved = None
+            self._travel.stop()
+            self._travel = self._traveller = None
+
+    def _moved(self, moment: float) -> None:
+        if self._traveller is not None:
+            self._traveller.move_to(moment)
+
+    def close(self) -> None:
+        while self._depth:
+            self.__exit__(None, None, None)
+        if self._moved in self.clock.on_move:
+            self.clock.on_move.remove(self._moved)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -54,6 +55,8 @@ class Execution(Protocol):
 
     def after_effect(self, effect: Effect) -> None: ...
 
+    def sleep(self, seconds: float) -> None: ...
+
 
 class ExecutionWatcher(Protocol):
     """Told when an execution starts and how it ended (integrations use it).
@@ -73,14 +76,38 @@ class ExecutionWatcher(Protocol):
 
 
 class EffectLog:
-    """The side effects executed during a harness, and the execution they belong to."""
+    """The side effects executed during a harness, and the execution they belong to.
+
+    Each execution runs on a stack of its own, so "the execution running
+    here" is per thread: the harness's own thread has none.
+    """
 
     def __init__(self, clock: VirtualClock) -> None:
         self.clock = clock
         self.effects: list[Effect] = []
-        self.execution: Execution | None = None
+        self._here = threading.local()
         self.observers: list[Callable[[Effect], None]] = []
         self.watchers: list[ExecutionWatcher] = []
+
+    @property
+    def execution(self) -> Execution | None:
+        """The execution whose body runs on this thread, if any."""
+        return getattr(self._here, "execution", None)
+
+    @execution.setter
+    def execution(self, execution: Execution | None) -> None:
+        self._here.execution = execution
+
+    def sleep(self, seconds: float) -> bool:
+        """``time.sleep`` while the worker side runs: a task body waits on the virtual clock.
+
+        ``False`` when no task body runs on this thread (the real sleep applies).
+        """
+        execution = self.execution
+        if execution is None:
+            return False
+        execution.sleep(seconds)
+        return True
 
     def execution_started(self, execution: Execution) -> None:
         for watcher in self.watchers:
@@ -96,13 +123,17 @@ class EffectLog:
         label: str,
         call: Callable[[], T],
         detail: dict[str, Any] | None = None,
+        duration: float = 0.0,
     ) -> T:
+        """Perform ``call`` as a side effect that takes ``duration`` virtual seconds."""
         execution = self.execution
         if execution is None:
             result = call()
             self._record(Effect(kind, label, self.clock.time(), detail=detail))
             return result
         execution.before_effect(kind, label)
+        if duration:
+            execution.sleep(duration)
         result = call()
         execution.effect_count += 1
         effect = Effect(
@@ -126,7 +157,6 @@ class EffectLog:
 
     def clear(self) -> None:
         self.effects.clear()
-        self.execution = None
 
     def for_task(self, task_id: str) -> list[Effect]:
         return [effect for effect in self.effects if effect.task_id == task_id]
@@ -208,15 +238,23 @@ def resolve_target(target: str | tuple[Any, str]) -> tuple[Any, str, str]:
     raise AttributeError(f"track({target!r}): cannot import or find {target!r}")
 
 
-def tracking_wrapper(log: EffectLog, owner: Any, attribute: str, name: str) -> Any:
-    """A replacement for ``owner.attribute`` that performs each call as a side effect."""
+def tracking_wrapper(
+    log: EffectLog, owner: Any, attribute: str, name: str, duration: float = 0.0
+) -> Any:
+    """A replacement for ``owner.attribute`` that performs each call as a side effect.
+
+    Each call takes ``duration`` seconds of virtual time before it happens (a
+    slow API: time limits and visibility timeouts can pass during it).
+    """
     raw = owner.__dict__.get(attribute) if hasattr(owner, "__dict__") else None
     if isinstance(raw, staticmethod | classmethod):
         function = raw.__func__
 
         @functools.wraps(function)
         def wrapped_raw(*args: Any, **kwargs: Any) -> Any:
-            return log.perform("call", name, lambda: function(*args, **kwargs))
+            return log.perform(
+                "call", name, lambda: function(*args, **kwargs), duration=duration
+            )
 
         return type(raw)(wrapped_raw)
     original = getattr(owner, attribute)
@@ -225,7 +263,7 @@ def tracking_wrapper(log: EffectLog, owner: Any, attribute: str, name: str) -> A
 
     @functools.wraps(original)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        return log.perform("call", name, lambda: original(*args, **kwargs))
+        return log.perform("call", name, lambda: original(*args, **kwargs), duration=duration)
 
     wrapped.__celery_faults_tracked__ = name  # type: ignore[attr-defined]
     return wrapped

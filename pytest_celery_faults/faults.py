@@ -38,6 +38,9 @@ BOUNDARY_KINDS: Final[dict[str, str]] = {
 PLAIN_KINDS: Final[dict[str, str]] = {
     "ack_lost": "the task completes but its ack never reaches the broker",
     "ok": "this delivery runs without a fault",
+    "overlap": "a second copy is delivered while this one runs; the two interleave at "
+    "side-effect boundaries (overlap(SCHEDULE) replays one interleaving: 1 and 2 name "
+    "the copy that runs next at each choice)",
 }
 #: Kinds that kill the process running the task.
 CHILD_DEATHS: Final[frozenset[str]] = frozenset({"sigkill", "sigterm", "timeout"})
@@ -45,6 +48,7 @@ CHILD_DEATHS: Final[frozenset[str]] = frozenset({"sigkill", "sigterm", "timeout"
 VALID_FORMS: Final[str] = (
     "sigkill@N, sigterm@N, exit(CODE)@N, power_loss@N, raise(dotted.Exception)@N, "
     "timeout@N, soft_timeout@N, warm_shutdown@N, cold_shutdown@N, ack_lost, ok, "
+    "overlap, overlap(SCHEDULE), "
     "redeliver*K; steps for successive deliveries joined by ';', "
     "optionally prefixed by TASK_NAME:"
 )
@@ -68,12 +72,15 @@ class Step:
     at: int | None = None
     code: int | None = None
     exception: str | None = None
+    schedule: str | None = None  # overlap: which copy runs at each choice, "1" or "2"
 
     def __str__(self) -> str:
         if self.kind == "exit":
             head = f"exit({self.code})"
         elif self.kind == "raise":
             head = f"raise({self.exception})"
+        elif self.schedule:
+            head = f"{self.kind}({self.schedule})"
         else:
             head = self.kind
         return head if self.at is None else f"{head}@{self.at}"
@@ -182,6 +189,13 @@ def _parse_step(token: str, source: str) -> Step:
     if not match:
         raise bad(f"cannot read {token!r}")
     kind, arg, at_text = match.group("kind", "arg", "at")
+    if kind == "overlap" and at_text is None:
+        if arg is None:
+            return Step(kind)
+        schedule = arg.strip()
+        if not schedule or schedule.strip("12"):
+            raise bad(f"{token!r}: a schedule is a string of 1s and 2s, as in overlap(1212)")
+        return Step(kind, schedule=schedule)
     if kind in PLAIN_KINDS:
         if arg is not None or at_text is not None:
             raise bad(f"{token!r}: {kind!r} takes no argument and no @N")

@@ -33,7 +33,7 @@ from .broker import (
     register_transport,
 )
 from .checks import Checks
-from .clock import VirtualClock
+from .clock import TimeInBodies, VirtualClock
 from .effects import (
     Effect,
     EffectLog,
@@ -47,7 +47,8 @@ from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .idempotency import Scenario, SweepReport
 from .outcome import Outcome, Timeline, TimelineEntry
 from .results import InMemoryResultBackend
-from .worker import CUT_SHORT, EmulatedWorker, ExecutionRecord
+from .scheduler import Scheduler
+from .worker import CUT_SHORT, EmulatedWorker, ExecutionRecord, where_it_hung, worker_concurrency
 
 #: A drain that runs more executions than this has not converged (a task that requeues forever).
 DEFAULT_MAX_EXECUTIONS = 1000
@@ -62,6 +63,7 @@ _LEDGER_TEXT = {
     "restored": "back in the queue: {detail}",
     "ack_lost": "the ack never reached the broker",
     "orphaned": "unacked on a dead connection; {detail}",
+    "channel_closed": "the broker closed {consumer}'s channel: {detail}",
 }
 
 
@@ -122,6 +124,8 @@ class CeleryFaults:
         self.records: list[ExecutionRecord] = []
         self._records_by_task: dict[str, list[ExecutionRecord]] = {}
         self.random = random.Random(self.seed)
+        self.scheduler = Scheduler(self.random)
+        self.body_time = TimeInBodies(self.clock, self.effects.sleep)
         self._retries: dict[str, int] = {}
         self._faults: dict[str, list[str]] = {}  # task id -> the faults that hit it
         self._messages: dict[str, int] = {}
@@ -137,6 +141,7 @@ class CeleryFaults:
                 self.effects.execution is not None and self.effects.execution.dead
             ),
         )
+        self.broker.channel_closed.append(self._channel_closed)
         self.broker.publish_through = self._publish_through
         self.broker.after_publish.append(self._on_publish)
         self.ledger.observers.append(self._on_ledger_event)
@@ -168,6 +173,7 @@ class CeleryFaults:
         self.effects.observers.append(self.checks.effect)
         self.http = TrackedRequestsMock(self.effects)
         self.http.start()
+        self.concurrent = self.worker_count * worker_concurrency(app) > 1
         self.workers = [self._new_worker(index) for index in range(1, self.worker_count + 1)]
         self.active = True
 
@@ -176,6 +182,7 @@ class CeleryFaults:
             return
         self.active = False
         try:
+            self._discard_frozen()
             signals.task_prerun.disconnect(self._on_prerun)
             self.checks.stop()
             self.http.stop(allow_assert=False)
@@ -192,6 +199,7 @@ class CeleryFaults:
             self._code_summaries.__exit__(None, None, None)
             self._tracers.__exit__(None, None, None)
             self._installed.__exit__(None, None, None)
+            self.body_time.close()
             self.broker.close()
 
     def reset(self, *, suite_wide: bool = True) -> None:
@@ -203,6 +211,7 @@ class CeleryFaults:
         ``suite_wide=False`` (scenarios that choose their own faults).
         """
         self._require_active()
+        self._discard_frozen()
         request_ids: set[str] = set()
         for worker in self.workers:
             request_ids |= worker.request_ids
@@ -232,11 +241,30 @@ class CeleryFaults:
             clock=self.clock,
             effects=self.effects,
             plan=self.plan,
+            scheduler=self.scheduler,
             index=index,
+            concurrent=self.concurrent,
             on_record=self._on_record,
             on_fired=self._on_fired,
+            on_note=lambda task_id, text: self._note(task_id, text, depth=1),
             after_delivery=self._after_delivery,
         )
+
+    def _channel_closed(self, consumer: str) -> None:
+        for worker in self.workers:
+            if worker.consumer == consumer:
+                worker.channel_lost()
+
+    def _discard_frozen(self) -> None:
+        """The scenario is over: drop the stacks of killed executions (see :mod:`.scheduler`)."""
+        with self.body_time:
+            hung = self.scheduler.discard_all()
+        if hung:
+            names = ", ".join(repr(stack.owner.execution.task_name) for stack in hung)
+            self._warn(
+                f"the frozen execution(s) of {names} did not unwind within "
+                "seconds when discarded (a loop that catches BaseException?)"
+            )
 
     # -- arming and running -----------------------------------------------------
 
@@ -290,6 +318,16 @@ class CeleryFaults:
         return [self.outcome(task_id) for task_id in touched]
 
     def _drain(self) -> None:
+        with self.body_time:
+            self._run_until_quiet()
+
+    def _run_until_quiet(self) -> None:
+        """Start deliveries on free children, let the scheduler run stacks, move the clock.
+
+        One start per turn (the worker first is the seed's choice), so workers
+        refill between starts as a consumer's prefetch does; stacks run only
+        when nothing can start, so executions that could overlap do overlap.
+        """
         first_delivery = len(self.ledger)
         executions = 0
         while True:
@@ -300,10 +338,12 @@ class CeleryFaults:
             if len(live) > 1:
                 live = list(live)
                 self.random.shuffle(live)  # which worker runs first: the seed's choice
-            if any(worker.run_next() for worker in live):
+            if any(worker.start_next() for worker in live):
                 executions += 1
                 if executions > self.max_executions:
                     raise DrainError(self._no_quiet_message(executions, first_delivery))
+                continue
+            if self._step_scheduler():
                 continue
             due = self._next_due()
             if due is None:
@@ -314,6 +354,16 @@ class CeleryFaults:
                     f"(more than {DEFAULT_HORIZON:.0f}s); something is scheduled forever"
                 )
             self.clock.advance_to(due)
+            self.scheduler.wake(self.clock.time())
+
+    def _step_scheduler(self) -> bool:
+        try:
+            return self.scheduler.step()
+        except BaseException as interruption:
+            stack = self.scheduler.interrupted
+            if stack is not None:
+                interruption.add_note(where_it_hung(stack.owner.execution, self.effects))
+            raise
 
     def _drain_for_result(self) -> None:
         self._require_active()
@@ -338,7 +388,7 @@ class CeleryFaults:
                     progress = True
 
     def _next_due(self) -> float | None:
-        candidates = [self.clock.next_due()]
+        candidates = [self.clock.next_due(), self.scheduler.next_wake()]
         candidates += [worker.next_eta() for worker in self._live_workers()]
         present = [moment for moment in candidates if moment is not None]
         return min(present) if present else None
@@ -358,16 +408,23 @@ class CeleryFaults:
 
     # -- side effects -----------------------------------------------------------
 
-    def track(self, target: str | tuple[Any, str], name: str | None = None) -> str:
-        """Count each call of ``target`` as a side effect; returns the name effects carry."""
+    def track(
+        self, target: str | tuple[Any, str], name: str | None = None, *, duration: float = 0.0
+    ) -> str:
+        """Count each call of ``target`` as a side effect; returns the name effects carry.
+
+        ``duration``: virtual seconds each call takes (a slow API), during which
+        time limits, visibility timeouts and other executions can act.
+        """
         self._require_active()
         owner, attribute, default_name = resolve_target(target)
         label = name or default_name
+        if isinstance(duration, bool) or not isinstance(duration, int | float) or duration < 0:
+            raise ValueError(f"track({label!r}, duration={duration!r}): expected seconds >= 0")
         if isinstance(target, str):
             self.tracked.append(target)
-        self._patches.append(
-            Patch(owner, attribute, tracking_wrapper(self.effects, owner, attribute, label))
-        )
+        wrapper = tracking_wrapper(self.effects, owner, attribute, label, float(duration))
+        self._patches.append(Patch(owner, attribute, wrapper))
         return label
 
     def _publish_through(self, label: str, publish: Callable[[], Any]) -> Any:

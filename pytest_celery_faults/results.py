@@ -17,8 +17,6 @@ class InMemoryResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
     at once if the task is still not done: a test never sleeps on a result.
     """
 
-    thread_safe = False
-
     def __init__(
         self,
         app: Any,
@@ -27,6 +25,8 @@ class InMemoryResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
         **kwargs: Any,
     ) -> None:
         super().__init__(app=app, **kwargs)
+        # Shared by every execution's stack: only one of them ever runs at a time.
+        self.thread_safe = True
         self.store: dict[bytes, Any] = {}
         self.on_wait = on_wait
         #: True while a dead child is unwinding: a dead process stores nothing.

@@ -10,9 +10,14 @@ for a child killed by a signal, ``TimeLimitExceeded`` (followed by the timeout
 callback) for a hard time limit. Every ack, reject, requeue and stored state is
 therefore Celery's own decision for the installed version.
 
-The child runs in this process. A fault that kills it unwinds the task with
-:class:`ChildKilled`; from then on the child can perform no side effect and
-store no result, as a dead process cannot.
+The child runs in this process. An execution that could be cut off or
+overlap another runs on a stack of its own (:mod:`.scheduler`); a kill
+(SIGKILL, a hard time limit, power loss, a cold shutdown) freezes that stack
+where it stands, so nothing more of the task runs, and the parent reacts as
+billiard's would. An execution that nothing can interrupt (no kill armed, no
+hard time limit, no other execution that could run beside it) runs inline on
+the caller's stack: the same code, one thread switch fewer. ``sys.exit`` and
+SIGTERM unwind the task, as billiard's handling does, on either.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ import heapq
 import itertools
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from time import monotonic
 from typing import Any
 
 from celery import Celery
@@ -35,18 +40,19 @@ from .broker import Delivery, InMemoryBroker
 from .clock import VirtualClock
 from .effects import Effect, EffectLog
 from .faults import FaultPlan, Step
+from .scheduler import ExecutionDiscarded, Scheduler, Stack
 
-SIGNALS = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM}
 #: How an execution can end before the task did: the process running it went away.
 CUT_SHORT = frozenset({"child killed", "exit", "power lost", "cold shutdown"})
-
-
-class ChildKilled(BaseException):
-    """The child process running the task is gone (signal or hard time limit)."""
-
-    def __init__(self, step: Step) -> None:
-        super().__init__(str(step))
-        self.step = step
+#: Fault kinds that kill the process running the task without unwinding it.
+FREEZING_KINDS = frozenset({"sigkill", "timeout", "power_loss", "cold_shutdown"})
+#: How a freezing kind ends an execution's record.
+_FROZEN_ENDING = {
+    "sigkill": "child killed",
+    "timeout": "child killed",
+    "power_loss": "power lost",
+    "cold_shutdown": "cold shutdown",
+}
 
 
 class TerminatedBySignal(SystemExit):
@@ -62,19 +68,6 @@ class TerminatedBySignal(SystemExit):
         self.step = step
 
 
-class PowerLost(BaseException):
-    """The whole worker is gone: nothing more runs, acks or stores.
-
-    ``graceful`` when it went by a cold shutdown, which still closes its broker
-    connection properly (Redis then restores unacked messages at once).
-    """
-
-    def __init__(self, step: Step, *, graceful: bool = False) -> None:
-        super().__init__(str(step))
-        self.step = step
-        self.graceful = graceful
-
-
 @dataclass
 class ExecutionRecord:
     """What happened to one delivery in the worker, for outcomes and timelines."""
@@ -87,7 +80,7 @@ class ExecutionRecord:
     started: bool = False
     fired: Step | None = None
     fired_after: int | None = None
-    ended: str = ""  # "returned", "raised", "child killed", "exit", "power lost"
+    ended: str = ""  # "returned", "raised", "child killed", "exit", "power lost", ...
     effects: int = 0
 
 
@@ -100,12 +93,16 @@ class ChildExecution:
     delivery: int
     step: Step | None
     record: ExecutionRecord
+    clock: VirtualClock
     on_fired: Callable[[ChildExecution, Step], None]
-    soft_timeout: Callable[[], None]
-    shutdown: Callable[[str], None]
+    request_stop: Callable[[], None]
+    broker_delivery: Delivery
     effect_count: int = 0
     dead: bool = False
     started: bool = False
+    stack: Stack | None = None
+    pending: BaseException | None = None  # an inline execution's interrupt, raised at its wait
+    soft_timeout: Callable[[], None] = lambda: None
 
     def start(self) -> None:
         """The child took the job: a fault at boundary 0 fires now, before the body."""
@@ -120,7 +117,9 @@ class ChildExecution:
 
     def before_effect(self, kind: str, label: str) -> None:
         if self.dead:
-            raise ChildKilled(self.record.fired or Step("sigkill", 0))
+            raise ExecutionDiscarded()
+        if self.stack is not None:
+            self.stack.switch_point()
         step = self.step
         if step is not None and step.kind == "raise" and step.at == self.effect_count:
             self._mark(step)
@@ -131,6 +130,33 @@ class ChildExecution:
         step = self.step
         if step is not None and step.kind != "raise" and step.at == self.effect_count:
             self._fire(step)
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep`` in the body: wait on the virtual clock; a time limit may hit."""
+        if seconds < 0:
+            raise ValueError("sleep length must be non-negative")
+        if self.dead:
+            raise ExecutionDiscarded()
+        wake = self.clock.time() + seconds
+        if self.stack is not None:
+            self.stack.sleep_until(wake)
+            return
+        # Inline: nothing else can run meanwhile, so the clock moves from here.
+        while True:
+            due = self.clock.next_due()
+            self.clock.advance_to(wake if due is None or due > wake else due)
+            pending, self.pending = self.pending, None
+            if pending is not None:
+                raise pending
+            if self.clock.time() >= wake:
+                return
+
+    def interrupt(self, exc: BaseException) -> None:
+        """A signal for the child (a soft time limit): raised where the body waits."""
+        if self.stack is not None:
+            self.stack.interrupt(exc)
+        else:
+            self.pending = exc
 
     def _mark(self, step: Step) -> None:
         self.step = None  # a step fires once
@@ -143,24 +169,19 @@ class ChildExecution:
         kind = step.kind
         if kind == "exit":
             sys.exit(step.code)
-        if kind == "power_loss":
-            self.dead = True
-            raise PowerLost(step)
         if kind == "soft_timeout":
             self.soft_timeout()
             raise internals.SoftTimeLimitExceeded()
         if kind == "sigterm":
             raise TerminatedBySignal(step)
-        if kind in ("sigkill", "timeout"):
+        if kind in FREEZING_KINDS:
+            if self.stack is None:  # pragma: no cover - the worker gives these a stack
+                raise RuntimeError(f"{step} fired on an execution without a stack of its own")
             self.dead = True
-            raise ChildKilled(step)
+            self.stack.freeze(step)
         if kind == "warm_shutdown":
-            self.shutdown("warm")  # the running task goes on to its end
+            self.request_stop()  # the worker takes nothing more; this task goes on to its end
             return
-        if kind == "cold_shutdown":
-            self.shutdown("cold")
-            self.dead = True
-            raise PowerLost(step, graceful=True)
         raise AssertionError(f"fault kind {kind!r} does not fire at a boundary")
 
 
@@ -185,16 +206,35 @@ class _AppliedJob:
         self.job = job
 
     def terminate(self, signum: int | None = None) -> None:
-        """Nothing to do: the in-process child has already finished when Celery asks."""
+        """Nothing to do: the in-process child is frozen or finished when Celery asks."""
+
+
+@dataclass
+class Job:
+    """One ``apply_async`` call: the execution and billiard's callbacks for it."""
+
+    number: int
+    worker: EmulatedWorker
+    execution: ChildExecution
+    target: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    callback: Callable[..., Any] | None
+    error_callback: Callable[..., Any] | None
+    timeout_callback: Callable[..., Any] | None
+    soft_timeout: float | None
+    timeout: float | None
+    timers: list[Any] = field(default_factory=list)
 
 
 class InProcessPool:
-    """A pool with billiard's ``apply_async`` contract whose child is this process."""
+    """A pool with billiard's ``apply_async`` contract whose children are this process."""
 
     def __init__(self, worker: EmulatedWorker) -> None:
         self.worker = worker
         self._jobs = itertools.count()
-        self.limit = 1
+        self.limit = worker.concurrency
+        self.running: dict[int, Job] = {}
         self.terminated: list[tuple[int, int | None]] = []
 
     def apply_async(
@@ -210,82 +250,132 @@ class InProcessPool:
         timeout: float | None = None,
         **options: Any,
     ) -> _AppliedJob:
-        job = next(self._jobs)
         worker = self.worker
         execution = worker.preparing
         if execution is None:  # pragma: no cover - only the worker submits jobs
             raise RuntimeError("InProcessPool.apply_async called outside the emulated worker")
         worker.preparing = None
-
-        def soft_limit() -> None:
-            if timeout_callback is not None:
-                timeout_callback(soft=True, timeout=soft_timeout)
-
-        execution.soft_timeout = soft_limit
-        if accept_callback is not None:
-            accept_callback(worker.child_pid, monotonic())
         if args:  # the child gets its own copy of the request dict, as if pickled
             args = (args[0], args[1], dict(args[2]), *args[3:])
-        success, value, killed = self._run_child(execution, target, args, kwargs or {})
-        worker.on_record(execution.record)  # the child's end comes before the parent's reaction
-        if killed is not None:
-            worker.replace_child()
-            if killed.kind == "timeout":
-                # billiard's TimeoutHandler.on_hard_timeout: error first, then the timeout.
-                limit = timeout or soft_timeout
-                self._safely(error_callback, internals.time_limit_info(limit))
-                if timeout_callback is not None:
-                    self._safely(timeout_callback, soft=False, timeout=limit)
-            else:
-                info = internals.child_death_info(SIGNALS[killed.kind], job)
-                self._safely(error_callback, info)
-        elif success:
-            self._safely(callback, value)
+        job = Job(
+            next(self._jobs), worker, execution, target, args, kwargs or {},
+            callback, error_callback, timeout_callback, soft_timeout, timeout,
+        )  # fmt: skip
+        execution.soft_timeout = lambda: self._safely(
+            timeout_callback, soft=True, timeout=soft_timeout
+        )
+        if accept_callback is not None:
+            accept_callback(worker.child_pid, time.monotonic())
+        self.running[job.number] = job
+        self._arm_time_limits(job)
+        if worker.needs_own_stack(execution, timeout):
+            execution.stack = worker.scheduler.spawn(
+                lambda: self._run_child(job),
+                label=str(execution.delivery),
+                owner=job,
+                on_done=lambda stack: self._finish(job, *stack.result),
+                on_frozen=lambda stack: self._frozen(job, stack.frozen_by),
+            )
         else:
-            if isinstance(value.exception, SystemExit):
-                worker.replace_child()
-            self._safely(error_callback, value)
-        return _AppliedJob(job)
+            self._finish(job, *self._run_child(job))
+        return _AppliedJob(job.number)
 
-    def _run_child(
-        self,
-        execution: ChildExecution,
-        target: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> tuple[bool, Any, Step | None]:
+    def _arm_time_limits(self, job: Job) -> None:
+        clock = self.worker.clock
+        now = clock.time()
+        if job.soft_timeout:
+            job.timers.append(clock.call_at(now + job.soft_timeout, lambda: self._soft_hit(job)))
+        if job.timeout:
+            job.timers.append(clock.call_at(now + job.timeout, lambda: self._hard_hit(job)))
+
+    def _soft_hit(self, job: Job) -> None:
+        """billiard's ``on_soft_timeout``: tell the parent, then signal the child."""
+        if job.number not in self.running:
+            return
+        self.worker.note(job.execution, f"soft time limit ({job.soft_timeout:g}s) exceeded")
+        self._safely(job.timeout_callback, soft=True, timeout=job.soft_timeout)
+        job.execution.interrupt(internals.SoftTimeLimitExceeded())
+
+    def _hard_hit(self, job: Job) -> None:
+        """billiard's ``on_hard_timeout``: the child is killed where it stands."""
+        if job.number not in self.running or job.execution.stack is None:
+            return
+        self.worker.note(job.execution, f"hard time limit ({job.timeout:g}s) exceeded")
+        stack = job.execution.stack
+        job.execution.dead = True
+        self.worker.scheduler.freeze_where(lambda candidate: candidate is stack, None)
+        self._frozen(job, Step("timeout"))
+
+    def _run_child(self, job: Job) -> tuple[bool, Any, Step | None]:
+        """The child's side: run the trace; how it ended, as billiard's workloop sees it."""
         worker = self.worker
+        execution = job.execution
         record = execution.record
+        how = ""
         try:
             with worker.running(execution):
                 try:
                     worker.effects.execution_started(execution)
                     execution.start()
-                    value = target(*args, **kwargs)
-                except (ChildKilled, TerminatedBySignal) as death:
-                    record.ended = "child killed"
+                    value = job.target(*job.args, **job.kwargs)
+                except TerminatedBySignal as death:
+                    how = record.ended = "child killed"
                     return False, None, death.step
-                except PowerLost as gone:
-                    record.ended = "cold shutdown" if gone.graceful else "power lost"
-                    raise
                 except (Exception, SystemExit) as exc:  # billiard's workloop reports job errors
-                    record.ended = "exit" if isinstance(exc, SystemExit) else "raised"
-                    if execution.dead:
-                        return False, None, record.fired
+                    how = record.ended = "exit" if isinstance(exc, SystemExit) else "raised"
                     return False, internals.current_exception_info(), None
-            if execution.dead:  # the task swallowed its own death; the process is gone anyway
-                fired = record.fired
-                if fired is not None and fired.kind in ("power_loss", "cold_shutdown"):
-                    graceful = fired.kind == "cold_shutdown"
-                    record.ended = "cold shutdown" if graceful else "power lost"
-                    raise PowerLost(fired, graceful=graceful)
-                record.ended = "child killed"
-                return False, None, record.fired
-            record.ended = "returned"
+            how = record.ended = "returned"
             return True, value, None
         finally:
-            if record.ended:
-                worker.effects.execution_ended(execution, record.ended)
+            if how:
+                worker.effects.execution_ended(execution, how)
+
+    def _finish(self, job: Job, success: bool, value: Any, killed: Step | None) -> None:
+        """The parent's side of a job that ended by itself: billiard's result handler."""
+        worker = self.worker
+        self._settled(job)
+        # The child's end comes before the parent's reaction.
+        worker.on_record(job.execution.record)
+        if killed is not None:
+            worker.replace_child()
+            self._died_by(job, signal.SIGTERM)
+        elif success:
+            self._safely(job.callback, value)
+        else:
+            if isinstance(value.exception, SystemExit):
+                worker.replace_child()
+            self._safely(job.error_callback, value)
+        worker.job_ended(job)
+
+    def _frozen(self, job: Job, step: Step) -> None:
+        """The parent's side of a kill: the child is gone, its stack frozen."""
+        worker = self.worker
+        kind = step.kind
+        if kind in ("power_loss", "cold_shutdown"):
+            worker.lose_power(graceful=kind == "cold_shutdown", cause=job)
+            return
+        record = job.execution.record
+        self._settled(job)
+        record.ended = _FROZEN_ENDING[kind]
+        worker.on_record(record)
+        worker.effects.execution_ended(job.execution, record.ended)
+        worker.replace_child()
+        if kind == "timeout":
+            # billiard's TimeoutHandler.on_hard_timeout: error first, then the timeout.
+            limit = job.timeout or job.soft_timeout
+            self._safely(job.error_callback, internals.time_limit_info(limit))
+            self._safely(job.timeout_callback, soft=False, timeout=limit)
+        else:
+            self._died_by(job, signal.SIGKILL)
+        worker.job_ended(job)
+
+    def _died_by(self, job: Job, signum: int) -> None:
+        self._safely(job.error_callback, internals.child_death_info(signum, job.number))
+
+    def _settled(self, job: Job) -> None:
+        self.running.pop(job.number, None)
+        for timer in job.timers:
+            self.worker.clock.cancel(timer)
 
     def _safely(self, callback: Callable[..., Any] | None, *args: Any, **kwargs: Any) -> None:
         # billiard's ApplyResult.safe_apply_callback logs and swallows callback errors.
@@ -293,8 +383,6 @@ class InProcessPool:
             return
         try:
             callback(*args, **kwargs)
-        except (PowerLost, ChildKilled):
-            raise
         except Exception as exc:
             self.worker.callback_errors.append(exc)
 
@@ -312,7 +400,12 @@ class _Scheduled:
 
 
 class EmulatedWorker:
-    """One Celery worker with concurrency 1, consuming from an in-memory broker."""
+    """One Celery worker with ``worker_concurrency`` children, consuming from an in-memory broker.
+
+    Its concurrency is the app's ``worker_concurrency`` when the app sets it,
+    else 1 (a real worker's default, the machine's CPU count, would make
+    verdicts depend on the machine).
+    """
 
     def __init__(
         self,
@@ -322,9 +415,12 @@ class EmulatedWorker:
         clock: VirtualClock,
         effects: EffectLog,
         plan: FaultPlan,
+        scheduler: Scheduler,
         index: int,
+        concurrent: bool,
         on_record: Callable[[ExecutionRecord], None],
         on_fired: Callable[[ExecutionRecord, Step], None],
+        on_note: Callable[[str, str], None],
         after_delivery: Callable[[Delivery], None],
     ) -> None:
         self.app = app
@@ -332,14 +428,19 @@ class EmulatedWorker:
         self.clock = clock
         self.effects = effects
         self.plan = plan
+        self.scheduler = scheduler
         self.index = index
+        self.concurrent = concurrent
         self.generation = 1
         self.hostname = f"celery@faults-{index}"
         self.consumer = f"{self.hostname}#{self.generation}"
         self.on_record = on_record
         self.on_fired = on_fired
+        self.on_note = on_note
         self.after_delivery = after_delivery
         self.alive = True
+        self.concurrency = worker_concurrency(app)
+        self.extra_slots = 0  # children lent to duplicate copies (``overlap``)
         self.pool = InProcessPool(self)
         self.reserved: deque[Any] = deque()
         self.scheduled: list[_Scheduled] = []
@@ -354,9 +455,11 @@ class EmulatedWorker:
         self.channel = self.connection.default_channel
         self.accept = internals.accept_content(app)
         multiplier = app.conf.worker_prefetch_multiplier
-        self.prefetch_limit = max(1, int(multiplier)) if multiplier else 0
+        self.prefetch_limit = max(1, int(multiplier)) * self.concurrency if multiplier else 0
         self.broken_connection = False
         self.stop_requested = False
+        self.rate_limits_disabled = bool(app.conf.worker_disable_rate_limits)
+        self._token_back_at: dict[str, float] = {}  # task name -> when its bucket refills
 
     def _next_pid(self) -> int:
         return 10_000 * self.index + 100 * self.generation + next(self._children)
@@ -365,10 +468,22 @@ class EmulatedWorker:
         """The pool starts a fresh child after one died."""
         self.child_pid = self._next_pid()
 
+    def needs_own_stack(self, execution: ChildExecution, hard_limit: float | None) -> bool:
+        """Whether the execution could be frozen or overlap another (else it runs inline)."""
+        step = execution.step
+        return (
+            self.concurrent
+            or self.extra_slots > 0
+            or bool(hard_limit)
+            or (step is not None and (step.kind in FREEZING_KINDS or step.kind == "overlap"))
+        )
+
     # -- taking messages --------------------------------------------------------
 
     def wants_more(self) -> bool:
-        return self.alive and (not self.prefetch_limit or len(self.reserved) < self.prefetch_limit)
+        if not self.alive or self.stop_requested:
+            return False
+        return not self.prefetch_limit or len(self.reserved) < self.prefetch_limit
 
     def fetch(self) -> bool:
         """Take one ready message from the broker; ``False`` when there was none."""
@@ -378,7 +493,7 @@ class EmulatedWorker:
         self._receive(delivery)
         return True
 
-    def _receive(self, delivery: Delivery) -> None:
+    def _receive(self, delivery: Delivery, *, first: bool = False) -> None:
         message = self.channel.Message(self.broker.kombu_payload(delivery), channel=self.channel)
         message.accept = self.accept
         name = delivery.message.task_name
@@ -418,7 +533,10 @@ class EmulatedWorker:
             if due > self.clock.time():
                 heapq.heappush(self.scheduled, _Scheduled(due, next(self._order), request))
                 return
-        self.reserved.append(request)
+        if first:
+            self.reserved.appendleft(request)
+        else:
+            self.reserved.append(request)
 
     def release_due(self) -> None:
         """Move ETA requests whose time has come to the reserved queue."""
@@ -431,13 +549,26 @@ class EmulatedWorker:
 
     # -- running ----------------------------------------------------------------
 
-    def run_next(self) -> bool:
-        """Run one reserved request; ``False`` when none is reserved."""
-        if not self.reserved or not self.alive:
+    def free_slots(self) -> int:
+        if not self.alive or self.stop_requested:
+            return 0
+        return self.concurrency + self.extra_slots - len(self.pool.running)
+
+    def start_next(self) -> bool:
+        """Hand one reserved request to a free child; ``False`` when none can start.
+
+        An inline execution has ended when this returns; one on a stack of its
+        own has only started, and runs when the scheduler picks it.
+        """
+        if not self.reserved or self.free_slots() <= 0:
             return False
         request = self.reserved.popleft()
         delivery: Delivery = request._celery_faults_delivery
         if internals.expire_on_virtual_clock(request, self.clock.time()):
+            return True
+        allowed_at = self._rate_limited_until(request)
+        if allowed_at is not None:  # Celery's consumer holds it on its timer until then
+            heapq.heappush(self.scheduled, _Scheduled(allowed_at, next(self._order), request))
             return True
         task_id, name = delivery.message.task_id, delivery.message.task_name
         number, step = self.plan.next_delivery(task_id, name)
@@ -448,41 +579,76 @@ class EmulatedWorker:
             delivery=number,
             step=step,
             record=record,
+            clock=self.clock,
             on_fired=lambda ex, fired: self.on_fired(ex.record, fired),
-            soft_timeout=lambda: None,
-            shutdown=self._shutdown,
+            request_stop=self.request_stop,
+            broker_delivery=delivery,
         )
         if step is not None and step.kind == "ack_lost":
             self.broker.drop_ack(delivery.tag, self._ack_lost)
             self.on_fired(record, step)
             record.fired = step
+        if step is not None and step.kind == "overlap":
+            self._overlap(delivery, execution, step)
         self.preparing = execution
         try:
             request.execute_using_pool(self.pool)
-        except PowerLost as gone:
-            self.on_record(record)
-            self.die(graceful=gone.graceful)
-            return True
         except Exception as exc:  # TaskRevokedError and friends: Celery's own refusal
             self.callback_errors.append(exc)
             self.on_record(record)
         finally:
             self.preparing = None
-        self.after_delivery(delivery)
-        if self.stop_requested:
+        return True
+
+    def _rate_limited_until(self, request: Any) -> float | None:
+        """When the task's ``rate_limit`` lets ``request`` start, if not now.
+
+        Celery's consumer gives each rate-limited task a token bucket of
+        capacity 1 filled at the limit's rate: a start takes the token, the
+        next one waits until it is back. Here the bucket reads the virtual clock.
+        """
+        if self.rate_limits_disabled:
+            return None
+        per_second = internals.rate_per_second(getattr(request.task, "rate_limit", None))
+        if not per_second:
+            return None
+        now = self.clock.time()
+        name = request.task.name
+        ready = self._token_back_at.get(name, now)
+        if ready > now:
+            return ready
+        self._token_back_at[name] = now + 1.0 / per_second
+        return None
+
+    def _overlap(self, delivery: Delivery, execution: ChildExecution, step: Step) -> None:
+        """A second copy of the message arrives while this delivery runs; both run at once."""
+        execution.step = None
+        self.on_fired(execution.record, step)
+        execution.record.fired = step
+        self.extra_slots += 1
+        self._receive(self.broker.deliver_copy(delivery.message, self.consumer), first=True)
+        if step.schedule:
+            self.scheduler.follow(step.schedule)
+
+    def job_ended(self, job: Job) -> None:
+        """The parent has reacted to a job's end (ack, reject, result): what comes next."""
+        if self.extra_slots and len(self.pool.running) < self.concurrency + self.extra_slots:
+            self.extra_slots -= 1
+        self.after_delivery(job.execution.broker_delivery)
+        if self.stop_requested and not self.pool.running:
             self.die(graceful=True)
         elif self.broken_connection:
             self.reconnect()
-        return True
 
     @contextlib.contextmanager
     def running(self, execution: ChildExecution) -> Iterator[None]:
+        """The child's context while it runs a task: its execution, the current app."""
         previous = self.effects.execution
         self.effects.execution = execution
         try:
             with internals.current_app_set_to(self.app):
                 yield
-        except (ChildKilled, PowerLost, Exception, SystemExit):
+        except (ExecutionDiscarded, Exception, SystemExit):
             raise
         except BaseException as interruption:
             # Not the task's: the test run itself is being stopped (pytest-timeout's
@@ -493,22 +659,47 @@ class EmulatedWorker:
         finally:
             self.effects.execution = previous
 
+    def note(self, execution: ChildExecution, text: str) -> None:
+        self.on_note(execution.task_id, text)
+
     # -- dying and reconnecting -------------------------------------------------
 
     def _ack_lost(self) -> None:
         self.broken_connection = True
 
-    def _shutdown(self, how: str) -> None:
-        """The worker was told to stop (``warm``) or to stop now (``cold``)."""
-        if how == "warm":
-            self.stop_requested = True
-            return
-        # Cold: the consumer cancels its running requests, from the main process.
-        running, self.effects.execution = self.effects.execution, None
-        try:
+    def request_stop(self) -> None:
+        """A warm shutdown: take nothing more, let running tasks finish, then stop."""
+        self.stop_requested = True
+
+    def lose_power(self, *, graceful: bool, cause: Job) -> None:
+        """The worker dies under its running children (power loss, or a cold shutdown).
+
+        A cold shutdown first lets Celery's consumer cancel the active requests
+        (its own decision to store RETRY or not), then closes the connection
+        properly; power loss does nothing of the kind.
+        """
+        if graceful:
             internals.cancel_active_requests(self.pool)
-        finally:
-            self.effects.execution = running
+        ending = "cold shutdown" if graceful else "power lost"
+        jobs = [cause, *(job for job in self.pool.running.values() if job is not cause)]
+        self.scheduler.freeze_where(lambda stack: stack.owner in jobs, cause)
+        for job in jobs:
+            self.pool._settled(job)
+            job.execution.dead = True
+            job.execution.record.ended = ending
+            self.on_record(job.execution.record)
+            self.effects.execution_ended(job.execution, ending)
+        self.die(graceful=graceful)
+
+    def channel_lost(self) -> None:
+        """The broker closed our channel: Celery's consumer restarts on a new connection.
+
+        Running tasks go on in the pool; what was prefetched went back with the
+        channel, and the acks still to come go to a channel that is gone.
+        """
+        self._drop_held()
+        self.generation += 1
+        self.consumer = f"{self.hostname}#{self.generation}"
 
     def reconnect(self) -> None:
         """The connection dropped (a lost ack): the broker takes back what we held."""
@@ -529,6 +720,9 @@ class EmulatedWorker:
         self.child_pid = self._next_pid()
         self.alive = True
         self.stop_requested = self.broken_connection = False
+        self.extra_slots = 0
+        self.pool.running.clear()
+        self._token_back_at.clear()
         self._drop_held()
 
     def die(self, *, graceful: bool = False) -> None:
@@ -548,3 +742,13 @@ class EmulatedWorker:
     def __repr__(self) -> str:
         state = "alive" if self.alive else "dead"
         return f"<EmulatedWorker {self.consumer} {state} reserved={len(self.reserved)}>"
+
+
+def worker_concurrency(app: Celery) -> int:
+    """The children a worker of ``app`` runs: ``worker_concurrency`` if the app sets it, else 1."""
+    configured = app.conf.get("worker_concurrency")
+    if configured is None:
+        return 1
+    if isinstance(configured, bool) or not isinstance(configured, int) or configured < 1:
+        raise ValueError(f"worker_concurrency={configured!r}: expected a whole number >= 1")
+    return configured

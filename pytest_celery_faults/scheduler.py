@@ -1,0 +1,276 @@
+"""The scheduler: executions on stacks of their own, exactly one running at a time.
+
+An execution that could be cut off (a kill armed for it, a hard time limit) or
+overlap another (several workers, a worker's concurrency, a duplicate copy)
+runs on a :class:`Stack`: a thread of its own. Only one thread ever runs: a
+baton passes between the harness and one stack, and a stack gives it back only
+at a side-effect boundary or a virtual-time wait (``time.sleep``, an effect that
+takes time). Which stack runs next is the scheduler's choice alone: an explicit
+schedule (a replay string), else the seed. So a run is deterministic, and every
+interleaving of two small executions can be enumerated.
+
+Why threads, not greenlets: threads are in the standard library (no C
+extension to install on every Python and Celery the plugin supports), and what
+a worker process keeps per process is per thread for free: Celery's current app
+and task stack, Django's database connections. time-machine and ``responses``
+patch process-wide, so they hold on every stack.
+
+A kill freezes: the stack parks where it stands and is never resumed while the
+scenario lasts, so no ``finally``, ``__exit__`` or handler of the task runs,
+and locks it took stay taken. CPython cannot drop a thread's frames without
+unwinding them, so when the scenario ends (``reset()``, the harness's exit) a
+frozen stack is discarded: :class:`ExecutionDiscarded` is raised where it
+parked, after the test's assertions, and while it unwinds every tracked side
+effect is refused and no result is stored.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+#: How long (real seconds) a discarded stack may take to unwind before it is abandoned.
+DISCARD_SECONDS = 5.0
+
+State = Literal["runnable", "running", "sleeping", "frozen", "done"]
+
+_here = threading.local()
+
+
+class ExecutionDiscarded(BaseException):
+    """The scenario is over: this frozen (or abandoned) execution's stack is dropped."""
+
+
+class ScheduleError(RuntimeError):
+    """A replayed schedule names an execution that is not there to run."""
+
+
+def current_stack() -> Stack | None:
+    """The stack running on this thread, if this thread is an execution's."""
+    return getattr(_here, "stack", None)
+
+
+class Stack:
+    """One execution's thread, parked whenever it does not hold the baton."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        body: Callable[[], Any],
+        *,
+        label: str,
+        owner: Any,
+        on_done: Callable[[Stack], None],
+        on_frozen: Callable[[Stack], None],
+    ) -> None:
+        self.scheduler = scheduler
+        self.body = body
+        self.label = label  # what a schedule string names it by (its delivery number)
+        self.owner = owner  # the worker whose child runs it
+        self.on_done = on_done
+        self.on_frozen = on_frozen
+        self.state: State = "runnable"
+        self.result: Any = None
+        self.wake_at: float | None = None
+        self.frozen_by: Any = None
+        self.pending: BaseException | None = None  # raised where it parked, when resumed
+        self.discarding = False
+        self._go = threading.Semaphore(0)
+        self.thread = threading.Thread(
+            target=self._main, name=f"celery-faults {label}", daemon=True
+        )
+
+    # -- on the stack's own thread ---------------------------------------------
+
+    def _main(self) -> None:
+        _here.stack = self
+        self._go.acquire()
+        try:
+            if self.discarding:
+                return
+            self.result = self.body()
+        except ExecutionDiscarded:
+            pass
+        finally:
+            self.state = "done"
+            self.scheduler._back.release()
+
+    def _park(self) -> None:
+        """Give the baton back and wait for it; raise what was left for us meanwhile."""
+        self.scheduler._back.release()
+        self._go.acquire()
+        if self.discarding:
+            raise ExecutionDiscarded()
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            raise pending
+
+    def switch_point(self) -> None:
+        """A side-effect boundary: another execution may run here."""
+        if self.discarding:
+            raise ExecutionDiscarded()
+        if self.scheduler.others_runnable(self):
+            self.state = "runnable"
+            self._park()
+
+    def sleep_until(self, moment: float) -> None:
+        """Wait on the virtual clock; others run meanwhile, the clock moves when none can."""
+        if self.discarding:
+            raise ExecutionDiscarded()
+        self.state = "sleeping"
+        self.wake_at = moment
+        self._park()
+
+    def freeze(self, why: Any) -> None:
+        """Killed: park for good. Returns never; raises :class:`ExecutionDiscarded` at the end."""
+        self.state = "frozen"
+        self.frozen_by = why
+        self._park()
+        raise ExecutionDiscarded()  # pragma: no cover - only discarding resumes a frozen stack
+
+    # -- from the harness's side -----------------------------------------------
+
+    def interrupt(self, exc: BaseException) -> None:
+        """Raise ``exc`` in the stack where it parked (a signal such as a soft time limit)."""
+        self.pending = exc
+        if self.state == "sleeping":
+            self.state = "runnable"
+            self.wake_at = None
+
+    def __repr__(self) -> str:
+        return f"<Stack {self.label} {self.state}>"
+
+
+class Scheduler:
+    """Starts stacks, chooses which one runs next, and discards them at the end."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.random = rng
+        self.stacks: list[Stack] = []
+        self.schedule: deque[str] = deque()
+        self.choices: list[tuple[str, tuple[str, ...]]] = []  # (chosen, options) per choice
+        self.running: Stack | None = None
+        self.interrupted: Stack | None = None  # running when the test run was stopped
+        self._back = threading.Semaphore(0)
+
+    def spawn(
+        self,
+        body: Callable[[], Any],
+        *,
+        label: str,
+        owner: Any,
+        on_done: Callable[[Stack], None],
+        on_frozen: Callable[[Stack], None],
+    ) -> Stack:
+        stack = Stack(
+            self, body, label=label, owner=owner, on_done=on_done, on_frozen=on_frozen
+        )
+        self.stacks.append(stack)
+        stack.thread.start()
+        return stack
+
+    def follow(self, schedule: Iterable[str]) -> None:
+        """Make the next choices these labels, in order (a replayed interleaving)."""
+        self.schedule.extend(schedule)
+
+    def runnable(self) -> list[Stack]:
+        return [stack for stack in self.stacks if stack.state == "runnable"]
+
+    def others_runnable(self, stack: Stack) -> bool:
+        return any(other.state == "runnable" and other is not stack for other in self.stacks)
+
+    def next_wake(self) -> float | None:
+        times = [s.wake_at for s in self.stacks if s.state == "sleeping" and s.wake_at is not None]
+        return min(times) if times else None
+
+    def wake(self, now: float) -> None:
+        for stack in self.stacks:
+            if stack.state == "sleeping" and stack.wake_at is not None and stack.wake_at <= now:
+                stack.state = "runnable"
+                stack.wake_at = None
+
+    def step(self) -> bool:
+        """Run one runnable stack until it gives the baton back; ``False`` if none could run."""
+        candidates = self.runnable()
+        if not candidates:
+            return False
+        stack = self._choose(candidates)
+        self._resume(stack)
+        if stack.state == "done":
+            self.stacks.remove(stack)
+            stack.thread.join()
+            stack.on_done(stack)
+        elif stack.state == "frozen":
+            stack.on_frozen(stack)
+        return True
+
+    def _choose(self, candidates: list[Stack]) -> Stack:
+        if len(candidates) == 1:
+            return candidates[0]
+        labels = tuple(stack.label for stack in candidates)
+        if self.schedule:
+            wanted = self.schedule.popleft()
+            chosen = next((s for s in candidates if s.label == wanted), None)
+            if chosen is None:
+                raise ScheduleError(
+                    f"the schedule asks for execution {wanted!r} to run next, but only "
+                    f"{', '.join(labels)} can run here: the task took another path"
+                )
+        else:
+            chosen = candidates[self.random.randrange(len(candidates))]
+        self.choices.append((chosen.label, labels))
+        return chosen
+
+    def _resume(self, stack: Stack) -> None:
+        self.running = stack
+        stack.state = "running"
+        stack._go.release()
+        try:
+            self._back.acquire()
+        except BaseException:
+            # The test run itself is being stopped (pytest-timeout, Ctrl-C) while the
+            # stack runs: it can be told to stop at its next boundary, no sooner.
+            stack.discarding = True
+            self.interrupted = stack
+            self._back = threading.Semaphore(0)
+            raise
+        finally:
+            self.running = None
+
+    def freeze_where(self, predicate: Callable[[Stack], bool], why: Any) -> list[Stack]:
+        """Freeze parked stacks (a worker lost power under them); they never run again."""
+        frozen = []
+        for stack in self.stacks:
+            if stack.state in ("runnable", "sleeping") and predicate(stack):
+                stack.state = "frozen"
+                stack.frozen_by = why
+                stack.wake_at = None
+                frozen.append(stack)
+        return frozen
+
+    def discard_all(self) -> list[Stack]:
+        """Drop every stack still parked: unwound now, effects refused; those that hang."""
+        hung = []
+        for stack in self.stacks:
+            stack.discarding = True
+            if stack.thread.is_alive():
+                back = self._back
+                stack._go.release()
+                if not back.acquire(timeout=DISCARD_SECONDS):
+                    hung.append(stack)
+                    continue
+            stack.thread.join(timeout=DISCARD_SECONDS)
+            if stack.thread.is_alive():
+                hung.append(stack)
+        self.stacks.clear()
+        self.schedule.clear()
+        self.choices.clear()
+        self.interrupted = None
+        self._back = threading.Semaphore(0)
+        return hung
+
+    def __repr__(self) -> str:
+        return f"<Scheduler {self.stacks!r}>"
