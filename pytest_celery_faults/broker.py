@@ -43,13 +43,16 @@ class BrokerProfile:
     minutes): its unacked messages come back and its late ack is refused.
     ``redis`` and ``sqs`` keep them invisible until ``visibility_timeout``
     seconds after their delivery, whatever the consumer does, so a message
-    held longer than that (an ETA, a long task) is delivered again.
+    held longer than that (an ETA, a long task) is delivered again. On Redis a
+    restored message keeps its delivery tag (kombu restores the payload as it
+    was), so whichever copy acks first settles the message.
     """
 
     name: str
     restore: RestorePolicy
     visibility_timeout: float | None = None
     consumer_timeout: float | None = None
+    tags_survive_restore: bool = False
 
     @classmethod
     def named(cls, name: str, transport_options: dict[str, Any] | None = None) -> BrokerProfile:
@@ -59,7 +62,9 @@ class BrokerProfile:
         if name in ("redis", "sqs"):
             default = 3600.0 if name == "redis" else 1800.0
             timeout = float(options.get("visibility_timeout", default))
-            return cls(name, "after_visibility_timeout", timeout)
+            return cls(
+                name, "after_visibility_timeout", timeout, tags_survive_restore=name == "redis"
+            )
         raise ValueError(
             f"unknown broker profile {name!r}; expected one of 'rabbitmq', 'redis', 'sqs'"
         )
@@ -76,6 +81,7 @@ class StoredMessage:
     task_name: str
     deliveries: int = 0
     replays_left: int = 0
+    tag: str | None = None  # the delivery tag it carries, where a broker keeps it
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -277,13 +283,18 @@ class InMemoryBroker:
         task, puts in a consumer's hands: two copies in flight at once.
         """
         self._hold(message.task_id, 1)
-        return self._deliver(message, consumer)
+        return self._deliver(message, consumer, fresh_tag=True)
 
-    def _deliver(self, message: StoredMessage, consumer: str) -> Delivery:
+    def _deliver(
+        self, message: StoredMessage, consumer: str, *, fresh_tag: bool = False
+    ) -> Delivery:
         message.deliveries += 1
         redelivered = message.deliveries > 1
+        tag = message.tag
+        if tag is None or fresh_tag or not self.profile.tags_survive_restore:
+            tag = message.tag = f"{self.name}.{next(self._tags)}"
         delivery = Delivery(
-            tag=f"{self.name}.{next(self._tags)}",
+            tag=tag,
             message=message,
             consumer=consumer,
             number=message.deliveries,

@@ -151,6 +151,7 @@ class Scheduler:
         self.random = rng
         self.stacks: list[Stack] = []
         self.schedule: deque[str] = deque()
+        self.replaying = False  # a schedule was given: past its end, the first option runs
         self.choices: list[tuple[str, tuple[str, ...]]] = []  # (chosen, options) per choice
         self.running: Stack | None = None
         self.interrupted: Stack | None = None  # running when the test run was stopped
@@ -173,8 +174,13 @@ class Scheduler:
         return stack
 
     def follow(self, schedule: Iterable[str]) -> None:
-        """Make the next choices these labels, in order (a replayed interleaving)."""
+        """Make the next choices these labels, in order (a replayed interleaving).
+
+        Past its end the first option runs at every choice, so a schedule
+        prefix names one interleaving exactly.
+        """
         self.schedule.extend(schedule)
+        self.replaying = True
 
     def runnable(self) -> list[Stack]:
         return [stack for stack in self.stacks if stack.state == "runnable"]
@@ -219,6 +225,8 @@ class Scheduler:
                     f"the schedule asks for execution {wanted!r} to run next, but only "
                     f"{', '.join(labels)} can run here: the task took another path"
                 )
+        elif self.replaying:
+            chosen = candidates[0]
         else:
             chosen = candidates[self.random.randrange(len(candidates))]
         self.choices.append((chosen.label, labels))
@@ -267,6 +275,7 @@ class Scheduler:
                 hung.append(stack)
         self.stacks.clear()
         self.schedule.clear()
+        self.replaying = False
         self.choices.clear()
         self.interrupted = None
         self._back = threading.Semaphore(0)
@@ -274,3 +283,29 @@ class Scheduler:
 
     def __repr__(self) -> str:
         return f"<Scheduler {self.stacks!r}>"
+
+
+def every_schedule(run: Callable[[str], list[tuple[str, tuple[str, ...]]]]) -> list[str]:
+    """Every interleaving, by running ``run(prefix)`` once per schedule; the schedules run.
+
+    ``run`` replays a schedule prefix (the first option runs at every choice
+    past it) and returns the choices its run made, as ``(chosen, options)``.
+    Each alternative at each choice past the prefix is a new prefix to run,
+    so every path through the choices runs exactly once (a stateless search
+    of the schedule tree). A run without any choice is one schedule: ``""``.
+    """
+    done: list[str] = []
+    prefixes = [""]
+    while prefixes:
+        prefix = prefixes.pop()
+        choices = run(prefix)
+        made = "".join(chosen for chosen, _ in choices)
+        if not made.startswith(prefix):
+            raise ScheduleError(f"replaying {prefix!r} made the choices {made!r} instead")
+        done.append(made)
+        for position in range(len(prefix), len(choices)):
+            chosen, options = choices[position]
+            prefixes.extend(
+                made[:position] + option for option in reversed(options) if option != chosen
+            )
+    return done

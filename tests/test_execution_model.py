@@ -1,0 +1,404 @@
+"""The execution model: kills freeze, executions overlap, time inside a body is virtual.
+
+Each test here gave the opposite verdict when a kill unwound the task, when
+executions ran one after another, and when only ``app.now()`` was virtual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+
+from pytest_celery_faults import CeleryFaults
+from pytest_celery_faults.scheduler import every_schedule
+
+#: The world the tasks below change: a lock table, charges made, cleanups run.
+locks: dict[str, str] = {}
+charges: list[Any] = []
+cleanups: list[str] = []
+paid: set[Any] = set()
+
+
+def take_lock(key: str) -> bool:
+    """Redis ``SET key value NX``: true when the lock was free."""
+    if key in locks:
+        return False
+    locks[key] = "held"
+    return True
+
+
+def release_lock(key: str) -> None:
+    locks.pop(key, None)
+
+
+def charge(order: Any) -> None:
+    charges.append(order)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_world() -> None:
+    locks.clear()
+    charges.clear()
+    cleanups.clear()
+    paid.clear()
+
+
+@contextlib.contextmanager
+def tracked(app: Celery, **options: Any) -> Iterator[CeleryFaults]:
+    """A harness that counts the lock, unlock and charge calls as side effects."""
+    with CeleryFaults(app, **options) as faults:
+        for name in ("take_lock", "release_lock", "charge"):
+            faults.track(f"{__name__}.{name}")
+        yield faults
+
+
+def lock_guarded(app: Celery, **options: Any) -> Any:
+    """Check-then-act inside a Redis-style ``SET NX`` lock released in ``finally``."""
+
+    @app.task(name="orders.locked_charge", shared=False, **options)
+    def locked_charge(order: int) -> str:
+        if not take_lock(f"lock:{order}"):
+            return "skipped"
+        try:
+            if order in paid:
+                return "already paid"
+            charge(order)
+            paid.add(order)
+            return "charged"
+        finally:
+            release_lock(f"lock:{order}")
+
+    return locked_charge
+
+
+def check_then_act(app: Celery, **options: Any) -> Any:
+    @app.task(name="orders.charge_once", shared=False, **options)
+    def charge_once(order: int) -> str:
+        if order in paid:
+            return "already paid"
+        charge(order)
+        paid.add(order)
+        return "charged"
+
+    return charge_once
+
+
+# -- kills freeze -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kill", ["sigkill@2", "power_loss@2", "cold_shutdown@2"])
+def test_a_kill_runs_no_finally_so_the_lock_stays_held(app: Celery, kill: str) -> None:
+    task = lock_guarded(app, acks_late=True, reject_on_worker_lost=True)
+    with tracked(app) as faults:
+        outcome = faults.run(task.s(1), kill)
+        held_during_scenario = dict(locks)
+    assert held_during_scenario == {"lock:1": "held"}
+    assert charges == [1]
+    assert outcome.deliveries == 2
+    assert outcome.result == "skipped"  # the redelivery found the dead child's lock
+    labels = [effect.label for effect in faults.effects]
+    assert f"{__name__}.release_lock" not in labels[:2]
+
+
+def test_a_kill_runs_no_except_base_exception_and_no_exit(app: Celery) -> None:
+    class Guard:
+        def __enter__(self) -> Guard:
+            return self
+
+        def __exit__(self, *exc_info: object) -> None:
+            cleanups.append("__exit__")
+
+    @app.task(name="orders.guarded", shared=False, acks_late=True)
+    def guarded(order: int) -> None:
+        with Guard():
+            try:
+                charge(order)
+                charge(order + 1)
+            except BaseException:
+                cleanups.append("except BaseException")
+                raise
+
+    with tracked(app) as faults:
+        outcome = faults.run(guarded.s(1), "sigkill@1")
+        during = list(cleanups)
+    assert during == []
+    assert charges == [1]
+    assert outcome.lost  # acks_late without reject_on_worker_lost: Celery acks it
+    # Discarded at the harness's exit: it unwinds then, after the test's assertions.
+    assert cleanups == ["except BaseException", "__exit__"]
+
+
+def test_a_discarded_stack_performs_no_tracked_effect(app: Celery) -> None:
+    task = lock_guarded(app, acks_late=True)
+    with tracked(app) as faults:
+        faults.run(task.s(1), "sigkill@2")
+        count = len(faults.effects)
+    assert count == 2
+    assert len(faults.effects) == 2  # release_lock in its finally was refused
+    assert locks == {"lock:1": "held"}
+
+
+def test_reset_discards_frozen_stacks_before_the_next_scenario(app: Celery) -> None:
+    task = lock_guarded(app, acks_late=True)
+    with tracked(app) as faults:
+        faults.run(task.s(1), "sigkill@2")
+        assert len(faults.scheduler.stacks) == 1
+        faults.reset()
+        assert faults.scheduler.stacks == []
+        locks.clear()
+        outcome = faults.run(task.s(1))
+    assert outcome.result == "charged"
+
+
+@pytest.mark.parametrize("fault", ["sigterm@2", "exit(1)@2"])
+def test_sigterm_and_exit_still_unwind(app: Celery, fault: str) -> None:
+    task = lock_guarded(app, acks_late=True, reject_on_worker_lost=True)
+    with tracked(app) as faults:
+        outcome = faults.run(task.s(1), fault)
+    assert locks == {}  # its finally ran on the way down, so the redelivery took the lock
+    assert outcome.result == "charged"
+    assert charges == [1, 1]  # killed between the charge and paid.add: charged again
+
+
+# -- time inside bodies -----------------------------------------------------------
+
+
+def test_a_declared_soft_time_limit_fires_during_a_long_sleep(app: Celery) -> None:
+    @app.task(name="reports.slow", shared=False, soft_time_limit=2)
+    def slow() -> str:
+        time.sleep(5)  # virtual: the clock moves, the test does not wait
+        return "done"
+
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(slow.s())
+    assert outcome.state == "FAILURE"
+    assert isinstance(outcome.exception, SoftTimeLimitExceeded)
+    assert faults.clock.elapsed == 2.0
+    assert "soft time limit (2s) exceeded" in str(outcome.timeline)
+
+
+def test_a_task_can_catch_its_soft_time_limit_and_clean_up(app: Celery) -> None:
+    @app.task(name="reports.careful", shared=False)
+    def careful() -> str:
+        try:
+            time.sleep(60)  # virtual
+        except SoftTimeLimitExceeded:
+            cleanups.append("saved partial work")
+            return "partial"
+        return "complete"
+
+    app.conf.task_soft_time_limit = 30
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(careful.s())
+    assert (outcome.state, outcome.result) == ("SUCCESS", "partial")
+    assert cleanups == ["saved partial work"]
+    assert faults.clock.elapsed == 30.0
+
+
+def test_a_declared_hard_time_limit_kills_without_unwinding(app: Celery) -> None:
+    @app.task(name="reports.stuck", shared=False, time_limit=3)
+    def stuck() -> None:
+        try:
+            time.sleep(10)  # virtual
+        finally:
+            cleanups.append("finally")
+
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(stuck.s())
+        during = list(cleanups)
+    assert during == []
+    assert outcome.state == "FAILURE"
+    assert type(outcome.exception).__name__ == "TimeLimitExceeded"
+    assert faults.clock.elapsed == 3.0
+
+
+def test_a_tracked_effect_can_take_time(app: Celery) -> None:
+    @app.task(name="orders.slow_api", shared=False, soft_time_limit=5)
+    def slow_api(order: int) -> None:
+        charge(order)
+        charge(order + 1)
+
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.charge", duration=3)
+        outcome = faults.run(slow_api.s(1))
+    assert isinstance(outcome.exception, SoftTimeLimitExceeded)
+    assert charges == [1]  # the second call was under way when the limit hit
+    assert faults.clock.elapsed == 5.0
+
+
+def test_clocks_in_a_body_read_the_virtual_clock(app: Celery) -> None:
+    @app.task(name="clocks.read", shared=False)
+    def read() -> list[float]:
+        before = (time.time(), time.monotonic(), datetime.datetime.now(datetime.UTC))
+        time.sleep(90)  # virtual
+        after = (time.time(), time.monotonic(), datetime.datetime.now(datetime.UTC))
+        return [
+            after[0] - before[0],
+            after[1] - before[1],
+            (after[2] - before[2]).total_seconds(),
+        ]
+
+    with CeleryFaults(app) as faults:
+        start = faults.clock.time()
+        outcome = faults.run(read.s())
+    assert outcome.result == [90.0, 90.0, 90.0]
+    assert faults.clock.time() == start + 90.0
+
+
+def test_an_eta_computed_in_a_body_lands_on_the_virtual_clock(app: Celery) -> None:
+    @app.task(name="mail.send", shared=False)
+    def send() -> float:
+        return time.time()
+
+    @app.task(name="mail.schedule", shared=False)
+    def schedule() -> None:
+        time.sleep(100)  # virtual
+        eta = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=60)
+        send.apply_async(eta=eta)
+
+    with CeleryFaults(app) as faults:
+        faults.run(schedule.s())
+        sent = [o for o in faults.outcomes() if o.name == "mail.send"]
+    assert sent[0].result == pytest.approx(faults.clock.start + 160.0, abs=1e-3)
+
+
+def test_a_visibility_timeout_passes_under_a_long_task(app: Celery) -> None:
+    app.conf.broker_transport_options = {"visibility_timeout": 10}
+    app.conf.worker_concurrency = 2
+
+    @app.task(name="orders.slow_charge", bind=True, shared=False, acks_late=True)
+    def slow_charge(self: Any, order: int) -> None:
+        if not self.request.delivery_info.get("redelivered"):
+            time.sleep(30)  # virtual: the first run is slow, the copy is not
+        charge(order)
+
+    with tracked(app, profile="redis") as faults:
+        outcome = faults.run(slow_charge.s(1))
+    assert charges == [1, 1]  # the restored copy ran beside the first: charged twice
+    assert outcome.deliveries == 2
+    kinds = faults.ledger.kinds(outcome.task_id)
+    assert kinds[:4] == ["published", "delivered", "restored", "delivered"]
+
+
+def test_rabbitmq_consumer_timeout_brings_a_late_ack_back(app: Celery) -> None:
+    @app.task(name="reports.very_slow", bind=True, shared=False, acks_late=True)
+    def very_slow(self: Any, order: int) -> None:
+        charge(order)
+        if not self.request.delivery_info.get("redelivered"):
+            time.sleep(2000)  # virtual: longer than RabbitMQ's 30-minute consumer_timeout
+
+    with tracked(app) as faults:
+        outcome = faults.run(very_slow.s(1))
+    assert outcome.deliveries == 2
+    assert charges == [1, 1]
+    assert "channel_closed" in faults.ledger.kinds(outcome.task_id)
+    assert "consumer_timeout=1800s" in str(outcome.timeline)
+
+
+def test_rate_limit_spaces_starts_on_the_virtual_clock(app: Celery) -> None:
+    @app.task(name="mail.limited", shared=False, rate_limit="6/m")
+    def limited() -> float:
+        return time.time()
+
+    with CeleryFaults(app) as faults:
+        for _ in range(3):
+            limited.delay()
+        outcomes = faults.drain()
+    starts = sorted(o.result - faults.clock.start for o in outcomes)
+    assert starts == pytest.approx([0.0, 10.0, 20.0])
+
+
+# -- overlapping executions ---------------------------------------------------------
+
+
+def test_overlapping_copies_of_a_check_then_act_charge_twice(app: Celery) -> None:
+    task = check_then_act(app, acks_late=True)
+    with tracked(app) as faults:
+        outcome = faults.run(task.s(7), "overlap(12)")
+        choices = list(faults.scheduler.choices)
+    assert charges == [7, 7]
+    assert outcome.executions == 2
+    assert choices[:2] == [("1", ("1", "2")), ("2", ("1", "2"))]
+    assert {chosen for chosen, _ in choices[2:]} <= {"1"}  # past the schedule: the first
+
+
+def test_a_schedule_that_runs_one_copy_first_charges_once(app: Celery) -> None:
+    task = check_then_act(app, acks_late=True)
+    with tracked(app) as faults:
+        faults.run(task.s(7), "overlap(11)")
+    assert charges == [7]
+
+
+def explore(app: Celery, task: Any) -> dict[str, list[Any]]:
+    """Every interleaving of two overlapping copies: the charges each schedule made."""
+    results: dict[str, list[Any]] = {}
+    with tracked(app) as faults:
+
+        def run(prefix: str) -> list[tuple[str, tuple[str, ...]]]:
+            faults.reset()
+            charges.clear()
+            paid.clear()
+            locks.clear()
+            faults.run(task.s(7), f"overlap({prefix})" if prefix else "overlap(1)")
+            choices = list(faults.scheduler.choices)
+            results["".join(chosen for chosen, _ in choices)] = list(charges)
+            return choices
+
+        schedules = every_schedule(run)
+    assert sorted(schedules) == sorted(results)
+    return results
+
+
+def test_every_interleaving_finds_the_double_charge(app: Celery) -> None:
+    results = explore(app, check_then_act(app, acks_late=True))
+    doubled = sorted(schedule for schedule, made in results.items() if made == [7, 7])
+    assert doubled  # at least one interleaving charges twice
+    assert all(made in ([7], [7, 7]) for made in results.values())
+    assert len(results) == 6  # two effects each: both start, then one choice per boundary
+
+
+def test_every_interleaving_of_a_lock_guarded_charge_charges_once(app: Celery) -> None:
+    results = explore(app, lock_guarded(app, acks_late=True))
+    assert len(results) > 1
+    assert all(made == [7] for made in results.values()), results
+
+
+def test_a_worker_with_concurrency_two_overlaps_duplicate_publishes(app: Celery) -> None:
+    app.conf.worker_concurrency = 2
+    task = check_then_act(app, acks_late=True)
+    doubled = []
+    for seed in range(8):
+        charges.clear()
+        paid.clear()
+        with tracked(app, seed=seed) as faults:
+            task.apply_async((7,), task_id="same-order")
+            task.apply_async((7,), task_id="same-order")
+            faults.drain()
+        doubled.append(len(charges) == 2)
+    assert any(doubled)  # some seeds interleave the two copies' check and act
+    assert not all(doubled)  # and some run one after the other
+
+
+def test_the_same_seed_gives_the_same_interleaving(app: Celery) -> None:
+    app.conf.worker_concurrency = 2
+    task = check_then_act(app, acks_late=True)
+
+    def charged(seed: int) -> list[Any]:
+        charges.clear()
+        paid.clear()
+        with tracked(app, seed=seed) as faults:
+            for order in (1, 2, 3, 1):
+                task.delay(order)
+            faults.drain()
+        return list(charges)
+
+    runs = {seed: charged(seed) for seed in range(6)}
+    assert all(charged(seed) == made for seed, made in runs.items())
+    assert len({tuple(made) for made in runs.values()}) > 1  # the seed does choose
