@@ -257,6 +257,9 @@ class CeleryFaults:
 
     def _discard_frozen(self) -> None:
         """The scenario is over: drop the stacks of killed executions (see :mod:`.scheduler`)."""
+        if not self.scheduler.stacks:
+            self.scheduler.forget()
+            return
         with self.body_time:
             hung = self.scheduler.discard_all()
         if hung:

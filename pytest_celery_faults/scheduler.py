@@ -273,13 +273,17 @@ class Scheduler:
             stack.thread.join(timeout=DISCARD_SECONDS)
             if stack.thread.is_alive():
                 hung.append(stack)
+        self._back = threading.Semaphore(0)
+        self.forget()
+        return hung
+
+    def forget(self) -> None:
+        """A fresh scenario: no stacks, no schedule, no choices made."""
         self.stacks.clear()
         self.schedule.clear()
         self.replaying = False
         self.choices.clear()
         self.interrupted = None
-        self._back = threading.Semaphore(0)
-        return hung
 
     def __repr__(self) -> str:
         return f"<Scheduler {self.stacks!r}>"

@@ -248,7 +248,7 @@ def test_clocks_in_a_body_read_the_virtual_clock(app: Celery) -> None:
     with CeleryFaults(app) as faults:
         start = faults.clock.time()
         outcome = faults.run(read.s())
-    assert outcome.result == [90.0, 90.0, 90.0]
+    assert outcome.result == pytest.approx([90.0, 90.0, 90.0], abs=1e-6)
     assert faults.clock.time() == start + 90.0
 
 
