@@ -26,6 +26,7 @@ effect is refused and no result is stored.
 
 from __future__ import annotations
 
+import ctypes
 import random
 import threading
 from collections import deque
@@ -77,6 +78,7 @@ class Stack:
         self.wake_at: float | None = None
         self.frozen_by: Any = None
         self.pending: BaseException | None = None  # raised where it parked, when resumed
+        self.escaped: BaseException | None = None  # not the task's: re-raised by the harness
         self.discarding = False
         self._go = threading.Semaphore(0)
         self.thread = threading.Thread(
@@ -94,6 +96,8 @@ class Stack:
             self.result = self.body()
         except ExecutionDiscarded:
             pass
+        except BaseException as escaped:  # the run is being stopped: the harness re-raises it
+            self.escaped = escaped
         finally:
             self.state = "done"
             self.scheduler._back.release()
@@ -208,6 +212,8 @@ class Scheduler:
         if stack.state == "done":
             self.stacks.remove(stack)
             stack.thread.join()
+            if stack.escaped is not None:
+                raise stack.escaped
             stack.on_done(stack)
         elif stack.state == "frozen":
             stack.on_frozen(stack)
@@ -264,6 +270,12 @@ class Scheduler:
         hung = []
         for stack in self.stacks:
             stack.discarding = True
+            if stack.state == "running" and stack.thread.ident is not None:
+                # Cut off mid-run (the test run was stopped in it): it would never
+                # reach a boundary if it spins, so raise in it wherever it is.
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(stack.thread.ident), ctypes.py_object(ExecutionDiscarded)
+                )
             if stack.thread.is_alive():
                 back = self._back
                 stack._go.release()

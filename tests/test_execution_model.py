@@ -402,3 +402,95 @@ def test_the_same_seed_gives_the_same_interleaving(app: Celery) -> None:
     runs = {seed: charged(seed) for seed in range(6)}
     assert all(charged(seed) == made for seed, made in runs.items())
     assert len({tuple(made) for made in runs.values()}) > 1  # the seed does choose
+
+
+# -- through the plugin ---------------------------------------------------------------
+
+
+def test_a_stopped_test_says_where_a_task_on_its_own_stack_hung(
+    pytester: pytest.Pytester,
+) -> None:
+    # A time limit gives the task a stack of its own. Its body raises SIGALRM,
+    # which runs pytest-timeout's handler in the test's thread at once (no real
+    # time passes), then spins: only being discarded can stop it.
+    pytester.makepyfile(
+        proj="""
+        import os, signal
+        from celery import Celery
+
+        app = Celery("proj", set_as_current=False)
+
+        def fetch(n):
+            return n
+
+        @app.task(name="proj.spin", shared=False, time_limit=600)
+        def spin():
+            fetch(1)
+            os.kill(os.getpid(), signal.SIGALRM)
+            while True:
+                pass
+        """
+    )
+    pytester.makeini("[pytest]\ncelery_faults_app = proj:app\ntimeout = 300\n")
+    pytester.makepyfile(
+        test_it="""
+        import threading
+        import proj
+
+        def test_spin(celery_faults):
+            celery_faults.track("proj.fetch")
+            celery_faults.run(proj.spin.s())
+
+        def test_no_stack_left():
+            assert [t.name for t in threading.enumerate() if "celery-faults" in t.name] == []
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "--timeout-method=signal")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*Failed: Timeout (>300.0s) from pytest-timeout.",
+            "*celery_faults: task proj.spin[[]*[]] (delivery 1) was running after side effect "
+            "1 (call proj.fetch) when the test was stopped*",
+        ]
+    )
+
+
+def test_markers_reach_the_new_model(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        proj="""
+        from celery import Celery
+
+        app = Celery("proj", set_as_current=False)
+        locks, charges, paid = {}, [], set()
+
+        def take_lock(key):
+            return locks.setdefault(key, "held") == "held" and key not in paid
+
+        def charge(order):
+            charges.append(order)
+
+        @app.task(name="proj.charge_once", acks_late=True, shared=False)
+        def charge_once(order):
+            if order in paid:
+                return "already paid"
+            charge(order)
+            paid.add(order)
+        """
+    )
+    pytester.makeini("[pytest]\ncelery_faults_app = proj:app\n")
+    pytester.makepyfile(
+        test_it="""
+        import pytest
+        import proj
+
+        @pytest.mark.celery_faults("overlap(12)")
+        def test_interleaved_copies_charge_once(celery_faults):
+            celery_faults.track("proj.charge")
+            celery_faults.run(proj.charge_once.s(7))
+            assert proj.charges == [7], "charged twice"
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*AssertionError: charged twice*"])
