@@ -482,15 +482,6 @@ class XdistHooks:
             return
         report = self.config.stash[report_key]
         for nodeid, test in json.loads(data)["tests"].items():
-            record = TestRecord(
-                nodeid,
-                test["specs"],
-                test["suite_wide_specs"],
-                test["outcomes"],
-                test["unfired"],
-                test["suite_wide_unfired"],
-                test["warnings"],
-                test["verdict"],
-            )
+            record = TestRecord.from_json(nodeid, test)
             report.add(record)
         report.records.sort(key=lambda record: record.nodeid)
