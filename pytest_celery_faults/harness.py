@@ -68,6 +68,7 @@ class CeleryFaults:
         seed: int | None = None,
         max_executions: int = DEFAULT_MAX_EXECUTIONS,
         check_unfired: bool = True,
+        stack_suite_wide: bool = False,
     ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers={workers!r}: expected a whole number >= 1")
@@ -78,6 +79,8 @@ class CeleryFaults:
         self.seed = seed
         self.max_executions = max_executions
         self.check_unfired = check_unfired
+        #: Whether specs the test arms itself run with the suite-wide ones or replace them.
+        self.stack_suite_wide = stack_suite_wide
         self.active = False
 
     # -- life cycle -------------------------------------------------------------
@@ -233,6 +236,8 @@ class CeleryFaults:
     def inject(self, *specs: str | FaultSpec) -> list[ArmedSpec]:
         """Arm faults for the messages published from now on."""
         self._require_active()
+        if specs:
+            self._own_specs()
         return [self.plan.arm(spec) for spec in specs]
 
     def arm_suite_wide(self, spec: str | FaultSpec) -> ArmedSpec:
@@ -240,6 +245,14 @@ class CeleryFaults:
         self._require_active()
         self.suite_wide.append(spec)
         return self.plan.arm(spec, explicit=False)
+
+    def _own_specs(self) -> None:
+        """The test arms specs of its own: the suite-wide ones step aside, unless stacked."""
+        if self.stack_suite_wide or not self.suite_wide:
+            return
+        for armed in [armed for armed in self.plan.armed if not armed.explicit]:
+            self.plan.disarm(armed)
+        self.suite_wide.clear()
 
     def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome:
         """Publish ``signature`` with ``specs`` bound to it, drain, return its outcome.
@@ -251,6 +264,8 @@ class CeleryFaults:
         self._require_active()
         frozen = signature.freeze()
         plain = getattr(signature, "subtask_type", None) is None
+        if specs:
+            self._own_specs()
         for spec in specs:
             parsed = parse_spec(spec)
             bind_here = plain and not parsed.redeliver and parsed.task in (None, signature.task)

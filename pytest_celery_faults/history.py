@@ -76,6 +76,12 @@ class Tally:
     messages: int = 0
     faults: int = 0
 
+    def add(self, other: Tally) -> None:
+        self.scenarios += other.scenarios
+        self.tasks |= other.tasks
+        self.messages += other.messages
+        self.faults += other.faults
+
 
 @dataclass(frozen=True)
 class Judged:
@@ -143,24 +149,20 @@ class History:
         self._traced.clear()
 
     def fold(self) -> None:
+        self.tally.add(self.current())
+
+    def current(self) -> Tally:
+        """What the scenario in progress ran (nothing when it published nothing)."""
         if not self.messages:
-            return
-        tally = self.tally
-        tally.scenarios += 1
-        tally.tasks.update(self.messages.values())
-        tally.messages += len(self.messages)
-        tally.faults += sum(len(hits) for hits in self.faults.values())
+            return Tally()
+        faults = sum(len(hits) for hits in self.faults.values())
+        return Tally(1, set(self.messages.values()), len(self.messages), faults)
 
     def totals(self) -> Tally:
         """The tally with the scenario in progress counted too."""
-        total = Tally(
-            self.tally.scenarios, set(self.tally.tasks), self.tally.messages, self.tally.faults
-        )
-        if self.messages:
-            total.scenarios += 1
-            total.tasks.update(self.messages.values())
-            total.messages += len(self.messages)
-            total.faults += sum(len(hits) for hits in self.faults.values())
+        total = Tally()
+        total.add(self.tally)
+        total.add(self.current())
         return total
 
     # -- what happened ----------------------------------------------------------

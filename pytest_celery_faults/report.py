@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .gate import EagerGate
     from .harness import CeleryFaults
     from .outcome import Outcome
 
@@ -123,12 +124,26 @@ def count(record: TestRecord, harness: CeleryFaults) -> None:
     )
 
 
+def record_gate(nodeid: str, gate: EagerGate, verdict: str) -> TestRecord:
+    """What the eager gate ran in one test that did not use the harness."""
+    tally = gate.tally
+    record = TestRecord(
+        nodeid, [], list(gate.specs), [], [], gate.unfired, list(tally.warnings), verdict
+    )
+    record.tasks = sorted(tally.work.tasks)
+    record.messages = tally.work.messages
+    record.faults = tally.work.faults
+    record.gated = tally.calls
+    return record
+
+
 @dataclass
 class SessionReport:
     """Every test that used the harness, in run order."""
 
     seed: int
     records: list[TestRecord] = field(default_factory=list)
+    exempt: dict[str, str] = field(default_factory=dict)  # nodeid -> why it opted out
 
     def add(self, record: TestRecord) -> None:
         self.records.append(record)
@@ -138,6 +153,7 @@ class SessionReport:
             "seed": self.seed,
             "tests": {record.nodeid: record.to_json() for record in self.records},
             "totals": self.totals(),
+            "exempt": dict(sorted(self.exempt.items())),
         }
         return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
@@ -199,6 +215,8 @@ class SessionReport:
                 lines.append(f"never fired: {spec} in {record.nodeid}")
             for warning in record.warnings:
                 lines.append(f"warning: {record.nodeid}: {warning}")
+        for nodeid, reason in sorted(self.exempt.items()):
+            lines.append(f"exempt from --celery-faults: {nodeid} ({reason})")
         return lines
 
 
