@@ -44,6 +44,14 @@ CLASSES: tuple[str, ...] = (DUPLICATED, DIVERGED, PARTIAL, LOST, OK)
 #: What the worker saw of an execution that ran its task to an end.
 FINISHED = frozenset({"returned", "raised"})
 
+#: How the last execution of a lost task ended, in plain words.
+_SAW = {
+    "child killed": "its child process was killed",
+    "exit": "its child process exited",
+    "power lost": "the worker lost power",
+    "cold shutdown": "the worker was shut down cold",
+}
+
 _LEDGER_TEXT = {
     "published": "published {name}[{short}] {detail}",
     "delivered": "delivered to {consumer}{redelivered}",
@@ -264,7 +272,7 @@ def classify(baseline: Evidence, faulted: Evidence) -> tuple[str, str]:
     outcome = faulted.outcome
     world_differs = faulted.observed != baseline.observed
     if outcome.lost:
-        saw = f"the worker saw: {outcome.ended}"
+        saw = _SAW.get(outcome.ended, f"the worker saw: {outcome.ended}")
         if faulted.effect_count and world_differs:
             done = ", ".join(f"{label} x{n}" for label, n in sorted(faulted.effects.items()))
             return PARTIAL, (

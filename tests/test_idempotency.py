@@ -293,8 +293,8 @@ def test_lost_fails_only_the_loss_assertion(store: pytest.Pytester) -> None:
             "E   *store.count_set can be lost: 1 of 2 fault scenario(s) lost its work "
             "(lost or partial). The simplest:",
             "E   *under 'power_loss@0'*",
-            "E   *lost: the task never completed and nothing ran it again (the worker saw: "
-            "power lost; the broker holds no copy)",
+            "E   *lost: the task never completed and nothing ran it again (the worker "
+            "lost power; the broker holds no copy)",
             "*= celery-faults =*",
             "2 test(s) used the harness, 0 ran tasks eagerly through the gate: 1 task(s) "
             "exercised, 6 message(s), 4 fault(s) injected, 4 scenario(s) classed (seed 0)",
@@ -324,11 +324,11 @@ def test_partial_work_is_its_own_class(store: pytest.Pytester) -> None:
         [
             "E   *store.email_lossy can be lost: 2 of 3 fault scenario(s) lost its work*",
             "E   *under 'sigkill@0'*",
-            "E   *lost: the task never completed and nothing ran it again (the worker saw: "
-            "child killed; the broker holds no copy)",
+            "E   *lost: the task never completed and nothing ran it again (its child "
+            "process was killed; the broker holds no copy)",
             "E   *Other failing specs (replay each with celery_faults.run):",
             "E   *'sigkill@1': partial: the task was lost after 1 side effect(s) "
-            "(store.send_email x1) and nothing ran it again (the worker saw: child killed), "
+            "(store.send_email x1) and nothing ran it again (its child process was killed), "
             "leaving the world half done",
         ]
     )
