@@ -75,7 +75,7 @@ class EagerGate:
             return gate.run(task, args, kwargs, options, original_async)
 
         def apply_async(task: Task, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-            if gate._busy or task._get_app().conf.task_always_eager:
+            if gate._busy or task.app.conf.task_always_eager:
                 return original_async(task, args, kwargs, **options)
             return gate.run(task, args, kwargs, options, original_async)
 
@@ -106,7 +106,7 @@ class EagerGate:
         publish: Callable[..., Any],
     ) -> EagerResult:
         """Publish ``task`` to a fresh harness under the specs, drain it, return its result."""
-        app = task._get_app()
+        app = task.app
         throw = options.get("throw")
         propagate = app.either("task_eager_propagates", throw)
         sent = {key: value for key, value in options.items() if key not in _APPLY_ONLY}
@@ -120,9 +120,9 @@ class EagerGate:
 
         harness = CeleryFaults(app, profile=self.profile, seed=self.seed, check_unfired=False)
         self._busy = True
-        harness.start()
         signals.task_postrun.connect(on_postrun, weak=False)
         try:
+            harness.start()
             harness.http.stop(allow_assert=False)  # the test's own HTTP stays as it was
             armed = {spec: harness.arm_suite_wide(spec) for spec in self.specs}
             result = publish(task, args, kwargs, **sent)
@@ -131,7 +131,7 @@ class EagerGate:
             self._count(harness, armed)
         finally:
             signals.task_postrun.disconnect(on_postrun)
-            harness.stop()
+            harness.stop()  # nothing to undo when it did not start
             self._busy = False
         state, value = traced.get(result.id, (outcome.state, outcome.exception or outcome.result))
         value = _plain(value)

@@ -550,7 +550,9 @@ class XdistHooks:
         if not data:
             return
         report = self.config.stash[report_key]
-        for nodeid, test in json.loads(data)["tests"].items():
+        document = json.loads(data)
+        report.exempt.update(document["exempt"])
+        for nodeid, test in document["tests"].items():
             record = TestRecord.from_json(nodeid, test)
             report.add(record)
         report.records.sort(key=lambda record: record.nodeid)
