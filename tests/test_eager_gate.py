@@ -90,7 +90,9 @@ def test_without_the_gate_nothing_changes(eshop: pytest.Pytester) -> None:
 
 
 def test_the_gate_catches_the_eager_non_idempotent_task(eshop: pytest.Pytester) -> None:
-    result = eshop.runpytest("-p", "no:randomly", "--celery-faults=redeliver*1", "-rf")
+    result = eshop.runpytest(
+        "-p", "no:randomly", "--celery-faults=redeliver*1", "--celery-faults-report=r.json"
+    )
     result.assert_outcomes(passed=3, failed=2)
     result.stdout.fnmatch_lines(
         [
@@ -109,6 +111,42 @@ def test_the_gate_catches_the_eager_non_idempotent_task(eshop: pytest.Pytester) 
             "'test_suite.py::test_take_one_with_apply' --celery-faults='redeliver*1')",
         ]
     )
+    document = json.loads((eshop.path / "r.json").read_text())
+    add = document["tests"]["test_suite.py::test_add_returns_its_result"]
+    assert (add["gated"], add["tasks"], add["messages"], add["verdict"]) == (
+        2,
+        ["eshop.add"],
+        2,
+        "passed",
+    )
+    assert "test_suite.py::test_not_a_task" not in document["tests"]
+
+
+def test_a_gated_test_with_specs_of_its_own_runs_under_those(eshop: pytest.Pytester) -> None:
+    eshop.makepyfile(
+        test_own="""
+        import pytest
+        import eshop
+
+        @pytest.mark.celery_faults("ack_lost")
+        def test_take_one_under_a_lost_ack():
+            eshop.take_one.delay("widget")
+            print("stock", eshop.stock["widget"])
+        """
+    )
+    alone = eshop.runpytest(
+        "-p", "no:randomly", "-s", "test_own.py", "--celery-faults=redeliver*2"
+    )
+    alone.stdout.fnmatch_lines(["*stock 8"])
+    stacked = eshop.runpytest(
+        "-p",
+        "no:randomly",
+        "-s",
+        "test_own.py",
+        "--celery-faults=redeliver*2",
+        "--celery-faults-stack",
+    )
+    stacked.stdout.fnmatch_lines(["*stock 6"])
 
 
 def test_gated_calls_publish_with_real_serialization(eshop: pytest.Pytester) -> None:
