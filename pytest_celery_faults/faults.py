@@ -317,6 +317,11 @@ class FaultPlan:
             self._waiting.append(armed)
         return armed
 
+    def disarm(self, armed: ArmedSpec) -> None:
+        """Take back a spec armed earlier (a suite-wide one that a test's own specs replace)."""
+        for held in (self.armed, self._waiting, self._redelivering, *self._bound.values()):
+            held[:] = [other for other in held if other is not armed]
+
     def bind(self, armed: ArmedSpec, task_id: str) -> None:
         """Tie a step spec to ``task_id``."""
         if armed in self._waiting:

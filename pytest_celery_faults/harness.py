@@ -44,27 +44,17 @@ from .effects import (
 )
 from .errors import DrainError, UnfiredFaultError
 from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
+from .history import LOSSES, NOT_IDEMPOTENT, History
 from .idempotency import Scenario, SweepReport
-from .outcome import Outcome, Timeline, TimelineEntry
+from .outcome import Outcome, Timeline
 from .results import InMemoryResultBackend
 from .scheduler import Scheduler
-from .worker import CUT_SHORT, EmulatedWorker, ExecutionRecord, where_it_hung, worker_concurrency
+from .worker import EmulatedWorker, ExecutionRecord, where_it_hung, worker_concurrency
 
 #: A drain that runs more executions than this has not converged (a task that requeues forever).
 DEFAULT_MAX_EXECUTIONS = 1000
 #: A drain that has to move the virtual clock further than this has not converged either.
 DEFAULT_HORIZON = 365 * 24 * 3600.0
-
-_LEDGER_TEXT = {
-    "published": "published {name}[{short}] {detail}",
-    "delivered": "delivered to {consumer}{redelivered}",
-    "acked": "acked",
-    "rejected": "rejected ({detail})",
-    "restored": "back in the queue: {detail}",
-    "ack_lost": "the ack never reached the broker",
-    "orphaned": "unacked on a dead connection; {detail}",
-    "channel_closed": "the broker closed {consumer}'s channel: {detail}",
-}
 
 
 class CeleryFaults:
@@ -79,6 +69,7 @@ class CeleryFaults:
         seed: int | None = None,
         max_executions: int = DEFAULT_MAX_EXECUTIONS,
         check_unfired: bool = True,
+        stack_suite_wide: bool = False,
     ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers={workers!r}: expected a whole number >= 1")
@@ -89,6 +80,8 @@ class CeleryFaults:
         self.seed = seed
         self.max_executions = max_executions
         self.check_unfired = check_unfired
+        #: Whether specs the test arms itself run with the suite-wide ones or replace them.
+        self.stack_suite_wide = stack_suite_wide
         self.active = False
 
     # -- life cycle -------------------------------------------------------------
@@ -120,15 +113,9 @@ class CeleryFaults:
         self.ledger: Ledger = self.broker.ledger
         self.effects = EffectLog(self.clock)
         self.plan = FaultPlan()
-        self.timeline = Timeline()
-        self.records: list[ExecutionRecord] = []
-        self._records_by_task: dict[str, list[ExecutionRecord]] = {}
         self.random = random.Random(self.seed)
         self.scheduler = Scheduler(self.random)
         self.body_time = TimeInBodies(self.clock, self.effects.sleep)
-        self._retries: dict[str, int] = {}
-        self._faults: dict[str, list[str]] = {}  # task id -> the faults that hit it
-        self._messages: dict[str, int] = {}
         self._patches: list[Patch] = []
         self.tracked: list[str] = []  # the dotted targets tracked, for real-broker mode
         #: Called after each run() with the signature, its specs and the emulated outcome.
@@ -142,6 +129,14 @@ class CeleryFaults:
             ),
         )
         self.broker.channel_closed.append(self._channel_closed)
+        self.history = History(
+            ledger=self.ledger,
+            effects=self.effects,
+            results=self.backend,
+            broker=self.broker,
+            elapsed=lambda: self.clock.elapsed,
+            start=lambda: self.clock.start,
+        )
         self.broker.publish_through = self._publish_through
         self.broker.after_publish.append(self._on_publish)
         self.ledger.observers.append(self._on_ledger_event)
@@ -170,6 +165,7 @@ class CeleryFaults:
         self.checks = Checks(app, self._warn)
         self.checks.start()
         signals.task_prerun.connect(self._on_prerun, weak=False)
+        signals.task_postrun.connect(self._on_postrun, weak=False)
         self.effects.observers.append(self.checks.effect)
         self.http = TrackedRequestsMock(self.effects)
         self.http.start()
@@ -184,6 +180,7 @@ class CeleryFaults:
         try:
             self._discard_frozen()
             signals.task_prerun.disconnect(self._on_prerun)
+            signals.task_postrun.disconnect(self._on_postrun)
             self.checks.stop()
             self.http.stop(allow_assert=False)
             self.http.reset()
@@ -223,12 +220,7 @@ class CeleryFaults:
         self.backend.clear()
         self.effects.clear()
         self.plan.clear()
-        self.timeline.clear()
-        self.records.clear()
-        self._records_by_task.clear()
-        self._retries.clear()
-        self._faults.clear()
-        self._messages.clear()
+        self.history.clear()
         self.http.calls.reset()
         if suite_wide:
             for spec in self.suite_wide:
@@ -246,7 +238,7 @@ class CeleryFaults:
             concurrent=self.concurrent,
             on_record=self._on_record,
             on_fired=self._on_fired,
-            on_note=lambda task_id, text: self._note(task_id, text, depth=1),
+            on_note=lambda task_id, text: self.history.note(task_id, text, depth=1),
             after_delivery=self._after_delivery,
         )
 
@@ -274,6 +266,8 @@ class CeleryFaults:
     def inject(self, *specs: str | FaultSpec) -> list[ArmedSpec]:
         """Arm faults for the messages published from now on."""
         self._require_active()
+        if specs:
+            self._own_specs()
         return [self.plan.arm(spec) for spec in specs]
 
     def arm_suite_wide(self, spec: str | FaultSpec) -> ArmedSpec:
@@ -281,6 +275,14 @@ class CeleryFaults:
         self._require_active()
         self.suite_wide.append(spec)
         return self.plan.arm(spec, explicit=False)
+
+    def _own_specs(self) -> None:
+        """The test arms specs of its own: the suite-wide ones step aside, unless stacked."""
+        if self.stack_suite_wide or not self.suite_wide:
+            return
+        for armed in [armed for armed in self.plan.armed if not armed.explicit]:
+            self.plan.disarm(armed)
+        self.suite_wide.clear()
 
     def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome:
         """Publish ``signature`` with ``specs`` bound to it, drain, return its outcome.
@@ -292,6 +294,8 @@ class CeleryFaults:
         self._require_active()
         frozen = signature.freeze()
         plain = getattr(signature, "subtask_type", None) is None
+        if specs:
+            self._own_specs()
         for spec in specs:
             parsed = parse_spec(spec)
             bind_here = plain and not parsed.redeliver and parsed.task in (None, signature.task)
@@ -439,39 +443,20 @@ class CeleryFaults:
 
     def outcome(self, task_id: str) -> Outcome:
         """The fate of ``task_id`` so far."""
-        events = self.ledger.for_task(task_id)
-        records = self._records_by_task.get(task_id, [])
-        name = events[0].task_name if events else (records[0].task_name if records else "?")
-        settles = [e for e in events if e.kind in ("acked", "rejected", "restored", "ack_lost")]
-        rejects = [e for e in events if e.kind == "rejected"]
-        meta = self.backend.get_task_meta(task_id, cache=False)
-        state = meta.get("status", "PENDING")
-        value = meta.get("result")
-        exception = value if isinstance(value, BaseException) else None
-        if exception is not None:
-            exception = internals.unpickled_exception(exception)
-        held = self.broker.holds(task_id)
-        last = records[-1] if records else None
-        cut_short = last is not None and last.ended in CUT_SHORT
-        return Outcome(
-            task_id=task_id,
-            name=name,
-            deliveries=sum(e.kind == "delivered" for e in events),
-            executions=sum(record.started for record in records),
-            acked=bool(settles) and settles[-1].kind == "acked",
-            rejected=rejects[-1].detail if rejects else None,
-            lost=bool(records) and not held and cut_short,
-            state=state,
-            result=value if state == "SUCCESS" else None,
-            exception=exception,
-            retries=self._retries.get(task_id, 0),
-            timeline=self.timeline.for_task(task_id),
-            faults=list(self._faults.get(task_id, ())),
-        )
+        return self.history.outcome(task_id)
 
     def outcomes(self) -> list[Outcome]:
         """Every task id the broker has seen, in publish order."""
-        return [self.outcome(task_id) for task_id in self._messages]
+        return self.history.outcomes()
+
+    @property
+    def records(self) -> list[ExecutionRecord]:
+        """What happened to each delivery in the workers, in order."""
+        return self.history.records
+
+    @property
+    def timeline(self) -> Timeline:
+        return self.history.timeline
 
     # -- idempotency ------------------------------------------------------------
 
@@ -484,14 +469,28 @@ class CeleryFaults:
     ) -> list[Scenario]:
         """Run ``signature`` fault-free, then under each spec from a fresh state.
 
-        Fails (``AssertionError``) when ``observe()`` differs from the
-        fault-free run or the task's fate does, showing the spec to replay,
-        the difference and the timeline. Default specs: redelivery, a lost
-        ack, and sigkill, exit and power loss at every side-effect boundary
-        the fault-free run reached. The harness is reset before and after.
+        Each scenario gets a class (``duplicated``, ``diverged``, ``lost``,
+        ``partial``, ``ok``). Fails (``AssertionError``) on duplicated and
+        diverged ones, showing the spec to replay, the class, the difference
+        and the timeline; lost and partial ones are named (in the failure and
+        the session summary) but fail only :meth:`assert_no_loss`. Default
+        specs: redelivery, a lost ack, and sigkill, exit and power loss at
+        every side-effect boundary the fault-free run reached. The harness is
+        reset before and after.
         """
         __tracebackhide__ = True
-        return idempotency.assert_idempotent(self, signature, observe, reset, specs)
+        return idempotency.check(self, signature, observe, reset, specs, NOT_IDEMPOTENT)
+
+    def assert_no_loss(
+        self,
+        signature: Any,
+        observe: Callable[[], Any],
+        reset: Callable[[], Any] | None = None,
+        specs: Iterable[str | FaultSpec] | None = None,
+    ) -> list[Scenario]:
+        """As :meth:`assert_idempotent`, failing on lost and partial scenarios instead."""
+        __tracebackhide__ = True
+        return idempotency.check(self, signature, observe, reset, specs, LOSSES)
 
     def sweep(
         self,
@@ -524,9 +523,7 @@ class CeleryFaults:
                 why = f"no message for {target} was published after it was armed"
             else:
                 deliveries = self.plan.deliveries.get(armed.task_id, 0)
-                effects = max(
-                    (r.effects for r in self._records_by_task.get(armed.task_id, ())), default=0
-                )
+                effects = self.history.reached(armed.task_id)
                 steps = ", ".join(f"{step} (delivery {n})" for n, step in armed.unfired_steps)
                 why = (
                     f"{steps} never fired: the task was delivered {deliveries} time(s) "
@@ -552,6 +549,11 @@ class CeleryFaults:
         if execution is not None and execution.task_id == task_id:
             execution.body_starts()
 
+    def _on_postrun(self, task_id: str | None = None, state: str = "", **_: Any) -> None:
+        execution = self.effects.execution
+        if execution is not None and execution.task_id == task_id:
+            self.history.traced(task_id, state)
+
     def _warn(self, problem: str) -> None:
         """A check found ``problem`` in the code under test (reported once)."""
         if problem not in self.warnings:
@@ -559,63 +561,36 @@ class CeleryFaults:
 
     def _on_publish(self, message: Any) -> None:
         task_id, name = message.task_id, message.task_name
-        self._messages.setdefault(task_id, 0)
-        self._messages[task_id] += 1
-        retries = message.headers.get("retries") or 0
-        self._retries[task_id] = max(self._retries.get(task_id, 0), int(retries))
+        self.history.published(task_id, name, int(message.headers.get("retries") or 0))
         message.replays_left = self.plan.replays_for(task_id, name)
 
     def _after_delivery(self, delivery: Delivery) -> None:
         message = delivery.message
         if message.replays_left > 0 and delivery.settlement == "ack":
+            if self._retried_since(message):
+                return  # a retry took its place: the final message is the one redelivered
             message.replays_left -= 1
             self.plan.replayed(message.task_name)
-            self._faults.setdefault(message.task_id, []).append("redeliver")
-            self._note(message.task_id, "FAULT redeliver: the broker delivers it again", depth=1)
+            self.history.redelivered(message.task_id)
             self.broker.replay(message)
 
+    def _retried_since(self, message: Any) -> bool:
+        retries = int(message.headers.get("retries") or 0)
+        return self.history.retries.get(message.task_id, 0) > retries
+
     def _on_record(self, record: ExecutionRecord) -> None:
-        self.records.append(record)
-        self._records_by_task.setdefault(record.task_id, []).append(record)
-        if record.ended in CUT_SHORT:
-            self._note(record.task_id, f"{record.ended} ({record.worker})", depth=1)
+        self.history.recorded(record)
 
     def _on_fired(self, record: ExecutionRecord, step: Step) -> None:
         self.plan.fired(record.task_id, record.delivery, step)
-        self._faults.setdefault(record.task_id, []).append(str(step))
-        after = f" after {record.effects} side effect(s)" if step.at is not None else ""
-        self._note(record.task_id, f"FAULT {step}{after}", depth=1)
+        self.history.fired(record, step)
 
     def _on_effect(self, effect: Effect) -> None:
-        if effect.task_id is not None:
-            self._note(effect.task_id, lambda: f"side effect {effect.index}: {effect}", depth=1)
+        self.history.on_effect(effect)
 
     def _on_ledger_event(self, event: BrokerEvent) -> None:
-        self.timeline.add(
-            TimelineEntry(
-                event.time - self.clock.start,
-                lambda: _ledger_text(event),
-                event.task_id,
-                depth=0,
-            )
-        )
-
-    def _note(self, task_id: str, text: str | Callable[[], str], depth: int) -> None:
-        self.timeline.add(TimelineEntry(self.clock.elapsed, text, task_id, depth))
+        self.history.on_ledger_event(event)
 
     def __repr__(self) -> str:
         state = "active" if self.active else "inactive"
         return f"<CeleryFaults {self.app.main or 'app'} {state} profile={self.profile_name}>"
-
-
-def _ledger_text(event: BrokerEvent) -> str:
-    template = _LEDGER_TEXT.get(event.kind)
-    if template is None:
-        return f"{event.kind} {event.detail}".rstrip()
-    return template.format(
-        name=event.task_name,
-        short=event.task_id[:8],
-        detail=event.detail,
-        consumer=event.consumer or "?",
-        redelivered=" (redelivered=True)" if event.detail else "",
-    ).rstrip()

@@ -1,10 +1,11 @@
-"""Idempotency: run a task fault-free, then under faults, and compare what the world saw.
+"""Idempotency: run a task fault-free, then under faults, and class what the world saw.
 
 ``observe()`` is the user's view of the world (rows in a table, e-mails sent,
-charges made); ``reset()`` puts it back between scenarios. A scenario fails
-when ``observe()`` differs from the fault-free baseline (a duplicated side
-effect), or when the task's fate differs (lost, or FAILURE where the baseline
-succeeded).
+charges made); ``reset()`` puts it back between scenarios. Each faulted run
+gets a failure class from its history (:mod:`.history`): ``duplicated``,
+``diverged``, ``lost``, ``partial`` or ``ok``. ``assert_idempotent`` fails on
+the first two and names the others; ``assert_no_loss`` fails on the losses and
+names the others; ``sweep`` reports every class.
 """
 
 from __future__ import annotations
@@ -12,15 +13,14 @@ from __future__ import annotations
 import copy
 import difflib
 import pprint
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .faults import FaultSpec, parse_spec
+from .faults import ArmedSpec, FaultSpec, parse_spec
+from .history import CLASSES, LOSSES, NOT_IDEMPOTENT, OK, Evidence, History
 from .outcome import Outcome
-
-if TYPE_CHECKING:
-    from .harness import CeleryFaults
 
 #: The kinds a sweep tries at every boundary, unless told otherwise. A hard
 #: time limit (``timeout``) is left out: Celery stores FAILURE for it by
@@ -30,6 +30,19 @@ SWEEP_KINDS: tuple[str, ...] = ("sigkill", "sigterm", "exit", "power_loss", "col
 DEFAULT_KINDS: tuple[str, ...] = ("sigkill", "exit", "power_loss")
 #: Specs without a boundary that every default set includes.
 WHOLE_MESSAGE_SPECS: tuple[str, ...] = ("redeliver", "ack_lost")
+UNFIRED = "unfired"
+
+
+class Runs(Protocol):
+    """What scenarios need of the harness: reset it, run a signature, read the history."""
+
+    history: History
+
+    def reset(self, *, suite_wide: bool = True) -> None: ...
+
+    def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome: ...
+
+    def unfired(self, *, explicit_only: bool = True) -> list[ArmedSpec]: ...
 
 
 def boundary_specs(kinds: Iterable[str], boundaries: int) -> list[str]:
@@ -48,18 +61,19 @@ def default_specs(boundaries: int) -> list[str]:
 
 @dataclass
 class Scenario:
-    """One run under one spec, and how it compares with the baseline."""
+    """One run under one spec, and its class against the baseline."""
 
     spec: str
     outcome: Outcome
     observed: Any
-    verdict: str  # "ok", "duplicated", "fate", "unfired"
+    verdict: str  # a class of .history.CLASSES, or "unfired"
     problem: str = ""
     diff: str = ""
 
     @property
     def failed(self) -> bool:
-        return self.verdict in ("duplicated", "fate")
+        """Whether the scenario is a finding: duplicated, diverged, lost or partial."""
+        return self.verdict not in (OK, UNFIRED)
 
     @property
     def replay(self) -> str:
@@ -87,83 +101,102 @@ def _simplicity(scenario: Scenario) -> tuple[int, int, str]:
 
 @dataclass
 class SweepReport:
-    """Every scenario of a sweep; failures come simplest first."""
+    """Every scenario of a sweep, each with its class; failures come simplest first."""
 
     baseline: Outcome
     baseline_observed: Any
     scenarios: list[Scenario] = field(default_factory=list)
 
+    def of_class(self, *verdicts: str) -> list[Scenario]:
+        """The scenarios of those classes, simplest first."""
+        return sorted((s for s in self.scenarios if s.verdict in verdicts), key=_simplicity)
+
     @property
     def failures(self) -> list[Scenario]:
-        return sorted((s for s in self.scenarios if s.failed), key=_simplicity)
+        """Duplicated and diverged scenarios: the task is not idempotent."""
+        return self.of_class(*NOT_IDEMPOTENT)
+
+    @property
+    def losses(self) -> list[Scenario]:
+        """Lost and partial scenarios: the task never completed."""
+        return self.of_class(*LOSSES)
 
     @property
     def unfired(self) -> list[Scenario]:
-        return [s for s in self.scenarios if s.verdict == "unfired"]
+        return [s for s in self.scenarios if s.verdict == UNFIRED]
 
     @property
     def ok(self) -> bool:
         return not self.failures
 
+    def counts(self) -> dict[str, int]:
+        """How many scenarios got each class (every class, zeros included)."""
+        counted = Counter(s.verdict for s in self.scenarios)
+        return {verdict: counted[verdict] for verdict in (*CLASSES, UNFIRED)}
+
     def assert_ok(self) -> None:
-        """Raise ``AssertionError`` describing the simplest failure and listing the others."""
+        """Raise ``AssertionError`` describing the simplest duplicated or diverged scenario."""
         __tracebackhide__ = True
-        failures = self.failures
-        if not failures:
-            return
-        raise AssertionError(failure_message(self.baseline, failures, len(self.scenarios)))
+        _raise_for(self.baseline, self.scenarios, NOT_IDEMPOTENT)
+
+    def assert_no_loss(self) -> None:
+        """Raise ``AssertionError`` describing the simplest lost or partial scenario."""
+        __tracebackhide__ = True
+        _raise_for(self.baseline, self.scenarios, LOSSES)
 
     def summary(self) -> str:
-        return (
-            f"{len(self.scenarios)} scenarios: {len(self.failures)} failed, "
-            f"{len(self.unfired)} never reached their fault"
-        )
+        counts = self.counts()
+        shown = ", ".join(f"{n} {verdict}" for verdict, n in counts.items() if n)
+        return f"{len(self.scenarios)} scenarios: {shown or 'none'}"
 
 
-def failure_message(baseline: Outcome, failures: Sequence[Scenario], total: int) -> str:
+def failure_message(
+    baseline: Outcome, scenarios: Sequence[Scenario], failing: Sequence[str]
+) -> str | None:
+    """The message of an assertion failing on ``failing`` classes; ``None`` when none is."""
+    failures = sorted((s for s in scenarios if s.verdict in failing), key=_simplicity)
+    if not failures:
+        return None
     first, rest = failures[0], failures[1:]
-    head = (
-        f"{baseline.name} is not idempotent: {len(failures)} of {total} fault scenario(s) "
-        f"changed the outcome. The simplest:"
-    )
-    parts = [head, first.describe(baseline)]
+    if tuple(failing) == LOSSES:
+        what = "lost its work (lost or partial)"
+        head = f"{baseline.name} can be lost"
+    else:
+        what = "duplicated or diverged"
+        head = f"{baseline.name} is not idempotent"
+    parts = [
+        f"{head}: {len(failures)} of {len(scenarios)} fault scenario(s) {what}. The simplest:",
+        first.describe(baseline),
+    ]
     if rest:
         parts.append("Other failing specs (replay each with celery_faults.run):")
         parts.extend(f"  {s.spec!r}: {s.problem}" for s in rest[:50])
         if len(rest) > 50:
             parts.append(f"  ... and {len(rest) - 50} more")
+    others = _named_not_failed(scenarios, failing)
+    if others:
+        parts.append(others)
     return "\n".join(parts)
 
 
-def compare(
-    spec: str,
-    baseline: Outcome,
-    baseline_observed: Any,
-    outcome: Outcome,
-    observed: Any,
-    fired: bool,
-) -> Scenario:
-    """Judge one faulted run against the baseline."""
-    if not fired:
-        return Scenario(spec, outcome, observed, "unfired", "the fault never fired")
-    if outcome.lost or (baseline.succeeded and not outcome.succeeded):
-        fate = "lost" if outcome.lost else f"ended {outcome.state}"
-        problem = (
-            f"the task's fate changed: {fate} ({outcome.exception!r}) where the fault-free run "
-            f"ended {baseline.state}"
-        )
-        return Scenario(
-            spec, outcome, observed, "fate", problem, _diff(baseline_observed, observed)
-        )
-    if observed != baseline_observed:
-        problem = (
-            f"a side effect was duplicated or changed: the task ran {outcome.executions} "
-            f"time(s) over {outcome.deliveries} deliveries"
-        )
-        return Scenario(
-            spec, outcome, observed, "duplicated", problem, _diff(baseline_observed, observed)
-        )
-    return Scenario(spec, outcome, observed, "ok")
+def _named_not_failed(scenarios: Sequence[Scenario], failing: Sequence[str]) -> str:
+    """The findings an assertion does not fail on, named so they are not missed."""
+    rest = [s for s in sorted(scenarios, key=_simplicity) if s.failed and s.verdict not in failing]
+    if not rest:
+        return ""
+    other = "assert_idempotent" if tuple(failing) == LOSSES else "assert_no_loss"
+    lines = [f"Not failed here (the class of {other}):"]
+    lines.extend(f"  {s.spec!r}: {s.problem}" for s in rest[:20])
+    if len(rest) > 20:
+        lines.append(f"  ... and {len(rest) - 20} more")
+    return "\n".join(lines)
+
+
+def _raise_for(baseline: Outcome, scenarios: Sequence[Scenario], failing: Sequence[str]) -> None:
+    __tracebackhide__ = True
+    message = failure_message(baseline, scenarios, failing)
+    if message is not None:
+        raise AssertionError(message)
 
 
 def _diff(expected: Any, actual: Any) -> str:
@@ -180,12 +213,13 @@ class Idempotency:
 
     def __init__(
         self,
-        harness: CeleryFaults,
+        harness: Runs,
         signature: Any,
         observe: Callable[[], Any],
         reset: Callable[[], Any] | None = None,
     ) -> None:
         self.harness = harness
+        self.history = harness.history
         self.signature = signature
         self.observe = observe
         self.reset_world = reset
@@ -195,63 +229,60 @@ class Idempotency:
         if self.reset_world is not None:
             self.reset_world()
 
-    def baseline(self) -> tuple[Outcome, Any, int]:
-        """The fault-free run: its outcome, what observe() saw, and its side-effect count."""
+    def baseline(self) -> tuple[Evidence, int]:
+        """The fault-free run's evidence, and its side-effect count."""
         self._fresh()
         outcome = self.harness.run(self.signature.clone())
         observed = copy.deepcopy(self.observe())  # a snapshot, whatever observe() shares
-        boundaries = max(
-            (r.effects for r in self.harness.records if r.task_id == outcome.task_id),
-            default=0,
-        )
-        first = self.harness.records[0] if self.harness.records else None
-        if first is not None and first.task_id != outcome.task_id:
-            boundaries = max(boundaries, first.effects)  # a canvas: its first task's effects
-        return outcome, observed, boundaries
+        records = self.history.records
+        boundaries = self.history.reached(outcome.task_id)
+        if records and records[0].task_id != outcome.task_id:
+            boundaries = max(boundaries, records[0].effects)  # a canvas: its first task's
+        return self.history.evidence(outcome, observed), boundaries
 
-    def scenario(
-        self, spec: str | FaultSpec, baseline: Outcome, baseline_observed: Any
-    ) -> Scenario:
+    def scenario(self, spec: str | FaultSpec, baseline: Evidence) -> Scenario:
         text = str(parse_spec(spec))
         self._fresh()
         outcome = self.harness.run(self.signature.clone(), text)
         observed = copy.deepcopy(self.observe())
-        fired = not self.harness.unfired()
-        return compare(text, baseline, baseline_observed, outcome, observed, fired)
+        if self.harness.unfired():
+            return Scenario(text, outcome, observed, UNFIRED, "the fault never fired")
+        judged = self.history.judge(text, baseline, self.history.evidence(outcome, observed))
+        diff = _diff(baseline.observed, observed) if judged.verdict != OK else ""
+        return Scenario(text, outcome, observed, judged.verdict, judged.problem, diff)
 
     def finish(self) -> None:
         self._fresh(final=True)
 
 
-def assert_idempotent(
-    harness: CeleryFaults,
+def check(
+    harness: Runs,
     signature: Any,
     observe: Callable[[], Any],
-    reset: Callable[[], Any] | None = None,
-    specs: Iterable[str | FaultSpec] | None = None,
+    reset: Callable[[], Any] | None,
+    specs: Iterable[str | FaultSpec] | None,
+    failing: Sequence[str],
 ) -> list[Scenario]:
-    """Fail when any spec changes ``observe()`` or the task's fate; return the scenarios."""
+    """Run the scenarios; fail on the ``failing`` classes, naming the other findings."""
     __tracebackhide__ = True
     runner = Idempotency(harness, signature, observe, reset)
-    baseline, baseline_observed, boundaries = runner.baseline()
+    baseline, boundaries = runner.baseline()
     chosen = list(specs) if specs is not None else default_specs(boundaries)
-    scenarios = [runner.scenario(spec, baseline, baseline_observed) for spec in chosen]
+    scenarios = [runner.scenario(spec, baseline) for spec in chosen]
     runner.finish()
-    explicit_unfired = [s for s in scenarios if s.verdict == "unfired"] if specs else []
-    failures = sorted((s for s in scenarios if s.failed), key=_simplicity)
-    if failures:
-        raise AssertionError(failure_message(baseline, failures, len(scenarios)))
+    _raise_for(baseline.outcome, scenarios, failing)
+    explicit_unfired = [s for s in scenarios if s.verdict == UNFIRED] if specs else []
     if explicit_unfired:
         names = ", ".join(repr(s.spec) for s in explicit_unfired)
         raise AssertionError(
-            f"assert_idempotent: spec(s) {names} never fired against {baseline.name} "
+            f"celery_faults: spec(s) {names} never fired against {baseline.outcome.name} "
             f"(the fault-free run reached {boundaries} side effect(s)), so they proved nothing"
         )
     return scenarios
 
 
 def sweep(
-    harness: CeleryFaults,
+    harness: Runs,
     signature: Any,
     observe: Callable[[], Any],
     reset: Callable[[], Any] | None = None,
@@ -260,11 +291,11 @@ def sweep(
 ) -> SweepReport:
     """Every kind at every boundary, then every pair for two deliveries; a report."""
     runner = Idempotency(harness, signature, observe, reset)
-    baseline, baseline_observed, boundaries = runner.baseline()
-    report = SweepReport(baseline, baseline_observed)
+    baseline, boundaries = runner.baseline()
+    report = SweepReport(baseline.outcome, baseline.observed)
     singles = boundary_specs(hows, boundaries)
     for spec in [*WHOLE_MESSAGE_SPECS, *singles]:
-        report.scenarios.append(runner.scenario(spec, baseline, baseline_observed))
+        report.scenarios.append(runner.scenario(spec, baseline))
     if pairs:
         # Only a first fault that leads to a second delivery can pair with another.
         redelivering = [
@@ -272,7 +303,6 @@ def sweep(
         ]
         for first in redelivering:
             for second in singles:
-                pair = f"{first};{second}"
-                report.scenarios.append(runner.scenario(pair, baseline, baseline_observed))
+                report.scenarios.append(runner.scenario(f"{first};{second}", baseline))
     runner.finish()
     return report

@@ -75,6 +75,12 @@ class Outcome:
     ``"drop"``), even when a later delivery was acked. ``lost`` means the broker
     holds no copy any more while the last execution was cut short by a fault
     and nothing ran it to an end afterwards.
+
+    ``ended`` is what the worker saw of the last execution: ``"returned"``,
+    ``"raised"`` (an exception, a retry or a reject), ``"child killed"``,
+    ``"exit"``, ``"power lost"``, ``"cold shutdown"``, or ``""`` when nothing
+    ran it. Fates are compared on it, not on ``state``: a task with
+    ``ignore_result=True`` stores nothing and reads ``PENDING`` whatever happened.
     """
 
     task_id: str
@@ -90,10 +96,12 @@ class Outcome:
     retries: int
     timeline: Timeline
     faults: list[str] = field(default_factory=list)
+    ended: str = ""
 
     @property
     def succeeded(self) -> bool:
-        return self.state == "SUCCESS"
+        """The task's last execution returned (whether or not its result was stored)."""
+        return self.ended == "returned" or self.state == "SUCCESS"
 
     @property
     def story(self) -> str:
@@ -109,7 +117,8 @@ class Outcome:
             fate = f"rejected ({self.rejected})" if self.rejected else "unacked"
         shown = self.exception if self.exception is not None else self.result
         return (
-            f"{self.name}[{self.task_id}]: state={self.state} ({shown!r}), {fate}, "
+            f"{self.name}[{self.task_id}]: {self.ended or 'never ran'}, "
+            f"state={self.state} ({shown!r}), {fate}, "
             f"deliveries={self.deliveries}, executions={self.executions}, retries={self.retries}"
         )
 

@@ -17,6 +17,7 @@ import pytest
 if TYPE_CHECKING:
     from celery import Celery
 
+    from .gate import EagerGate
     from .harness import CeleryFaults
     from .report import SessionReport
 
@@ -26,6 +27,7 @@ SWEEP_FIXTURE = "_celery_faults_sweep_case"
 #: The time limit of a harness test when pytest-timeout has none configured.
 DEFAULT_TIMEOUT = 300.0
 SWEEP_HOWS = ("sigkill", "sigterm", "exit", "power_loss")
+EXEMPT = "celery_faults_exempt"
 
 MARKERS = (
     "celery_faults(*specs, profile='rabbitmq', workers=1, seed=None, allow_unfired=False): "
@@ -38,11 +40,14 @@ MARKERS = (
     "fault_sweep(max_effects=5, hows=('sigkill', 'sigterm', 'exit', 'power_loss')): run the "
     "test once per fault kind and side-effect boundary 0..max_effects, ids like "
     "test_x[power_loss@1]; cases beyond the task's side effects are skipped.",
+    f"{EXEMPT}(reason): the suite-wide --celery-faults specs leave this test alone, "
+    "harness and eager gate alike; the reason is printed in the summary.",
 )
 
 report_key: pytest.StashKey[SessionReport] = pytest.StashKey()
 verdict_key: pytest.StashKey[str] = pytest.StashKey()
 harness_key: pytest.StashKey[CeleryFaults] = pytest.StashKey()
+gate_key: pytest.StashKey[EagerGate] = pytest.StashKey()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -53,9 +58,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=[],
         metavar="SPEC",
         dest="celery_faults_specs",
-        help="run every test that uses the celery_faults harness under SPEC "
-        "(repeatable), e.g. --celery-faults='redeliver*1' as an idempotency gate. "
+        help="run every test that runs tasks under SPEC (repeatable): tests that use "
+        "the celery_faults harness, and tests that run tasks eagerly (task_always_eager, "
+        ".apply(), celery.contrib.pytest's celery_worker), which then go through the "
+        "emulated worker. E.g. --celery-faults='redeliver*1' as an idempotency gate. "
         "Default: none.",
+    )
+    group.addoption(
+        "--celery-faults-stack",
+        action="store_true",
+        default=False,
+        dest="celery_faults_stack",
+        help="a test that arms fault specs of its own (markers, run(), inject()) also "
+        "runs under the --celery-faults specs. Default: its own specs replace them.",
     )
     group.addoption(
         "--celery-faults-seed",
@@ -257,8 +272,19 @@ def pytest_collection_modifyitems(
                 marker_settings(item)
             except MarkerError as exc:
                 errors.append(str(exc))
+        exempt = item.get_closest_marker(EXEMPT)
+        if exempt is not None and not _exempt_reason(exempt):
+            errors.append(
+                f"{item.nodeid}: bad celery-faults marker: {EXEMPT} needs a reason, "
+                f"e.g. @pytest.mark.{EXEMPT}(reason='talks to the real SMTP server')"
+            )
     if errors:
         raise pytest.UsageError("\n".join(errors))
+
+
+def _exempt_reason(mark: pytest.Mark) -> str:
+    reason = mark.kwargs.get("reason", mark.args[0] if mark.args else "")
+    return reason.strip() if isinstance(reason, str) else ""
 
 
 def check_option_specs(config: pytest.Config, *, import_exceptions: bool) -> None:
@@ -388,11 +414,14 @@ def celery_faults(
     specs = list(settings.specs)
     if _celery_faults_sweep_case is not None:
         specs.append(_celery_faults_sweep_case)
+    stack = bool(config.getoption("celery_faults_stack", default=False))
+    harness.stack_suite_wide = stack
     harness.start()
     try:
         harness.inject(*specs)
-        for spec in config.getoption("celery_faults_specs", default=[]) or []:
-            harness.arm_suite_wide(spec)
+        if not specs or stack:
+            for spec in _suite_specs(request.node):
+                harness.arm_suite_wide(spec)
         request.node.stash[harness_key] = harness
         if broker_url:
             from functools import partial
@@ -427,6 +456,11 @@ def pytest_runtest_makereport(
     if report.when != "call":
         return report
     item.stash[verdict_key] = report.outcome
+    gate = item.stash.get(gate_key, None)
+    if gate is not None and gate.tally.calls:
+        from .report import record_gate
+
+        item.config.stash[report_key].add(record_gate(item.nodeid, gate, report.outcome))
     case = getattr(getattr(item, "callspec", None), "params", {}).get(SWEEP_FIXTURE)
     harness = item.stash.get(harness_key, None)
     if case is not None and harness is not None and report.passed and harness.unfired():
@@ -442,12 +476,47 @@ def pytest_runtest_makereport(
     return report
 
 
+def _suite_specs(item: pytest.Item) -> list[str]:
+    """The ``--celery-faults`` specs for ``item``; none when it is exempt (noted in the report)."""
+    specs = list(item.config.getoption("celery_faults_specs", default=[]) or [])
+    exempt = item.get_closest_marker(EXEMPT)
+    if specs and exempt is not None:
+        item.config.stash[report_key].exempt[item.nodeid] = _exempt_reason(exempt)
+        return []
+    return specs
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """The eager gate: with ``--celery-faults``, eager task runs go through the emulated worker."""
+    names = getattr(item, "fixturenames", ())
+    specs = [] if "celery_faults" in names else _suite_specs(item)
+    if not specs:
+        return (yield)
+    own = marker_settings(item).specs
+    if own:
+        stack = item.config.getoption("celery_faults_stack", default=False)
+        specs = [*own, *specs] if stack else own
+    from .gate import EagerGate
+
+    gate = EagerGate(
+        specs,
+        seed=_seed(item.config),
+        profile=marker_settings(item).profile,
+        catch_async="celery_worker" in names,
+    )
+    item.stash[gate_key] = gate
+    with gate.open():
+        return (yield)
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     report = config.stash.get(report_key, None)
-    if report is None or not report.records:
+    specs = config.getoption("celery_faults_specs", default=[]) or []
+    if report is None or not (report.records or specs):
         return
     terminalreporter.section("celery-faults")
-    for line in report.summary_lines():
+    for line in report.summary_lines(specs):
         terminalreporter.write_line(line)
 
 
@@ -481,16 +550,9 @@ class XdistHooks:
         if not data:
             return
         report = self.config.stash[report_key]
-        for nodeid, test in json.loads(data)["tests"].items():
-            record = TestRecord(
-                nodeid,
-                test["specs"],
-                test["suite_wide_specs"],
-                test["outcomes"],
-                test["unfired"],
-                test["suite_wide_unfired"],
-                test["warnings"],
-                test["verdict"],
-            )
+        document = json.loads(data)
+        report.exempt.update(document["exempt"])
+        for nodeid, test in document["tests"].items():
+            record = TestRecord.from_json(nodeid, test)
             report.add(record)
         report.records.sort(key=lambda record: record.nodeid)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .gate import EagerGate
     from .harness import CeleryFaults
     from .outcome import Outcome
 
@@ -28,6 +29,19 @@ class TestRecord:
     warnings: list[str]
     verdict: str = "passed"  # pytest's outcome of the call phase
     failure: str = ""
+    tasks: list[str] = field(default_factory=list)  # every task name run, every scenario
+    messages: int = 0  # task ids published, every scenario
+    faults: int = 0  # faults that hit, every scenario
+    scenarios: list[dict[str, str]] = field(default_factory=list)  # classes judged
+    gated: int = 0  # eager task runs the gate sent through the emulated worker
+
+    def findings(self) -> dict[str, list[str]]:
+        """The specs of the judged scenarios of each class other than ok, in run order."""
+        found: dict[str, list[str]] = {}
+        for scenario in self.scenarios:
+            if scenario["class"] not in ("ok", "unfired"):
+                found.setdefault(scenario["class"], []).append(scenario["spec"])
+        return found
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,7 +53,30 @@ class TestRecord:
             "warnings": self.warnings,
             "verdict": self.verdict,
             "replay": [*self.specs, *self.suite_wide],
+            "tasks": self.tasks,
+            "messages": self.messages,
+            "faults": self.faults,
+            "scenarios": self.scenarios,
+            "gated": self.gated,
         }
+
+    @classmethod
+    def from_json(cls, nodeid: str, test: dict[str, Any]) -> TestRecord:
+        return cls(
+            nodeid,
+            test["specs"],
+            test["suite_wide_specs"],
+            test["outcomes"],
+            test["unfired"],
+            test["suite_wide_unfired"],
+            test["warnings"],
+            test["verdict"],
+            tasks=test["tasks"],
+            messages=test["messages"],
+            faults=test["faults"],
+            scenarios=test["scenarios"],
+            gated=test["gated"],
+        )
 
 
 def outcome_json(outcome: Outcome) -> dict[str, Any]:
@@ -52,6 +89,7 @@ def outcome_json(outcome: Outcome) -> dict[str, Any]:
         "acked": outcome.acked,
         "rejected": outcome.rejected,
         "lost": outcome.lost,
+        "ended": outcome.ended,
         "retries": outcome.retries,
         "faults": outcome.faults,
         "exception": repr(outcome.exception) if outcome.exception is not None else None,
@@ -68,7 +106,35 @@ def record_harness(
         str(armed.spec) for armed in harness.unfired(explicit_only=False) if not armed.explicit
     ]
     outcomes = [outcome_json(outcome) for outcome in harness.outcomes()]
-    return TestRecord(nodeid, specs, suite_wide, outcomes, unfired, suite_unfired, warnings)
+    record = TestRecord(nodeid, specs, suite_wide, outcomes, unfired, suite_unfired, warnings)
+    count(record, harness)
+    return record
+
+
+def count(record: TestRecord, harness: CeleryFaults) -> None:
+    """Add what every scenario of ``harness`` ran, and the classes it judged, to ``record``."""
+    history = harness.history
+    totals = history.totals()
+    record.tasks = sorted(set(record.tasks) | totals.tasks)
+    record.messages += totals.messages
+    record.faults += totals.faults
+    record.scenarios.extend(
+        {"task": j.task, "spec": j.spec, "class": j.verdict, "problem": j.problem}
+        for j in history.judged
+    )
+
+
+def record_gate(nodeid: str, gate: EagerGate, verdict: str) -> TestRecord:
+    """What the eager gate ran in one test that did not use the harness."""
+    tally = gate.tally
+    record = TestRecord(
+        nodeid, [], list(gate.specs), [], [], gate.unfired, list(tally.warnings), verdict
+    )
+    record.tasks = sorted(tally.work.tasks)
+    record.messages = tally.work.messages
+    record.faults = tally.work.faults
+    record.gated = tally.calls
+    return record
 
 
 @dataclass
@@ -77,6 +143,7 @@ class SessionReport:
 
     seed: int
     records: list[TestRecord] = field(default_factory=list)
+    exempt: dict[str, str] = field(default_factory=dict)  # nodeid -> why it opted out
 
     def add(self, record: TestRecord) -> None:
         self.records.append(record)
@@ -86,26 +153,47 @@ class SessionReport:
             "seed": self.seed,
             "tests": {record.nodeid: record.to_json() for record in self.records},
             "totals": self.totals(),
+            "exempt": dict(sorted(self.exempt.items())),
         }
         return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
     def totals(self) -> dict[str, int]:
-        tasks = {o["name"] for r in self.records for o in r.outcomes}
+        tasks = {name for r in self.records for name in r.tasks}
+        gated = [r for r in self.records if r.gated]
         return {
             "tests": len(self.records),
             "tasks_exercised": len(tasks),
-            "messages": sum(len(r.outcomes) for r in self.records),
-            "faults_injected": sum(len(o["faults"]) for r in self.records for o in r.outcomes),
+            "messages": sum(r.messages for r in self.records),
+            "faults_injected": sum(r.faults for r in self.records),
             "failed": sum(r.verdict == "failed" for r in self.records),
+            "scenarios": sum(len(r.scenarios) for r in self.records),
+            "gated_tests": len(gated),
+            "gated_runs": sum(r.gated for r in gated),
+            "gated_tasks": len({name for r in gated for name in r.tasks}),
         }
 
-    def summary_lines(self) -> list[str]:
+    def summary_lines(self, gate_specs: list[str] | None = None) -> list[str]:
+        """The terminal summary; ``gate_specs`` are the suite-wide specs, when given."""
         totals = self.totals()
+        harnessed = totals["tests"] - totals["gated_tests"]
         lines = [
-            f"{totals['tests']} test(s) used the harness: {totals['tasks_exercised']} task(s) "
-            f"exercised, {totals['messages']} message(s), "
-            f"{totals['faults_injected']} fault(s) injected (seed {self.seed})"
+            f"{harnessed} test(s) used the harness, {totals['gated_tests']} ran tasks "
+            f"eagerly through the gate: {totals['tasks_exercised']} task(s) exercised, "
+            f"{totals['messages']} message(s), {totals['faults_injected']} fault(s) injected, "
+            f"{totals['scenarios']} scenario(s) classed (seed {self.seed})"
         ]
+        if gate_specs:
+            shown = " ".join(f"--celery-faults={spec!r}" for spec in gate_specs)
+            if totals["gated_tests"]:
+                lines.append(
+                    f"the gate ({shown}) ran {totals['gated_runs']} eager call(s) of "
+                    f"{totals['gated_tasks']} task(s) in {totals['gated_tests']} test(s)"
+                )
+            if not totals["tests"]:
+                lines.append(
+                    f"warning: the gate ({shown}) exercised nothing: no test used the "
+                    f"celery_faults harness or ran a task eagerly"
+                )
         for record in self.records:
             if record.verdict == "failed":
                 replay = " ".join(
@@ -114,8 +202,27 @@ class SessionReport:
                 how = f" (replay: pytest {record.nodeid!r} {replay})" if replay else ""
                 lines.append(f"FAILED {record.nodeid}{how}")
         for record in self.records:
+            findings = record.findings()
+            for verdict in ("duplicated", "diverged", "partial", "lost"):
+                if verdict in findings:
+                    specs = ", ".join(repr(spec) for spec in findings[verdict][:8])
+                    more = len(findings[verdict]) - 8
+                    tail = f" and {more} more" if more > 0 else ""
+                    lines.append(
+                        f"{verdict} ({_PLAIN[verdict]}): {record.nodeid} under {specs}{tail}"
+                    )
             for spec in record.suite_wide_unfired:
                 lines.append(f"never fired: {spec} in {record.nodeid}")
             for warning in record.warnings:
                 lines.append(f"warning: {record.nodeid}: {warning}")
+        for nodeid, reason in sorted(self.exempt.items()):
+            lines.append(f"exempt from --celery-faults: {nodeid} ({reason})")
         return lines
+
+
+_PLAIN = {
+    "duplicated": "ran again and repeated side effects",
+    "diverged": "ran again or ended otherwise, and the world differs",
+    "partial": "lost after some side effects, the world half done",
+    "lost": "never completed, nothing ran it again",
+}

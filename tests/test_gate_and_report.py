@@ -75,7 +75,8 @@ def test_the_gate_catches_the_non_idempotent_task(project: pytest.Pytester) -> N
             "*def test_append(celery_faults):*",
             "E       assert [[]1, 1[]] == [[]1[]]",
             "*= celery-faults =*",
-            "2 test(s) used the harness: 2 task(s) exercised, 2 message(s)*",
+            "2 test(s) used the harness, 0 ran tasks eagerly through the gate: 2 task(s) "
+            "exercised, 2 message(s), 2 fault(s) injected, 0 scenario(s) classed (seed 0)",
             "FAILED test_suite.py::test_append (replay: pytest 'test_suite.py::test_append' "
             "--celery-faults='redeliver*1')",
         ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 SHOP = """
@@ -84,6 +86,21 @@ def ship(order):
         db["shipments"].append(order)
 
 
+@app.task(name="store.email_lossy", acks_late=True, shared=False)
+def email_lossy(order):
+    # acks_late without reject_on_worker_lost: Celery acks a killed task, so it is lost
+    if order not in db["sent_marks"]:
+        send_email(order)
+        mark_sent(order)
+
+
+@app.task(name="store.quiet_set", ignore_result=True, **late)
+def quiet_set():
+    db["counter"] = 1
+    if "counted" not in db["emails"]:
+        send_email("counted")
+
+
 @app.task(name="store.checkout", **late)
 def checkout(order):
     charge_card(order, key=f"order-{order}")
@@ -127,9 +144,10 @@ def test_increment_is_caught_and_the_set_passes(store: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*store.count_up is not idempotent: * of * fault scenario(s) changed the outcome*",
+            "*store.count_up is not idempotent: 5 of 8 fault scenario(s) duplicated or diverged.*",
             "*under 'ack_lost' (replay: celery_faults.run(signature, 'ack_lost')):*",
-            "*a side effect was duplicated or changed: the task ran 2 time(s) over 2 deliveries*",
+            "*  duplicated: the task ran 2 time(s) over 2 deliveries and repeated side effects "
+            "(store.send_email x2 where the fault-free run had 1), changing what observe() sees",
             "*-*'counter': 1*",
             "*+*'counter': 2*",
             "*timeline:*",
@@ -214,27 +232,138 @@ def test_explicit_specs_that_never_fire_fail(store: pytest.Pytester) -> None:
     )
 
 
-def test_lost_message_is_told_apart_from_duplication(store: pytest.Pytester) -> None:
+def test_diverged_is_told_apart_from_duplicated(store: pytest.Pytester) -> None:
     store.makepyfile(
-        test_lost="""
+        test_diverged="""
         import store
-        from celery import Celery
 
-        def test_early_ack(tracked):
-            store.count_set.acks_late = False
-            try:
-                tracked.assert_idempotent(
-                    store.count_set.s(), store.observe, store.reset, specs=["power_loss@0"]
-                )
-            finally:
-                store.count_set.acks_late = True
+        def test_mark_first(tracked):
+            tracked.assert_idempotent(
+                store.mark_first.s(3), store.observe, store.reset, specs=["sigkill@1"]
+            )
         """
     )
     result = store.runpytest("-p", "no:randomly")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
-        ["*the task's fate changed: lost (None) where the fault-free run ended SUCCESS*"]
+        [
+            "E   *store.mark_first is not idempotent: 1 of 1 fault scenario(s) duplicated or "
+            "diverged. The simplest:",
+            "E   *under 'sigkill@1'*",
+            "E   *diverged: the task ran 2 time(s) over 2 deliveries and observe() differs "
+            "from the fault-free run (no tracked side effect was repeated)",
+            "E   *-{*'emails': [[]3[]], 'sent_marks': [[]3[]]*",
+            "E   *+{*'emails': [[][]], 'sent_marks': [[]3[]]*",
+        ]
     )
+
+
+EARLY_ACK = """
+import pytest
+import store
+
+
+@pytest.fixture
+def early(tracked):
+    store.count_set.acks_late = False
+    yield tracked
+    store.count_set.acks_late = True
+
+
+def test_idempotent_names_the_loss_and_passes(early):
+    scenarios = early.assert_idempotent(
+        store.count_set.s(), store.observe, store.reset, specs=["power_loss@0", "redeliver"]
+    )
+    assert [s.verdict for s in scenarios] == ["lost", "ok"]
+
+
+def test_no_loss_fails_on_it(early):
+    early.assert_no_loss(
+        store.count_set.s(), store.observe, store.reset, specs=["power_loss@0", "redeliver"]
+    )
+"""
+
+
+def test_lost_fails_only_the_loss_assertion(store: pytest.Pytester) -> None:
+    store.makepyfile(test_lost=EARLY_ACK)
+    result = store.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E   *store.count_set can be lost: 1 of 2 fault scenario(s) lost its work "
+            "(lost or partial). The simplest:",
+            "E   *under 'power_loss@0'*",
+            "E   *lost: the task never completed and nothing ran it again (the worker "
+            "lost power; the broker holds no copy)",
+            "*= celery-faults =*",
+            "2 test(s) used the harness, 0 ran tasks eagerly through the gate: 1 task(s) "
+            "exercised, 6 message(s), 4 fault(s) injected, 4 scenario(s) classed (seed 0)",
+            "lost (never completed, nothing ran it again): "
+            "test_lost.py::test_idempotent_names_the_loss_and_passes under 'power_loss@0'",
+            "lost (never completed, nothing ran it again): "
+            "test_lost.py::test_no_loss_fails_on_it under 'power_loss@0'",
+        ]
+    )
+
+
+def test_partial_work_is_its_own_class(store: pytest.Pytester) -> None:
+    store.makepyfile(
+        test_partial="""
+        import store
+
+        def test_lossy(tracked):
+            tracked.assert_no_loss(
+                store.email_lossy.s(4), store.observe, store.reset,
+                specs=["sigkill@0", "sigkill@1", "redeliver"],
+            )
+        """
+    )
+    result = store.runpytest("-p", "no:randomly")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E   *store.email_lossy can be lost: 2 of 3 fault scenario(s) lost its work*",
+            "E   *under 'sigkill@0'*",
+            "E   *lost: the task never completed and nothing ran it again (its child "
+            "process was killed; the broker holds no copy)",
+            "E   *Other failing specs (replay each with celery_faults.run):",
+            "E   *'sigkill@1': partial: the task was lost after 1 side effect(s) "
+            "(store.send_email x1) and nothing ran it again (its child process was killed), "
+            "leaving the world half done",
+        ]
+    )
+
+
+def test_ignore_result_fates_come_from_what_the_worker_saw(store: pytest.Pytester) -> None:
+    store.makepyfile(
+        test_quiet="""
+        import store
+
+        def test_quiet(tracked):
+            outcome = tracked.run(store.quiet_set.s())
+            assert (outcome.state, outcome.ended, outcome.succeeded) == (
+                "PENDING", "returned", True
+            )
+            tracked.reset(); store.reset()
+            failed = tracked.run(store.quiet_set.s(), "raise(ValueError)@0")
+            assert (failed.state, failed.ended, failed.succeeded) == ("PENDING", "raised", False)
+            tracked.assert_idempotent(store.quiet_set.s(), store.observe, store.reset)
+        """
+    )
+    store.runpytest("-p", "no:randomly").assert_outcomes(passed=1)
+
+
+def test_the_report_carries_each_scenario_class(store: pytest.Pytester) -> None:
+    store.makepyfile(test_lost=EARLY_ACK)
+    store.runpytest("-p", "no:randomly", "--celery-faults-report=report.json")
+    document = json.loads((store.path / "report.json").read_text())
+    test = document["tests"]["test_lost.py::test_no_loss_fails_on_it"]
+    assert [(s["spec"], s["class"]) for s in test["scenarios"]] == [
+        ("power_loss@0", "lost"),
+        ("redeliver", "ok"),
+    ]
+    assert test["scenarios"][0]["problem"].startswith("lost: the task never completed")
+    assert document["totals"]["scenarios"] == 4
 
 
 def test_sweep_orders_failures_simplest_first_and_replays_them(store: pytest.Pytester) -> None:
@@ -264,3 +393,24 @@ def test_sweep_orders_failures_simplest_first_and_replays_them(store: pytest.Pyt
         """
     )
     store.runpytest("-p", "no:randomly").assert_outcomes(passed=2)
+
+
+def test_sweep_reports_every_class(store: pytest.Pytester) -> None:
+    store.makepyfile(
+        test_sweep="""
+        import store
+
+        def test_sweep(tracked):
+            report = tracked.sweep(store.email_lossy.s(2), store.observe, store.reset)
+            counts = report.counts()
+            assert list(counts) == ["duplicated", "diverged", "partial", "lost", "ok", "unfired"]
+            assert counts["partial"] and counts["lost"] and counts["duplicated"], counts
+            losses = {s.spec: s.verdict for s in report.losses}
+            assert (losses["sigkill@0"], losses["sigkill@1"]) == ("lost", "partial"), losses
+            assert sum(counts.values()) == len(report.scenarios)
+            print(report.summary())
+        """
+    )
+    result = store.runpytest("-p", "no:randomly", "-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*scenarios: * duplicated, * partial, * lost, * ok*"])
