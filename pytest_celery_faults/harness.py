@@ -475,8 +475,10 @@ class CeleryFaults:
         and the timeline; lost and partial ones are named (in the failure and
         the session summary) but fail only :meth:`assert_no_loss`. Default
         specs: redelivery, a lost ack, and sigkill, exit and power loss at
-        every side-effect boundary the fault-free run reached. The harness is
-        reset before and after.
+        every side-effect boundary the fault-free run reached. ``"overlap"``
+        among ``specs`` stands for every interleaving of two copies running at
+        once, each a scenario replayable as ``overlap(SCHEDULE)``. The harness
+        is reset before and after.
         """
         __tracebackhide__ = True
         return idempotency.check(self, signature, observe, reset, specs, NOT_IDEMPOTENT)
@@ -500,7 +502,10 @@ class CeleryFaults:
         hows: Sequence[str] = idempotency.SWEEP_KINDS,
         pairs: bool = True,
     ) -> SweepReport:
-        """Every fault kind at every boundary, and every pair over two deliveries."""
+        """Every fault kind at every boundary, and every pair over two deliveries.
+
+        ``"overlap"`` among ``hows`` adds every interleaving of two overlapping copies.
+        """
         return idempotency.sweep(self, signature, observe, reset, hows, pairs)
 
     # -- unfired specs ----------------------------------------------------------

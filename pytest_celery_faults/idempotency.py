@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from .faults import ArmedSpec, FaultSpec, parse_spec
 from .history import CLASSES, LOSSES, NOT_IDEMPOTENT, OK, Evidence, History
 from .outcome import Outcome
+from .scheduler import Scheduler, every_schedule
 
 #: The kinds a sweep tries at every boundary, unless told otherwise. A hard
 #: time limit (``timeout``) is left out: Celery stores FAILURE for it by
@@ -30,6 +31,8 @@ SWEEP_KINDS: tuple[str, ...] = ("sigkill", "sigterm", "exit", "power_loss", "col
 DEFAULT_KINDS: tuple[str, ...] = ("sigkill", "exit", "power_loss")
 #: Specs without a boundary that every default set includes.
 WHOLE_MESSAGE_SPECS: tuple[str, ...] = ("redeliver", "ack_lost")
+#: In ``specs`` or ``hows``: every interleaving of two overlapping copies, each a scenario.
+EVERY_OVERLAP = "overlap"
 UNFIRED = "unfired"
 
 
@@ -37,6 +40,7 @@ class Runs(Protocol):
     """What scenarios need of the harness: reset it, run a signature, read the history."""
 
     history: History
+    scheduler: Scheduler
 
     def reset(self, *, suite_wide: bool = True) -> None: ...
 
@@ -251,6 +255,30 @@ class Idempotency:
         diff = _diff(baseline.observed, observed) if judged.verdict != OK else ""
         return Scenario(text, outcome, observed, judged.verdict, judged.problem, diff)
 
+    def interleavings(self, baseline: Evidence) -> list[Scenario]:
+        """A scenario per interleaving of two overlapping copies, each with its replay spec."""
+        scenarios: list[Scenario] = []
+
+        def run(prefix: str) -> list[tuple[str, tuple[str, ...]]]:
+            scenario = self.scenario(f"overlap({prefix or '1'})", baseline)
+            choices = list(self.harness.scheduler.choices)
+            scenario.spec = f"overlap({''.join(chosen for chosen, _ in choices) or '1'})"
+            scenarios.append(scenario)
+            return choices
+
+        every_schedule(run)
+        return scenarios
+
+    def scenarios(self, specs: Iterable[str | FaultSpec], baseline: Evidence) -> list[Scenario]:
+        """A scenario per spec; ``"overlap"`` stands for every interleaving."""
+        done: list[Scenario] = []
+        for spec in specs:
+            if spec == EVERY_OVERLAP:
+                done.extend(self.interleavings(baseline))
+            else:
+                done.append(self.scenario(spec, baseline))
+        return done
+
     def finish(self) -> None:
         self._fresh(final=True)
 
@@ -268,7 +296,7 @@ def check(
     runner = Idempotency(harness, signature, observe, reset)
     baseline, boundaries = runner.baseline()
     chosen = list(specs) if specs is not None else default_specs(boundaries)
-    scenarios = [runner.scenario(spec, baseline) for spec in chosen]
+    scenarios = runner.scenarios(chosen, baseline)
     runner.finish()
     _raise_for(baseline.outcome, scenarios, failing)
     explicit_unfired = [s for s in scenarios if s.verdict == UNFIRED] if specs else []
@@ -293,9 +321,10 @@ def sweep(
     runner = Idempotency(harness, signature, observe, reset)
     baseline, boundaries = runner.baseline()
     report = SweepReport(baseline.outcome, baseline.observed)
-    singles = boundary_specs(hows, boundaries)
-    for spec in [*WHOLE_MESSAGE_SPECS, *singles]:
-        report.scenarios.append(runner.scenario(spec, baseline))
+    singles = boundary_specs([how for how in hows if how != EVERY_OVERLAP], boundaries)
+    overlaps = [EVERY_OVERLAP] if EVERY_OVERLAP in hows else []
+    specs = [*WHOLE_MESSAGE_SPECS, *singles, *overlaps]
+    report.scenarios.extend(runner.scenarios(specs, baseline))
     if pairs:
         # Only a first fault that leads to a second delivery can pair with another.
         redelivering = [

@@ -494,3 +494,46 @@ def test_markers_reach_the_new_model(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-p", "no:randomly")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*AssertionError: charged twice*"])
+
+
+def reset_world() -> None:
+    charges.clear()
+    paid.clear()
+    locks.clear()
+
+
+def test_assert_idempotent_explores_every_interleaving(app: Celery) -> None:
+    task = check_then_act(app, acks_late=True)
+    with tracked(app) as faults, pytest.raises(AssertionError) as failure:
+        faults.assert_idempotent(
+            task.s(7), observe=lambda: list(charges), reset=reset_world, specs=["overlap"]
+        )
+    message = str(failure.value)
+    assert "duplicated" in message
+    assert "replay: celery_faults.run(signature, 'overlap(12" in message
+
+
+def test_a_lock_guarded_task_passes_every_interleaving(app: Celery) -> None:
+    task = lock_guarded(app, acks_late=True)
+    with tracked(app) as faults:
+        scenarios = faults.assert_idempotent(
+            task.s(7), observe=lambda: list(charges), reset=reset_world, specs=["overlap"]
+        )
+    assert len(scenarios) > 1
+    assert {scenario.verdict for scenario in scenarios} == {"ok"}
+    assert all(scenario.spec.startswith("overlap(") for scenario in scenarios)
+
+
+def test_a_replay_string_reproduces_its_interleaving(app: Celery) -> None:
+    task = check_then_act(app, acks_late=True)
+    with tracked(app) as faults:
+        report = faults.sweep(
+            task.s(7), observe=lambda: list(charges), reset=reset_world, hows=["overlap"]
+        )
+        failing = [s for s in report.scenarios if s.verdict == "duplicated"]
+        assert failing
+        for scenario in failing:
+            faults.reset()
+            reset_world()
+            faults.run(task.s(7), scenario.replay)
+            assert charges == [7, 7], scenario.replay
