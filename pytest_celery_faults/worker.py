@@ -124,7 +124,7 @@ class ChildExecution:
         step = self.step
         if step is not None and step.kind == "raise" and step.at == self.effect_count:
             self._mark(step)
-            raise step.exception_class()(f"injected by celery_faults: {step} before {label}")
+            raise step.injected_exception(before=label)
 
     def after_effect(self, effect: Effect) -> None:
         self.record.effects = self.effect_count
