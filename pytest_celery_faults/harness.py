@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, Task, signals
 
 from . import _celery_internals as internals
 from . import idempotency
@@ -259,6 +259,7 @@ class CeleryFaults:
         and the outcome returned is that of the canvas's frozen (last) task.
         """
         self._require_active()
+        refuse_foreign(self.app, signature)
         frozen = signature.freeze()
         plain = getattr(signature, "subtask_type", None) is None
         for spec in specs:
@@ -546,6 +547,28 @@ class CeleryFaults:
     def __repr__(self) -> str:
         state = "active" if self.active else "inactive"
         return f"<CeleryFaults {self.app.main or 'app'} {state} profile={self.profile_name}>"
+
+
+def refuse_foreign(app: Celery, signature: Any) -> None:
+    """``run()`` takes a signature of the harness's app; anything else would never run here."""
+    if isinstance(signature, Task):
+        raise TypeError(
+            f"run() takes a signature such as {signature.name}.s(...), not the task "
+            f"{signature.name} itself"
+        )
+    if not (callable(getattr(signature, "freeze", None)) and hasattr(signature, "apply_async")):
+        shown = repr(signature)
+        shown = shown if len(shown) <= 80 else shown[:60] + "..."
+        raise TypeError(
+            f"run() takes a signature such as task.s(...), not {type(signature).__name__} {shown}"
+        )
+    owner = signature.app
+    if owner is not app:
+        raise ValueError(
+            f"run(): {signature!r} belongs to the app {owner.main!r}, not the harness's app "
+            f"{app.main!r}: it would publish to that app's broker and never run here "
+            f"(build it from this app's task, or with app.signature(name))"
+        )
 
 
 def _ledger_text(event: BrokerEvent) -> str:

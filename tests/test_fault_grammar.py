@@ -291,6 +291,24 @@ BAD_MARKERS = [
         "fault_sweep(hows=('bogus',))",
         re.escape("hows: 'bogus' is not a fault kind with a boundary"),
     ),
+    (
+        "fault_sweep(max_effects=50000)",
+        re.escape(
+            "max_effects=50000: expected at most 100 (each kind at each boundary is a test "
+            "case of its own)"
+        ),
+    ),
+    ("celery_faults(seed=[1])", re.escape("seed=[1]: expected a whole number or None")),
+    ("celery_faults(seed='abc')", re.escape("seed='abc': expected a whole number or None")),
+    ("celery_faults(seed=True)", re.escape("seed=True: expected a whole number or None")),
+    (
+        "celery_faults(allow_unfired='no')",
+        re.escape("allow_unfired='no': expected True or False"),
+    ),
+    (
+        "celery_faults(profile=None)",
+        re.escape("profile=None: expected one of 'rabbitmq', 'redis', 'sqs'"),
+    ),
 ]
 
 
