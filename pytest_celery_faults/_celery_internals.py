@@ -17,8 +17,11 @@ from billiard.common import human_status
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celery import Celery
+from celery import _state as celery_state
 from celery._state import _set_current_app, get_current_app
+from celery.app import trace as celery_trace
 from celery.app.trace import trace_task_ret
+from celery.utils import time as celery_time
 from celery.utils.serialization import get_pickled_exception
 from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
@@ -31,9 +34,10 @@ __all__ = [
     "WorkerLostError",
     "child_death_info",
     "code_summaries_cached",
-    "current_app_set_to",
+    "in_worker_child",
     "forget_worker_state",
     "installed_app_state",
+    "jitter_drawn_from",
     "request_class_for",
     "safe_repr",
     "time_limit_info",
@@ -115,17 +119,46 @@ def request_class_for(task: Any, pool: Any, hostname: str, app: Celery) -> type[
 
 
 @contextlib.contextmanager
-def current_app_set_to(app: Celery) -> Iterator[None]:
-    """Make ``app`` Celery's current app, as it is in a worker child, then restore."""
-    previous = get_current_app()
-    if previous is app:
-        yield
-        return
-    _set_current_app(app)
+def in_worker_child(app: Celery, hostname: str) -> Iterator[None]:
+    """What Celery sets up in a prefork child, for one execution; restored after.
+
+    ``app`` is the current app; ``task_join_will_block`` is on, so
+    ``AsyncResult.get()`` inside a task raises "Never call result.get() within a
+    task!" (prefork's ``process_initializer``); ``self.request.hostname`` is the
+    worker's node name (``fast_trace_task`` reads it from the child's
+    ``_localized``; the ``trace_task_ret`` the emulated worker runs asks
+    ``gethostname()``, which answers the node name here).
+    """
+    previous_app = get_current_app()
+    previous_blocks = celery_state.task_join_will_block()
+    previous_gethostname = celery_trace.gethostname
+    if previous_app is not app:
+        _set_current_app(app)
+    celery_state._set_task_join_will_block(True)
+    celery_trace.gethostname = lambda: hostname
     try:
         yield
     finally:
-        _set_current_app(previous)
+        celery_trace.gethostname = previous_gethostname
+        celery_state._set_task_join_will_block(previous_blocks)
+        if previous_app is not app:
+            _set_current_app(previous_app)
+
+
+@contextlib.contextmanager
+def jitter_drawn_from(rng: Any) -> Iterator[None]:
+    """``retry_jitter`` draws from ``rng`` (the seed's), not from the global ``random``.
+
+    Celery's ``get_exponential_backoff_interval`` calls ``random.randrange`` of
+    ``celery.utils.time``'s own ``random`` import; that name points at ``rng``
+    while the harness is active.
+    """
+    previous = celery_time.random
+    celery_time.random = rng
+    try:
+        yield
+    finally:
+        celery_time.random = previous
 
 
 def forget_worker_state(request_ids: Iterable[str]) -> None:
@@ -158,11 +191,20 @@ def forget_worker_state(request_ids: Iterable[str]) -> None:
 _AMQP_CACHES = ("_event_dispatcher", "send_task_message")
 
 
+#: The apps a harness has taken over, and by which: two at once on one app cannot both hold it.
+_apps_installed: weakref.WeakKeyDictionary[Celery, installed_app_state] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class installed_app_state:  # noqa: N801 - used as a context manager, reads as one
     """Point ``app`` at a broker, a result backend and a clock; undo all of it on exit.
 
     Celery caches its broker connection pool, its producer pool and its result
-    backend on the app; they are swapped here and the originals put back.
+    backend on the app; they are swapped here and the originals put back. The
+    app's configuration is put back whole (``app.conf.changes``): a task that
+    sets ``app.conf.task_acks_late`` does not leak it into later tests. One
+    app is taken over by one harness at a time.
     """
 
     def __init__(
@@ -185,6 +227,11 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
 
     def __enter__(self) -> installed_app_state:
         app = self.app
+        if app in _apps_installed:
+            raise RuntimeError(
+                f"celery_faults: the app {app.main or app!r} already runs under another "
+                f"active harness; stop that one first (two harnesses on one app cannot overlap)"
+            )
         conf = app.conf
         amqp = app.amqp
         missing = object()
@@ -192,7 +239,7 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
         self._saved = {
             # Built on first publish from the broker URL and settings of that day.
             "amqp_cache": {key: cached.pop(key) for key in _AMQP_CACHES if key in cached},
-            "conf": {key: conf.changes.get(key, missing) for key in (*self.conf, "broker_url")},
+            "conf": dict(conf.changes),
             "pool": app._pool,
             "producer_pool": amqp._producer_pool,
             "backend_cache": app._backend_cache,
@@ -212,6 +259,7 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
         if self.backend.thread_safe:
             app._backend_cache = self.backend
         app.now = self.now
+        _apps_installed[app] = self
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -238,11 +286,9 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
         else:
             app.now = saved["now"]
         changes = app.conf.changes
-        for key, value in saved["conf"].items():
-            if value is missing:
-                changes.pop(key, None)
-            else:
-                changes[key] = value
+        changes.clear()
+        changes.update(saved["conf"])
+        _apps_installed.pop(app, None)
 
 
 def signal_name(signum: int) -> str:
@@ -256,18 +302,38 @@ def accept_content(app: Celery) -> set[str]:
     return prepare_accept_content(app.conf.accept_content)  # type: ignore[no-any-return]
 
 
+def time_limits_applied(request: Any, app: Celery) -> tuple[float | None, float | None]:
+    """The (hard, soft) time limits a prefork worker applies to ``request``.
+
+    ``Request.execute_using_pool`` passes the message's limits or the task's;
+    billiard's pool falls back to its own, built from ``task_time_limit`` and
+    ``task_soft_time_limit``.
+    """
+    hard, soft = request.time_limits
+    task = request.task
+    return (
+        hard or task.time_limit or app.conf.task_time_limit,
+        soft or task.soft_time_limit or app.conf.task_soft_time_limit,
+    )
+
+
 def expire_on_virtual_clock(request: Any, now: float) -> bool:
     """Revoke ``request`` the way Celery does when its ``expires`` has passed at ``now``.
 
-    Celery compares ``expires`` with the wall clock; the harness's time is the
-    virtual clock's, so the comparison is made here and Celery's own
-    ``Request.revoked()`` announces it (state REVOKED, message acked).
+    Celery compares ``expires`` with the wall clock in ``Request.maybe_expire``;
+    the harness's time is the virtual clock's, so the comparison is made here,
+    and the rest is what ``Request.revoked()`` does for an expired request:
+    Celery's own ``_announce_revoked`` stores REVOKED with the reason
+    ``'expired'``, acks, and sends ``task_revoked`` with ``expired=True``.
     """
     expires = request.expires
     if expires is None or expires.timestamp() > now:
         return False
+    if request._already_revoked:
+        return True
     worker_state.revoked.add(request.id)
-    return bool(request.revoked())
+    request._announce_revoked("expired", False, None, True)
+    return True
 
 
 @contextlib.contextmanager

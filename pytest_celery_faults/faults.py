@@ -43,6 +43,9 @@ PLAIN_KINDS: Final[dict[str, str]] = {
 #: Kinds that kill the process running the task.
 CHILD_DEATHS: Final[frozenset[str]] = frozenset({"sigkill", "sigterm", "timeout"})
 
+#: Celery's internal tasks (``celery.chord_unlock``...): a spec binds to them only by name.
+INTERNAL_PREFIX: Final[str] = "celery."
+
 VALID_FORMS: Final[str] = (
     "sigkill@N, sigterm@N, exit(CODE)@N, power_loss@N, raise(dotted.Exception)@N, "
     "timeout@N, soft_timeout@N, warm_shutdown@N, cold_shutdown@N, ack_lost, ok, "
@@ -97,6 +100,21 @@ class Step:
             raise FaultSpecError(f"step {self} raises nothing")
         return resolve_exception(self.exception, spec=str(self))
 
+    def check_time_limits(self, task_name: str, hard: float | None, soft: float | None) -> None:
+        """Refuse a time-limit fault on a task Celery would never stop for time."""
+        if self.kind == "timeout" and not hard:
+            which, option = "hard", "time_limit"
+        elif self.kind == "soft_timeout" and not soft:
+            which, option = "soft", "soft_time_limit"
+        else:
+            return
+        raise FaultSpecError(
+            f"{self} cannot fire on task {task_name}: it has no {which} time limit "
+            f"({option} on the task, task_{option} in the app's settings, or "
+            f"apply_async({option}=...)), so a worker never stops it for time; set one, "
+            f"or use sigkill@{self.at}"
+        )
+
     def injected_exception(self, before: str) -> BaseException:
         """The exception ``raise(...)`` throws in place of the side effect ``before``."""
         return build_exception(
@@ -129,7 +147,10 @@ class FaultSpec:
         return None
 
     def matches(self, task_name: str) -> bool:
-        return self.task is None or self.task == task_name
+        """Whether the spec targets ``task_name``; Celery's own ``celery.*`` tasks only by name."""
+        if self.task is None:
+            return not task_name.startswith(INTERNAL_PREFIX)
+        return self.task == task_name
 
     def import_exceptions(self) -> None:
         """Import every class a ``raise(...)`` step names; :class:`FaultSpecError` if one fails.

@@ -158,9 +158,12 @@ class CeleryFaults:
         )
         self._tracers = internals.fresh_tracers(app)
         self._code_summaries = internals.code_summaries_cached()
+        self.jitter = random.Random(self._jitter_seed)
+        self._jitter = internals.jitter_drawn_from(self.jitter)
         self._installed.__enter__()
         self._tracers.__enter__()
         self._code_summaries.__enter__()
+        self._jitter.__enter__()
         self.warnings: list[str] = []
         self.checks = Checks(app, self._warn)
         self.checks.start()
@@ -189,6 +192,7 @@ class CeleryFaults:
                 request_ids |= worker.request_ids
                 worker.close()
             internals.forget_worker_state(request_ids)
+            self._jitter.__exit__(None, None, None)
             self._code_summaries.__exit__(None, None, None)
             self._tracers.__exit__(None, None, None)
             self._installed.__exit__(None, None, None)
@@ -221,9 +225,15 @@ class CeleryFaults:
         self._faults.clear()
         self._messages.clear()
         self.http.calls.reset()
+        self.jitter.seed(self._jitter_seed)  # a scenario's retry delays replay exactly
         if suite_wide:
             for spec in self.suite_wide:
                 self.plan.arm(spec, explicit=False)
+
+    @property
+    def _jitter_seed(self) -> str | None:
+        """``retry_jitter``'s draws come from the seed, apart from the worker order's."""
+        return None if self.seed is None else f"{self.seed}:retry_jitter"
 
     def _new_worker(self, index: int) -> EmulatedWorker:
         return EmulatedWorker(

@@ -111,7 +111,7 @@ class ChildExecution:
         """The child took the job: a fault at boundary 0 fires now, before the body."""
         self.started = True
         step = self.step
-        if step is not None and step.at == 0 and step.kind != "raise":
+        if step is not None and step.at == 0 and step.kind not in ("raise", "soft_timeout"):
             self._fire(step)
 
     def body_starts(self) -> None:
@@ -125,6 +125,8 @@ class ChildExecution:
         if step is not None and step.kind == "raise" and step.at == self.effect_count:
             self._mark(step)
             raise step.injected_exception(before=label)
+        if step is not None and step.kind == "soft_timeout" and step.at == self.effect_count == 0:
+            self._fire(step)  # inside the body, where the task can catch it
 
     def after_effect(self, effect: Effect) -> None:
         self.record.effects = self.effect_count
@@ -441,6 +443,8 @@ class EmulatedWorker:
             return True
         task_id, name = delivery.message.task_id, delivery.message.task_name
         number, step = self.plan.next_delivery(task_id, name)
+        if step is not None:
+            step.check_time_limits(name, *internals.time_limits_applied(request, self.app))
         record = ExecutionRecord(task_id, name, number, self.consumer, step)
         execution = ChildExecution(
             task_id=task_id,
@@ -480,7 +484,7 @@ class EmulatedWorker:
         previous = self.effects.execution
         self.effects.execution = execution
         try:
-            with internals.current_app_set_to(self.app):
+            with internals.in_worker_child(self.app, self.hostname):
                 yield
         except (ChildKilled, PowerLost, Exception, SystemExit):
             raise
