@@ -302,6 +302,32 @@ def accept_content(app: Celery) -> set[str]:
     return prepare_accept_content(app.conf.accept_content)  # type: ignore[no-any-return]
 
 
+def chord_semantics(app: Celery) -> str:
+    """How the result backend ``app`` configures completes chords: redis, incr or unlock.
+
+    Read from the backend's class (imported, never connected): Redis's native
+    chord support (its ``on_chord_part_return``), Celery's key/value counting
+    for classes that implement ``incr``, else the ``celery.chord_unlock``
+    fallback of ``Backend.apply_chord``.
+    """
+    from celery.app.backends import by_url
+    from celery.backends.base import KeyValueStoreBackend
+    from celery.backends.redis import RedisBackend
+
+    configured = app.conf.result_backend
+    if not configured:
+        return "unlock"
+    try:
+        backend_class, _ = by_url(configured, app.loader)
+    except Exception:  # an unknown scheme fails the same way in production, elsewhere
+        return "unlock"
+    if issubclass(backend_class, RedisBackend):
+        return "redis"
+    if issubclass(backend_class, KeyValueStoreBackend) and backend_class.implements_incr:
+        return "incr"
+    return "unlock"
+
+
 def time_limits_applied(request: Any, app: Celery) -> tuple[float | None, float | None]:
     """The (hard, soft) time limits a prefork worker applies to ``request``.
 
