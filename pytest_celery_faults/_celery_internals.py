@@ -7,6 +7,7 @@ it does for the plugin; the public modules never reach into Celery themselves.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import signal
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +17,7 @@ import billiard.einfo
 from billiard.common import human_status
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+from billiard.pool import MaybeEncodingError
 from celery import Celery
 from celery import _state as celery_state
 from celery._state import _set_current_app, get_current_app
@@ -64,9 +66,23 @@ def time_limit_info(timeout: float | None) -> ExceptionInfo:
         return ExceptionInfo()
 
 
-def current_exception_info() -> ExceptionInfo:
-    """billiard's ``ExceptionInfo`` of the exception being handled (as the child builds it)."""
-    return ExceptionInfo()
+def job_error_info(exc: BaseException) -> ExceptionInfo:
+    """What billiard's child sends the parent for ``exc``, the exception being handled.
+
+    Its ``ExceptionInfo``, pickled through the result pipe; when the exception
+    does not pickle (pytest's outcomes are classes pickle cannot find), the
+    child sends ``MaybeEncodingError`` instead, as ``Worker.workloop`` does.
+    """
+    info = ExceptionInfo()
+    try:
+        pickle.dumps(exc)
+    except Exception as failure:
+        wrapped = MaybeEncodingError(failure, info)
+        try:
+            raise wrapped from None
+        except MaybeEncodingError:
+            return ExceptionInfo()
+    return info
 
 
 #: billiard's picklable stand-in for a code object, one per code object while cached.

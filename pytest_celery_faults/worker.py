@@ -35,8 +35,11 @@ from .broker import Delivery, InMemoryBroker
 from .clock import VirtualClock
 from .effects import Effect, EffectLog
 from .faults import FaultPlan, Step
+from .interruptions import stops_the_test_run
 
 SIGNALS = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM}
+#: What a job raises that makes billiard's child report it and then leave.
+CHILD_LEAVES = (SystemExit, KeyboardInterrupt)
 #: How an execution can end before the task did: the process running it went away.
 CUT_SHORT = frozenset({"child killed", "exit", "power lost", "cold shutdown"})
 
@@ -244,7 +247,7 @@ class InProcessPool:
         elif success:
             self._safely(callback, value)
         else:
-            if isinstance(value.exception, SystemExit):
+            if isinstance(value.exception, CHILD_LEAVES):
                 worker.replace_child()
             self._safely(error_callback, value)
         return _AppliedJob(job)
@@ -270,11 +273,13 @@ class InProcessPool:
                 except PowerLost as gone:
                     record.ended = "cold shutdown" if gone.graceful else "power lost"
                     raise
-                except (Exception, SystemExit) as exc:  # billiard's workloop reports job errors
-                    record.ended = "exit" if isinstance(exc, SystemExit) else "raised"
+                except BaseException as exc:  # billiard's workloop reports what the job raised
+                    if stops_the_test_run(exc):
+                        raise
+                    record.ended = "exit" if isinstance(exc, CHILD_LEAVES) else "raised"
                     if execution.dead:
                         return False, None, record.fired
-                    return False, internals.current_exception_info(), None
+                    return False, internals.job_error_info(exc), None
             if execution.dead:  # the task swallowed its own death; the process is gone anyway
                 fired = record.fired
                 if fired is not None and fired.kind in ("power_loss", "cold_shutdown"):

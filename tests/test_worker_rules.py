@@ -278,3 +278,94 @@ def test_events_at_one_virtual_instant_order_the_same_whatever_the_wall_clock(
 
     # the microsecond a datetime keeps of the start rounds down in one, up in the other
     assert fate(1_700_000_000.0000004) == fate(1_700_000_000.0000006) == fate(1_700_000_000.5)
+
+
+# -- a task's own BaseException, and the test run's interruptions ---------------------
+
+BASE_EXCEPTION_PROJECT = """
+import signal
+
+import pytest
+from celery import Celery
+
+app = Celery("proj", set_as_current=False)
+
+
+@app.task(name="proj.ctrl_c", shared=False)
+def ctrl_c():
+    raise KeyboardInterrupt("from the task")
+
+
+@app.task(name="proj.generator_exit", shared=False)
+def generator_exit():
+    raise GeneratorExit("from the task")
+
+
+@app.task(name="proj.skips", shared=False)
+def skips():
+    pytest.skip("from the task")
+
+
+@app.task(name="proj.fails", shared=False)
+def fails():
+    pytest.fail("from the task")
+
+
+@app.task(name="proj.interrupted", shared=False)
+def interrupted():
+    signal.raise_signal(signal.SIGINT)  # what Ctrl-C on the test run does
+"""
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyfile(proj=BASE_EXCEPTION_PROJECT)
+    pytester.makeini("[pytest]\ncelery_faults_app = proj:app\n")
+    return pytester
+
+
+def test_a_base_exception_raised_by_a_task_ends_failure_as_in_a_worker(
+    project: pytest.Pytester,
+) -> None:
+    """Measured on a prefork worker (Celery 5.7, billiard 4.3.2, Redis)."""
+    project.makepyfile(
+        test_it="""
+        import proj
+
+        def fate(celery_faults, task):
+            outcome = celery_faults.run(task.s())
+            return outcome.state, repr(outcome.exception)
+
+        def test_keyboard_interrupt(celery_faults):
+            assert fate(celery_faults, proj.ctrl_c) == (
+                "FAILURE", "WorkerLostError('Worker exited prematurely: KeyboardInterrupt.')"
+            )
+
+        def test_generator_exit(celery_faults):
+            assert fate(celery_faults, proj.generator_exit) == (
+                "FAILURE", "GeneratorExit('from the task')"
+            )
+
+        def test_pytest_outcomes_do_not_pickle_back_to_the_worker(celery_faults):
+            for task in (proj.skips, proj.fails):
+                outcome = celery_faults.run(task.s())
+                assert outcome.state == "FAILURE"
+                assert type(outcome.exception).__name__ == "MaybeEncodingError"
+                assert "attribute lookup" in str(outcome.exception)
+
+        def test_the_session_goes_on():
+            pass
+        """
+    )
+    project.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=4)
+
+
+def test_ctrl_c_during_a_task_still_stops_the_test_run(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        test_it="def test_interrupted(celery_faults):\n"
+        "    celery_faults.run(__import__('proj').interrupted.s())\n\n"
+        "def test_never_reached():\n    pass\n"
+    )
+    result = project.runpytest_subprocess("-p", "no:randomly")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*KeyboardInterrupt*", "*no tests ran*"])
