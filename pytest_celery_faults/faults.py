@@ -242,6 +242,8 @@ def _parse_step(token: str, source: str) -> Step:
     at = _natural(at_text, token=token, source=source)
     if kind == "exit":
         code = _natural(arg if arg is not None else "1", token=token, source=source)
+        if code > 255:
+            raise bad(f"{echo}: an exit code is 0 to 255")
         return Step(kind, at=at, code=code)
     if kind == "raise":
         if not arg or not _DOTTED.match(arg.strip()):

@@ -78,8 +78,13 @@ class CeleryFaults:
         max_executions: int = DEFAULT_MAX_EXECUTIONS,
         check_unfired: bool = True,
     ) -> None:
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ValueError(f"workers={workers!r}: expected a whole number >= 1")
+        if not isinstance(app, Celery):
+            raise TypeError(f"CeleryFaults(app={app!r}): expected a Celery app")
+        for name, value in (("workers", workers), ("max_executions", max_executions)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a whole number >= 1")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed={seed!r}: expected a whole number or None")
         self.app = app
         self.profile_name = profile
         BrokerProfile.named(profile)  # refuse an unknown profile before anything starts

@@ -193,3 +193,33 @@ def test_run_refuses_what_is_not_a_signature_of_its_app() -> None:
         "it would publish to that app's broker and never run here (build it from this "
         "app's task, or with app.signature(name))"
     )
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"seed": "abc"}, "seed='abc': expected a whole number or None"),
+        ({"seed": [1]}, "seed=[1]: expected a whole number or None"),
+        ({"max_executions": 0}, "max_executions=0: expected a whole number >= 1"),
+        ({"max_executions": "x"}, "max_executions='x': expected a whole number >= 1"),
+        ({"workers": True}, "workers=True: expected a whole number >= 1"),
+    ],
+)
+def test_harness_options_are_checked_where_they_enter(
+    options: dict[str, object], error: str
+) -> None:
+    from celery import Celery
+
+    from pytest_celery_faults import CeleryFaults
+
+    with pytest.raises(ValueError) as raised:
+        CeleryFaults(Celery("mine", set_as_current=False), **options)  # type: ignore[arg-type]
+    assert str(raised.value) == error
+
+
+def test_a_harness_needs_an_app() -> None:
+    from pytest_celery_faults import CeleryFaults
+
+    with pytest.raises(TypeError) as raised:
+        CeleryFaults(None)  # type: ignore[arg-type]
+    assert str(raised.value) == "CeleryFaults(app=None): expected a Celery app"

@@ -119,6 +119,7 @@ MALFORMED = [
     ("exit(\u0663)@1", "'\u0663' in 'exit(\u0663)@1' is not a whole number >= 0"),
     ("redeliver*\u0662", "'\u0662' in 'redeliver*\u0662' is not a whole number >= 0"),
     ("sigkill@1000000", "'1000000' in 'sigkill@1000000' is too large (at most 6 digits)"),
+    ("exit(256)@1", "'exit(256)@1': an exit code is 0 to 255"),
     (
         "1abc:sigkill@1",
         "'1abc' before the last ':' is not a task name (letters, digits, '_', '.', '-', ':')",

@@ -369,3 +369,66 @@ def test_ctrl_c_during_a_task_still_stops_the_test_run(project: pytest.Pytester)
     result = project.runpytest_subprocess("-p", "no:randomly")
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.stdout.fnmatch_lines(["*KeyboardInterrupt*", "*no tests ran*"])
+
+
+def test_one_seed_gives_the_same_report_byte_for_byte(pytester: pytest.Pytester) -> None:
+    """Jitter, a restore meeting an ETA, and a chord's poller: all from the seed."""
+    pytester.makepyfile(
+        proj="""
+        from celery import Celery, chord
+
+        app = Celery("proj", set_as_current=False)
+        app.conf.broker_transport_options = {"visibility_timeout": 10}
+
+
+        @app.task(name="proj.flaky", shared=False, autoretry_for=(ConnectionError,),
+                  max_retries=2, retry_backoff=1000, retry_jitter=True)
+        def flaky(attempts=[]):
+            attempts.append(1)
+            if len(attempts) % 3:
+                raise ConnectionError("down")
+
+
+        @app.task(name="proj.at_ten", shared=False, acks_late=True)
+        def at_ten():
+            return 10
+
+
+        @app.task(name="proj.add", shared=False)
+        def add(x, y):
+            return x + y
+
+
+        @app.task(name="proj.total", shared=False)
+        def total(xs):
+            return sum(xs)
+        """
+    )
+    pytester.makeini("[pytest]\ncelery_faults_app = proj:app\n")
+    pytester.makepyfile(
+        test_it="""
+        import pytest
+        import proj
+
+        def test_jitter(celery_faults):
+            celery_faults.run(proj.flaky.s())
+
+        @pytest.mark.celery_faults(profile="redis")
+        def test_restore_meets_eta(celery_faults):
+            proj.at_ten.apply_async(countdown=10)
+            celery_faults.drain()
+
+        def test_chord(celery_faults):
+            celery_faults.run(proj.chord([proj.add.s(1, 1), proj.add.s(2, 2)], proj.total.s()))
+        """
+    )
+    reports = []
+    for run in (1, 2):
+        path = pytester.path / f"report{run}.json"
+        result = pytester.runpytest_subprocess(
+            "-p", "no:randomly", "--celery-faults-seed=7", f"--celery-faults-report={path}"
+        )
+        result.assert_outcomes(passed=3)
+        reports.append(path.read_bytes())
+    assert reports[0] == reports[1]
+    assert b'"warnings": []' in reports[0] and b"celery.chord_unlock" in reports[0]
