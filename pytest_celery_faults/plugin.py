@@ -39,7 +39,8 @@ MARKERS = (
     "dies after n side effects; how is sigkill, sigterm, exit or power_loss.",
     "fault_sweep(max_effects=5, hows=('sigkill', 'sigterm', 'exit', 'power_loss')): run the "
     "test once per fault kind and side-effect boundary 0..max_effects, ids like "
-    "test_x[power_loss@1]; cases beyond the task's side effects are skipped.",
+    "test_x[power_loss@1] (max_effects at most 100); cases beyond the task's side effects "
+    "are skipped.",
 )
 
 report_key: pytest.StashKey[SessionReport] = pytest.StashKey()
