@@ -19,6 +19,13 @@ import signal
 from types import CodeType, TracebackType
 
 _RAISES = frozenset(dis.opmap[name] for name in ("RAISE_VARARGS", "RERAISE") if name in dis.opmap)
+#: The signals that stop a test run from a Python handler (pytest-timeout's SIGALRM,
+#: Ctrl-C, a terminal hanging up, a supervisor's TERM or QUIT, the USR pair).
+_STOPPING_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGALRM", "SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+    if hasattr(signal, name)
+)
 
 
 def stops_the_test_run(exc: BaseException) -> bool:
@@ -40,11 +47,8 @@ def stops_the_test_run(exc: BaseException) -> bool:
 
 def _python_signal_handlers() -> set[CodeType]:
     codes = set()
-    for signum in signal.valid_signals():
-        try:
-            handler = signal.getsignal(signum)
-        except (OSError, ValueError):  # pragma: no cover - a signal the platform lists but refuses
-            continue
+    for signum in _STOPPING_SIGNALS:
+        handler = signal.getsignal(signum)
         function = getattr(handler, "__func__", handler)
         code = getattr(function, "__code__", None)
         if isinstance(code, CodeType):
