@@ -7,6 +7,7 @@ it does for the plugin; the public modules never reach into Celery themselves.
 from __future__ import annotations
 
 import contextlib
+import functools
 import pickle
 import signal
 import weakref
@@ -342,6 +343,19 @@ def chord_semantics(app: Celery) -> str:
     if issubclass(backend_class, KeyValueStoreBackend) and backend_class.implements_incr:
         return "incr"
     return "unlock"
+
+
+@functools.cache
+def redis_chords_ignore_duplicates() -> bool:
+    """Whether the installed Redis backend ignores a header task's second result.
+
+    Celery 5.7's chord Lua script keeps a set of (task id, index) members and
+    adds each once; earlier releases push every result, so a duplicate counts.
+    Read once from the installed Celery.
+    """
+    from celery.backends import redis
+
+    return "SISMEMBER" in getattr(redis, "CHORD_PART_RETURN_LUA", "")
 
 
 def time_limits_applied(request: Any, app: Celery) -> tuple[float | None, float | None]:

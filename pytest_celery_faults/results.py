@@ -4,9 +4,10 @@ Chords complete the way the backend the app configures completes them, since
 that decides how often a chord's body runs when header tasks run twice:
 
 - ``redis``: Celery's native chord support. Header results are counted in the
-  backend, a duplicate result of a header task is ignored, and the body is
-  dispatched once, by the header task that completes the set (as Celery's Lua
-  scripts do). No ``celery.chord_unlock`` task.
+  backend and the body is dispatched once, by the header task that completes
+  the set; a duplicate result of a header task is ignored where the installed
+  Celery's Lua script ignores it (5.7), counted where it counts (earlier).
+  No ``celery.chord_unlock`` task.
 - ``incr`` (memcached, DynamoDB, GCS: key/value backends with ``incr``):
   Celery's own counting code, run here over the dict; every result counts,
   duplicates included.
@@ -37,7 +38,8 @@ class _NativeChord:
 
     size: int | None = None
     added: int = 0  # header tasks added by Task.add_to_chord
-    parts: dict[tuple[str, float], tuple[int, bytes]] = field(default_factory=dict)
+    parts: list[tuple[tuple[str, float], int, bytes]] = field(default_factory=list)
+    members: set[tuple[str, float]] = field(default_factory=set)
     done: bool = False
     header: Any = None  # a header holding groups, saved whole to be joined at the end
 
@@ -144,9 +146,10 @@ class InMemoryResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
         if chord.done:  # a late duplicate after the body was dispatched
             return None
         member = (task_id, math.inf if index is None else float(index))
-        if member not in chord.parts:  # a duplicate header result is ignored
+        if member not in chord.members or not internals.redis_chords_ignore_duplicates():
             encoded = self.encode([1, task_id, state, self.encode_result(result, state)])
-            chord.parts[member] = (len(chord.parts), encoded)
+            chord.parts.append((member, len(chord.parts), encoded))
+            chord.members.add(member)
         if chord.size is None or len(chord.parts) != chord.size + chord.added:
             return None
         chord.done = True  # the dispatch claim: one body, whoever completes the set
@@ -169,7 +172,7 @@ class InMemoryResultBackend(KeyValueStoreBackend):  # type: ignore[misc]
             with allow_join_result():
                 return list(chord.header.join(propagate=True))
         values = []
-        for _, (_, encoded) in sorted(chord.parts.items(), key=lambda item: (item[0][1], item[1])):
+        for _, _, encoded in sorted(chord.parts, key=lambda part: (part[0][1], part[1])):
             _, task_id, state, value = self.decode(encoded)
             if state in states.EXCEPTION_STATES:
                 value = self.exception_to_python(value)

@@ -132,3 +132,20 @@ def test_without_native_chords_celery_polls_with_chord_unlock_which_no_spec_bind
     assert [(o.deliveries, o.faults) for o in unlock] == [(1, [])]
     assert (outcome.deliveries, outcome.executions) == (2, 2)
     assert faults.warnings == []  # chord_unlock's arguments (ids, a signature) are not checked
+
+
+def test_redis_chords_follow_the_installed_celery_on_duplicates(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before Celery 5.7 the Lua script counted a duplicate: an early one completes the set."""
+    import celery.backends.redis
+
+    from pytest_celery_faults import _celery_internals as internals
+
+    ignores = "SISMEMBER" in celery.backends.redis.CHORD_PART_RETURN_LUA
+    assert internals.redis_chords_ignore_duplicates() is ignores
+    monkeypatch.setattr(internals, "redis_chords_ignore_duplicates", lambda: False)
+    app.conf.worker_prefetch_multiplier = 1  # line a's second copy comes before line b
+    outcome, _ = run_two_line_chord(app, REDIS, "shop.line:redeliver")
+    # line a ran twice before line b: the count reached 2 with [1, 1]
+    assert (outcome.state, outcome.result, outcome.executions) == ("SUCCESS", 2, 1)
