@@ -7,7 +7,10 @@ it does for the plugin; the public modules never reach into Celery themselves.
 from __future__ import annotations
 
 import contextlib
+import functools
+import pickle
 import signal
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -16,9 +19,13 @@ import billiard.einfo
 from billiard.common import human_status
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+from billiard.pool import MaybeEncodingError
 from celery import Celery
+from celery import _state as celery_state
 from celery._state import _set_current_app, get_current_app
+from celery.app import trace as celery_trace
 from celery.app.trace import trace_task_ret
+from celery.utils import time as celery_time
 from celery.utils.serialization import get_pickled_exception
 from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
@@ -31,9 +38,11 @@ __all__ = [
     "WorkerLostError",
     "child_death_info",
     "code_summaries_cached",
-    "current_app_set_to",
+    "in_worker_child",
+    "worker_process_state",
     "forget_worker_state",
     "installed_app_state",
+    "jitter_drawn_from",
     "request_class_for",
     "safe_repr",
     "time_limit_info",
@@ -60,9 +69,23 @@ def time_limit_info(timeout: float | None) -> ExceptionInfo:
         return ExceptionInfo()
 
 
-def current_exception_info() -> ExceptionInfo:
-    """billiard's ``ExceptionInfo`` of the exception being handled (as the child builds it)."""
-    return ExceptionInfo()
+def job_error_info(exc: BaseException) -> ExceptionInfo:
+    """What billiard's child sends the parent for ``exc``, the exception being handled.
+
+    Its ``ExceptionInfo``, pickled through the result pipe; when the exception
+    does not pickle (pytest's outcomes are classes pickle cannot find), the
+    child sends ``MaybeEncodingError`` instead, as ``Worker.workloop`` does.
+    """
+    info = ExceptionInfo()
+    try:
+        pickle.dumps(exc)
+    except Exception as failure:
+        wrapped = MaybeEncodingError(failure, info)
+        try:
+            raise wrapped from None
+        except MaybeEncodingError:
+            return ExceptionInfo()
+    return info
 
 
 #: billiard's picklable stand-in for a code object, one per code object while cached.
@@ -114,18 +137,75 @@ def request_class_for(task: Any, pool: Any, hostname: str, app: Celery) -> type[
     return create_request_cls(base, task, pool, hostname, None, app=app)  # type: ignore[no-any-return]
 
 
+#: The node name of the execution running on this thread (its worker's).
+_child = threading.local()
+
+
+def _node_name() -> str:
+    hostname: str | None = getattr(_child, "hostname", None)
+    return hostname if hostname is not None else _real_gethostname()
+
+
+_real_gethostname = celery_trace.gethostname
+
+
 @contextlib.contextmanager
-def current_app_set_to(app: Celery) -> Iterator[None]:
-    """Make ``app`` Celery's current app, as it is in a worker child, then restore."""
-    previous = get_current_app()
-    if previous is app:
-        yield
-        return
-    _set_current_app(app)
+def worker_process_state() -> Iterator[None]:
+    """What Celery sets up process-wide in a prefork child, while the worker side runs.
+
+    ``task_join_will_block`` is on, so ``AsyncResult.get()`` inside a task
+    raises "Never call result.get() within a task!" (prefork's
+    ``process_initializer``); ``self.request.hostname`` is the worker's node
+    name (``fast_trace_task`` reads it from the child's ``_localized``; the
+    ``trace_task_ret`` the emulated worker runs asks ``gethostname()``, which
+    answers the node name of the execution on the asking thread). Re-entrant.
+    """
+    previous_blocks = celery_state.task_join_will_block()
+    previous_gethostname = celery_trace.gethostname
+    celery_state._set_task_join_will_block(True)
+    celery_trace.gethostname = _node_name
     try:
         yield
     finally:
-        _set_current_app(previous)
+        celery_trace.gethostname = previous_gethostname
+        celery_state._set_task_join_will_block(previous_blocks)
+
+
+@contextlib.contextmanager
+def in_worker_child(app: Celery, hostname: str) -> Iterator[None]:
+    """One execution's child: ``app`` is the current app and ``hostname`` the node name.
+
+    Both are per thread (Celery keeps the current app in a thread-local), so
+    executions on stacks of their own, and the harness's thread, never see
+    each other's.
+    """
+    previous_app = get_current_app()
+    previous_hostname = getattr(_child, "hostname", None)
+    if previous_app is not app:
+        _set_current_app(app)
+    _child.hostname = hostname
+    try:
+        yield
+    finally:
+        _child.hostname = previous_hostname
+        if previous_app is not app:
+            _set_current_app(previous_app)
+
+
+@contextlib.contextmanager
+def jitter_drawn_from(rng: Any) -> Iterator[None]:
+    """``retry_jitter`` draws from ``rng`` (the seed's), not from the global ``random``.
+
+    Celery's ``get_exponential_backoff_interval`` calls ``random.randrange`` of
+    ``celery.utils.time``'s own ``random`` import; that name points at ``rng``
+    while the harness is active.
+    """
+    previous = celery_time.random
+    celery_time.random = rng
+    try:
+        yield
+    finally:
+        celery_time.random = previous
 
 
 def forget_worker_state(request_ids: Iterable[str]) -> None:
@@ -158,11 +238,20 @@ def forget_worker_state(request_ids: Iterable[str]) -> None:
 _AMQP_CACHES = ("_event_dispatcher", "send_task_message")
 
 
+#: The apps a harness has taken over, and by which: two at once on one app cannot both hold it.
+_apps_installed: weakref.WeakKeyDictionary[Celery, installed_app_state] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class installed_app_state:  # noqa: N801 - used as a context manager, reads as one
     """Point ``app`` at a broker, a result backend and a clock; undo all of it on exit.
 
     Celery caches its broker connection pool, its producer pool and its result
-    backend on the app; they are swapped here and the originals put back.
+    backend on the app; they are swapped here and the originals put back. The
+    app's configuration is put back whole (``app.conf.changes``): a task that
+    sets ``app.conf.task_acks_late`` does not leak it into later tests. One
+    app is taken over by one harness at a time.
     """
 
     def __init__(
@@ -185,6 +274,11 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
 
     def __enter__(self) -> installed_app_state:
         app = self.app
+        if app in _apps_installed:
+            raise RuntimeError(
+                f"celery_faults: the app {app.main or app!r} already runs under another "
+                f"active harness; stop that one first (two harnesses on one app cannot overlap)"
+            )
         conf = app.conf
         amqp = app.amqp
         missing = object()
@@ -192,7 +286,7 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
         self._saved = {
             # Built on first publish from the broker URL and settings of that day.
             "amqp_cache": {key: cached.pop(key) for key in _AMQP_CACHES if key in cached},
-            "conf": {key: conf.changes.get(key, missing) for key in (*self.conf, "broker_url")},
+            "conf": dict(conf.changes),
             "pool": app._pool,
             "producer_pool": amqp._producer_pool,
             "backend_cache": app._backend_cache,
@@ -212,6 +306,7 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
         if self.backend.thread_safe:
             app._backend_cache = self.backend
         app.now = self.now
+        _apps_installed[app] = self
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -238,11 +333,9 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
         else:
             app.now = saved["now"]
         changes = app.conf.changes
-        for key, value in saved["conf"].items():
-            if value is missing:
-                changes.pop(key, None)
-            else:
-                changes[key] = value
+        changes.clear()
+        changes.update(saved["conf"])
+        _apps_installed.pop(app, None)
 
 
 def signal_name(signum: int) -> str:
@@ -256,18 +349,77 @@ def accept_content(app: Celery) -> set[str]:
     return prepare_accept_content(app.conf.accept_content)  # type: ignore[no-any-return]
 
 
+def chord_semantics(app: Celery) -> str:
+    """How the result backend ``app`` configures completes chords: redis, incr or unlock.
+
+    Read from the backend's class (imported, never connected): Redis's native
+    chord support (its ``on_chord_part_return``), Celery's key/value counting
+    for classes that implement ``incr``, else the ``celery.chord_unlock``
+    fallback of ``Backend.apply_chord``.
+    """
+    from celery.app.backends import by_url
+    from celery.backends.base import KeyValueStoreBackend
+    from celery.backends.redis import RedisBackend
+
+    configured = app.conf.result_backend
+    if not configured:
+        return "unlock"
+    try:
+        backend_class, _ = by_url(configured, app.loader)
+    except Exception:  # an unknown scheme fails the same way in production, elsewhere
+        return "unlock"
+    if issubclass(backend_class, RedisBackend):
+        return "redis"
+    if issubclass(backend_class, KeyValueStoreBackend) and backend_class.implements_incr:
+        return "incr"
+    return "unlock"
+
+
+@functools.cache
+def redis_chords_ignore_duplicates() -> bool:
+    """Whether the installed Redis backend ignores a header task's second result.
+
+    Celery 5.7's chord Lua script keeps a set of (task id, index) members and
+    adds each once; earlier releases push every result, so a duplicate counts.
+    Read once from the installed Celery.
+    """
+    from celery.backends import redis
+
+    return "SISMEMBER" in getattr(redis, "CHORD_PART_RETURN_LUA", "")
+
+
+def time_limits_applied(request: Any, app: Celery) -> tuple[float | None, float | None]:
+    """The (hard, soft) time limits a prefork worker applies to ``request``.
+
+    ``Request.execute_using_pool`` passes the message's limits or the task's;
+    billiard's pool falls back to its own, built from ``task_time_limit`` and
+    ``task_soft_time_limit``.
+    """
+    hard, soft = request.time_limits
+    task = request.task
+    return (
+        hard or task.time_limit or app.conf.task_time_limit,
+        soft or task.soft_time_limit or app.conf.task_soft_time_limit,
+    )
+
+
 def expire_on_virtual_clock(request: Any, now: float) -> bool:
     """Revoke ``request`` the way Celery does when its ``expires`` has passed at ``now``.
 
-    Celery compares ``expires`` with the wall clock; the harness's time is the
-    virtual clock's, so the comparison is made here and Celery's own
-    ``Request.revoked()`` announces it (state REVOKED, message acked).
+    Celery compares ``expires`` with the wall clock in ``Request.maybe_expire``;
+    the harness's time is the virtual clock's, so the comparison is made here,
+    and the rest is what ``Request.revoked()`` does for an expired request:
+    Celery's own ``_announce_revoked`` stores REVOKED with the reason
+    ``'expired'``, acks, and sends ``task_revoked`` with ``expired=True``.
     """
     expires = request.expires
     if expires is None or expires.timestamp() > now:
         return False
+    if request._already_revoked:
+        return True
     worker_state.revoked.add(request.id)
-    return bool(request.revoked())
+    request._announce_revoked("expired", False, None, True)
+    return True
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from celery.local import Proxy
 from kombu.serialization import dumps, loads
 
 from .effects import Effect
+from .faults import INTERNAL_PREFIX
 
 
 def http_timeout_problem(effect: Effect) -> str | None:
@@ -81,7 +82,7 @@ def definition_problems(app: Celery) -> list[str]:
     """Tasks hidden behind another decorator, and unbound tasks that call ``self.retry``."""
     problems = []
     for name, task in sorted(app.tasks.items()):
-        if name.startswith("celery."):
+        if name.startswith(INTERNAL_PREFIX):
             continue
         run = type(task).__dict__.get("run")
         function = run.__func__ if isinstance(run, staticmethod) else run
@@ -148,7 +149,9 @@ class Checks:
 
     def _before_publish(self, sender: str | None = None, body: Any = None, **_: Any) -> None:
         task = self.app.tasks.get(sender or "")
-        if task is None or not isinstance(body, tuple | list) or len(body) < 2:
+        if task is None or task.name.startswith(INTERNAL_PREFIX):
+            return  # Celery's own tasks (chord_unlock...) are not the code under test
+        if not isinstance(body, tuple | list) or len(body) < 2:
             return
         for problem in argument_problems(task, body[0], body[1]):
             self.report(problem)
@@ -157,6 +160,8 @@ class Checks:
         self, sender: Any = None, retval: Any = None, state: str | None = None, **_: Any
     ) -> None:
         if state != "SUCCESS" or sender is None or sender.app is not self.app:
+            return
+        if sender.name.startswith(INTERNAL_PREFIX):
             return
         problem = result_problem(sender, retval)
         if problem:

@@ -37,7 +37,9 @@ class VirtualClock:
     """
 
     def __init__(self, start: float | None = None) -> None:
-        self.start = time.time() if start is None else start
+        # A whole second: ETAs (datetimes, whole microseconds) and timers then meet
+        # exactly at one instant, in the same order whatever the wall clock said.
+        self.start = float(int(time.time())) if start is None else start
         self._now = self.start
         self._timers: list[_Timer] = []
         self._order = itertools.count()

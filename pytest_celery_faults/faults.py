@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Final
@@ -45,6 +46,9 @@ PLAIN_KINDS: Final[dict[str, str]] = {
 #: Kinds that kill the process running the task.
 CHILD_DEATHS: Final[frozenset[str]] = frozenset({"sigkill", "sigterm", "timeout"})
 
+#: Celery's internal tasks (``celery.chord_unlock``...): a spec binds to them only by name.
+INTERNAL_PREFIX: Final[str] = "celery."
+
 VALID_FORMS: Final[str] = (
     "sigkill@N, sigterm@N, exit(CODE)@N, power_loss@N, raise(dotted.Exception)@N, "
     "timeout@N, soft_timeout@N, warm_shutdown@N, cold_shutdown@N, ack_lost, ok, "
@@ -53,7 +57,15 @@ VALID_FORMS: Final[str] = (
     "optionally prefixed by TASK_NAME:"
 )
 
-_TASK_PREFIX = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*:(?!:)")
+#: A task name in front of a spec: ASCII, and may itself hold colons (``low:send``).
+_TASK_NAME = re.compile(r"[A-Za-z_][\w.\-:]*(?<!:)", re.ASCII)
+#: Where the first step starts at the latest: the task prefix ends at the last ':' before.
+_STEP_START = re.compile(r"[(@;*]")
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)
+#: Numbers in a spec (boundaries, exit codes, redelivery counts) have at most this many digits.
+MAX_DIGITS: Final[int] = 6
+#: Bad input is echoed in errors up to this many characters.
+ECHO_LIMIT: Final[int] = 80
 _STEP = re.compile(
     r"""^(?P<kind>[a-z_]+)
         (?:\((?P<arg>[^()]*)\))?
@@ -95,6 +107,29 @@ class Step:
             raise FaultSpecError(f"step {self} raises nothing")
         return resolve_exception(self.exception, spec=str(self))
 
+    def check_time_limits(self, task_name: str, hard: float | None, soft: float | None) -> None:
+        """Refuse a time-limit fault on a task Celery would never stop for time."""
+        if self.kind == "timeout" and not hard:
+            which, option = "hard", "time_limit"
+        elif self.kind == "soft_timeout" and not soft:
+            which, option = "soft", "soft_time_limit"
+        else:
+            return
+        raise FaultSpecError(
+            f"{self} cannot fire on task {task_name}: it has no {which} time limit "
+            f"({option} on the task, task_{option} in the app's settings, or "
+            f"apply_async({option}=...)), so a worker never stops it for time; set one, "
+            f"or use sigkill@{self.at}"
+        )
+
+    def injected_exception(self, before: str) -> BaseException:
+        """The exception ``raise(...)`` throws in place of the side effect ``before``."""
+        return build_exception(
+            self.exception_class(),
+            f"injected by celery_faults: {self} before {before}",
+            spec=str(self),
+        )
+
 
 @dataclass(frozen=True)
 class FaultSpec:
@@ -119,7 +154,10 @@ class FaultSpec:
         return None
 
     def matches(self, task_name: str) -> bool:
-        return self.task is None or self.task == task_name
+        """Whether the spec targets ``task_name``; Celery's own ``celery.*`` tasks only by name."""
+        if self.task is None:
+            return not task_name.startswith(INTERNAL_PREFIX)
+        return self.task == task_name
 
     def import_exceptions(self) -> None:
         """Import every class a ``raise(...)`` step names; :class:`FaultSpecError` if one fails.
@@ -129,7 +167,7 @@ class FaultSpec:
         """
         for step in self.steps:
             if step.kind == "raise":
-                step.exception_class()
+                step.injected_exception(before="a side effect")  # can it be built at all?
 
     @property
     def fault_count(self) -> int:
@@ -146,29 +184,36 @@ def parse_spec(text: str | FaultSpec) -> FaultSpec:
     if not isinstance(text, str):
         raise FaultSpecError(
             f"a fault spec is a string or a FaultSpec, not {type(text).__name__} "
-            f"{text!r}; valid forms: {VALID_FORMS}"
+            f"{_cut(repr(text))}; valid forms: {VALID_FORMS}"
         )
     source = text
     task: str | None = None
-    prefix = _TASK_PREFIX.match(text)
-    if prefix:
-        task = prefix.group(1)
-        text = text[prefix.end() :]
+    step_start = _STEP_START.search(text)
+    colon = text.rfind(":", 0, step_start.start() if step_start else len(text))
+    if colon >= 0:
+        task = text[:colon].strip()
+        if not _TASK_NAME.fullmatch(task):
+            raise FaultSpecError(
+                f"invalid fault spec {shown(source)}: {shown(task)} before the last ':' is "
+                f"not a task name (letters, digits, '_', '.', '-', ':'); "
+                f"valid forms: {VALID_FORMS}"
+            )
+        text = text[colon + 1 :]
     tokens = [token.strip() for token in text.split(";")]
     if not any(tokens):
-        raise FaultSpecError(f"empty fault spec {source!r}; valid forms: {VALID_FORMS}")
+        raise FaultSpecError(f"empty fault spec {shown(source)}; valid forms: {VALID_FORMS}")
 
     redeliver = _REDELIVER.match(tokens[0])
     if redeliver:
         if len(tokens) > 1:
             raise FaultSpecError(
-                f"invalid fault spec {source!r}: 'redeliver' applies to every delivery "
+                f"invalid fault spec {shown(source)}: 'redeliver' applies to every delivery "
                 f"and cannot be chained with ';'; valid forms: {VALID_FORMS}"
             )
         times = _natural(redeliver.group("times") or "1", token=tokens[0], source=source)
         if times < 1:
             raise FaultSpecError(
-                f"invalid fault spec {source!r}: in {tokens[0]!r} the count must be "
+                f"invalid fault spec {shown(source)}: in {shown(tokens[0])} the count must be "
                 f"at least 1; valid forms: {VALID_FORMS}"
             )
         return FaultSpec(task=task, redeliver=times)
@@ -178,16 +223,18 @@ def parse_spec(text: str | FaultSpec) -> FaultSpec:
 def _parse_step(token: str, source: str) -> Step:
     def bad(problem: str) -> FaultSpecError:
         return FaultSpecError(
-            f"invalid fault spec {source!r}: {problem}; valid forms: {VALID_FORMS}"
+            f"invalid fault spec {shown(source)}: {problem}; valid forms: {VALID_FORMS}"
         )
+
+    echo = shown(token)
 
     if not token:
         raise bad("an empty step between ';'")
     if token.startswith("redeliver"):
-        raise bad(f"{token!r} cannot be chained with other steps")
+        raise bad(f"{echo} cannot be chained with other steps")
     match = _STEP.match(token)
     if not match:
-        raise bad(f"cannot read {token!r}")
+        raise bad(f"cannot read {echo}")
     kind, arg, at_text = match.group("kind", "arg", "at")
     if kind == "overlap" and at_text is None:
         if arg is None:
@@ -198,35 +245,89 @@ def _parse_step(token: str, source: str) -> Step:
         return Step(kind, schedule=schedule)
     if kind in PLAIN_KINDS:
         if arg is not None or at_text is not None:
-            raise bad(f"{token!r}: {kind!r} takes no argument and no @N")
+            raise bad(f"{echo}: {shown(kind)} takes no argument and no @N")
         return Step(kind)
     if kind not in BOUNDARY_KINDS:
-        raise bad(f"unknown fault {kind!r} in {token!r}")
+        raise bad(f"unknown fault {shown(kind)} in {echo}")
     if at_text is None:
         named = arg.strip() if arg and _DOTTED.match(arg.strip()) else "ConnectionError"
         example = f"raise({named})" if kind == "raise" else kind
-        raise bad(f"{token!r} needs a side-effect boundary, as in {example}@0")
+        raise bad(f"{echo} needs a side-effect boundary, as in {example}@0")
     at = _natural(at_text, token=token, source=source)
     if kind == "exit":
         code = _natural(arg if arg is not None else "1", token=token, source=source)
+        if code > 255:
+            raise bad(f"{echo}: an exit code is 0 to 255")
         return Step(kind, at=at, code=code)
     if kind == "raise":
         if not arg or not _DOTTED.match(arg.strip()):
-            raise bad(f"{token!r} needs an exception, as in raise(requests.ConnectionError)@1")
+            raise bad(f"{echo} needs an exception, as in raise(requests.ConnectionError)@1")
         return Step(kind, at=at, exception=arg.strip())
     if arg is not None:
-        raise bad(f"{token!r}: {kind!r} takes no argument")
+        raise bad(f"{echo}: {shown(kind)} takes no argument")
     return Step(kind, at=at)
 
 
 def _natural(text: str, *, token: str, source: str) -> int:
     text = text.strip()
-    if not text.isdigit():
-        raise FaultSpecError(
-            f"invalid fault spec {source!r}: {text!r} in {token!r} is not a whole "
-            f"number >= 0; valid forms: {VALID_FORMS}"
-        )
-    return int(text)
+    if not _DIGITS.fullmatch(text):  # ASCII digits only: '²' and '١' are not numbers here
+        problem = "is not a whole number >= 0"
+    elif len(text.lstrip("0")) > MAX_DIGITS:
+        problem = f"is too large (at most {MAX_DIGITS} digits)"
+    else:
+        return int(text)
+    raise FaultSpecError(
+        f"invalid fault spec {shown(source)}: {shown(text)} in {shown(token)} {problem}; "
+        f"valid forms: {VALID_FORMS}"
+    )
+
+
+def shown(text: str) -> str:
+    """``repr(text)``, cut short when long: an error echoes bad input, not 300 KB of it."""
+    if len(text) <= ECHO_LIMIT:
+        return repr(text)
+    return f"{text[: ECHO_LIMIT - 20]!r}... ({len(text)} characters)"
+
+
+def _cut(text: str) -> str:
+    if len(text) <= ECHO_LIMIT:
+        return text
+    return f"{text[: ECHO_LIMIT - 20]}... ({len(text)} characters)"
+
+
+def build_exception(cls: type[BaseException], message: str, *, spec: str) -> BaseException:
+    """An instance of ``cls`` carrying ``message``, built the way its constructor asks.
+
+    Most exceptions take a message. Some need more, such as SQLAlchemy's
+    ``OperationalError(statement, params, orig)``: the message goes in the first
+    required argument and the other required positional arguments are ``None``
+    (what a driver leaves out when it has nothing to say). A class that still
+    cannot be built is refused naming it, when the spec is armed.
+    """
+    try:
+        return cls(message)
+    except TypeError as exc:
+        first_error = exc
+    try:
+        parameters = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in parameters if p.default is p.empty and p.kind in positional]
+    if len(required) > 1 and not any(
+        p.default is p.empty and p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters
+    ):
+        try:
+            return cls(message, *[None] * (len(required) - 1))
+        except Exception as exc:  # the constructor's own complaint, shown below
+            first_error = exc  # type: ignore[assignment]
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    raise FaultSpecError(
+        f"invalid fault spec {shown(spec)}: cannot build {name} for raise(...) "
+        f"({type(first_error).__name__}: {first_error}); name an exception whose "
+        f"constructor takes a message, or a subclass of yours that builds it; "
+        f"valid forms: {VALID_FORMS}"
+    ) from None
 
 
 def resolve_exception(dotted: str, *, spec: str) -> type[BaseException]:
@@ -240,12 +341,12 @@ def resolve_exception(dotted: str, *, spec: str) -> type[BaseException]:
         )
     except (ImportError, AttributeError) as exc:
         raise FaultSpecError(
-            f"invalid fault spec {spec!r}: cannot import {dotted!r} ({exc}); "
+            f"invalid fault spec {shown(spec)}: cannot import {shown(dotted)} ({exc}); "
             f"valid forms: {VALID_FORMS}"
         ) from None
     if not (isinstance(found, type) and issubclass(found, BaseException)):
         raise FaultSpecError(
-            f"invalid fault spec {spec!r}: {dotted!r} is not an exception class; "
+            f"invalid fault spec {shown(spec)}: {shown(dotted)} is not an exception class; "
             f"valid forms: {VALID_FORMS}"
         )
     return found

@@ -14,12 +14,13 @@ virtual clock; on exit every change is undone.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, Task, signals
 
 from . import _celery_internals as internals
 from . import idempotency
@@ -71,8 +72,13 @@ class CeleryFaults:
         check_unfired: bool = True,
         stack_suite_wide: bool = False,
     ) -> None:
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ValueError(f"workers={workers!r}: expected a whole number >= 1")
+        if not isinstance(app, Celery):
+            raise TypeError(f"CeleryFaults(app={app!r}): expected a Celery app")
+        for name, value in (("workers", workers), ("max_executions", max_executions)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a whole number >= 1")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed={seed!r}: expected a whole number or None")
         self.app = app
         self.profile_name = profile
         BrokerProfile.named(profile)  # refuse an unknown profile before anything starts
@@ -158,9 +164,12 @@ class CeleryFaults:
         )
         self._tracers = internals.fresh_tracers(app)
         self._code_summaries = internals.code_summaries_cached()
+        self.jitter = random.Random(self._jitter_seed)
+        self._jitter = internals.jitter_drawn_from(self.jitter)
         self._installed.__enter__()
         self._tracers.__enter__()
         self._code_summaries.__enter__()
+        self._jitter.__enter__()
         self.warnings: list[str] = []
         self.checks = Checks(app, self._warn)
         self.checks.start()
@@ -193,6 +202,7 @@ class CeleryFaults:
                 request_ids |= worker.request_ids
                 worker.close()
             internals.forget_worker_state(request_ids)
+            self._jitter.__exit__(None, None, None)
             self._code_summaries.__exit__(None, None, None)
             self._tracers.__exit__(None, None, None)
             self._installed.__exit__(None, None, None)
@@ -222,9 +232,15 @@ class CeleryFaults:
         self.plan.clear()
         self.history.clear()
         self.http.calls.reset()
+        self.jitter.seed(self._jitter_seed)  # a scenario's retry delays replay exactly
         if suite_wide:
             for spec in self.suite_wide:
                 self.plan.arm(spec, explicit=False)
+
+    @property
+    def _jitter_seed(self) -> str | None:
+        """``retry_jitter``'s draws come from the seed, apart from the worker order's."""
+        return None if self.seed is None else f"{self.seed}:retry_jitter"
 
     def _new_worker(self, index: int) -> EmulatedWorker:
         return EmulatedWorker(
@@ -252,7 +268,7 @@ class CeleryFaults:
         if not self.scheduler.stacks:
             self.scheduler.forget()
             return
-        with self.body_time:
+        with self._worker_side():
             hung = self.scheduler.discard_all()
         if hung:
             names = ", ".join(repr(stack.owner.execution.task_name) for stack in hung)
@@ -292,6 +308,7 @@ class CeleryFaults:
         and the outcome returned is that of the canvas's frozen (last) task.
         """
         self._require_active()
+        refuse_foreign(self.app, signature)
         frozen = signature.freeze()
         plain = getattr(signature, "subtask_type", None) is None
         if specs:
@@ -325,8 +342,14 @@ class CeleryFaults:
         return [self.outcome(task_id) for task_id in touched]
 
     def _drain(self) -> None:
-        with self.body_time:
+        with self._worker_side():
             self._run_until_quiet()
+
+    @contextlib.contextmanager
+    def _worker_side(self) -> Iterator[None]:
+        """What holds process-wide while the worker side runs: virtual time, a child's state."""
+        with self.body_time, internals.worker_process_state():
+            yield
 
     def _run_until_quiet(self) -> None:
         """Start deliveries on free children, let the scheduler run stacks, move the clock.
@@ -599,3 +622,26 @@ class CeleryFaults:
     def __repr__(self) -> str:
         state = "active" if self.active else "inactive"
         return f"<CeleryFaults {self.app.main or 'app'} {state} profile={self.profile_name}>"
+
+
+def refuse_foreign(app: Celery, signature: Any) -> None:
+    """``run()`` takes a signature of the harness's app; anything else would never run here."""
+    if isinstance(signature, Task):
+        raise TypeError(
+            f"run() takes a signature such as {signature.name}.s(...), not the task "
+            f"{signature.name} itself"
+        )
+    if not (callable(getattr(signature, "freeze", None)) and hasattr(signature, "apply_async")):
+        shown = repr(signature)
+        shown = shown if len(shown) <= 80 else shown[:60] + "..."
+        raise TypeError(
+            f"run() takes a signature such as task.s(...), not {type(signature).__name__} {shown}"
+        )
+    owner = signature.app
+    if owner is not app:
+        raise ValueError(
+            f"run(): {signature!r} belongs to the app {owner.main!r}, not the harness's app "
+            f"{app.main!r}: it would publish to that app's broker and never run here "
+            f"(build it from this app's task, or with app.signature(name))"
+        )
+

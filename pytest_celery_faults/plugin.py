@@ -28,6 +28,8 @@ SWEEP_FIXTURE = "_celery_faults_sweep_case"
 DEFAULT_TIMEOUT = 300.0
 SWEEP_HOWS = ("sigkill", "sigterm", "exit", "power_loss")
 EXEMPT = "celery_faults_exempt"
+#: A fault_sweep makes one test case per kind and boundary; more boundaries than this is a typo.
+MAX_SWEEP_EFFECTS = 100
 
 MARKERS = (
     "celery_faults(*specs, profile='rabbitmq', workers=1, seed=None, allow_unfired=False): "
@@ -39,7 +41,8 @@ MARKERS = (
     "dies after n side effects; how is sigkill, sigterm, exit or power_loss.",
     "fault_sweep(max_effects=5, hows=('sigkill', 'sigterm', 'exit', 'power_loss')): run the "
     "test once per fault kind and side-effect boundary 0..max_effects, ids like "
-    "test_x[power_loss@1]; cases beyond the task's side effects are skipped.",
+    "test_x[power_loss@1] (max_effects at most 100); cases beyond the task's side effects "
+    "are skipped.",
     f"{EXEMPT}(reason): the suite-wide --celery-faults specs leave this test alone, "
     "harness and eager gate alike; the reason is printed in the summary.",
 )
@@ -125,6 +128,8 @@ def pytest_configure(config: pytest.Config) -> None:
     for marker in MARKERS:
         config.addinivalue_line("markers", marker)
     check_option_specs(config, import_exceptions=False)
+    check_report_path(config)
+    check_broker_url(config)
     from .report import SessionReport
 
     config.stash[report_key] = SessionReport(seed=_seed(config))
@@ -164,6 +169,12 @@ def _celery_faults_marker(
     seed: int | None = None,
     allow_unfired: bool = False,
 ) -> tuple[tuple[str, ...], dict[str, Any]]:
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"seed={seed!r}: expected a whole number or None")
+    if not isinstance(allow_unfired, bool):
+        raise ValueError(f"allow_unfired={allow_unfired!r}: expected True or False")
+    if not isinstance(profile, str):
+        raise ValueError(f"profile={profile!r}: expected one of 'rabbitmq', 'redis', 'sqs'")
     return specs, {
         "profile": profile,
         "workers": workers,
@@ -191,18 +202,23 @@ def _crash_after_marker(n: int, how: str = "sigkill", task: str | None = None) -
 
 def _fault_sweep_marker(
     max_effects: int = 5, hows: tuple[str, ...] | list[str] = SWEEP_HOWS
-) -> list[str]:
+) -> tuple[tuple[str, ...], int]:
+    """The sweep's kinds and last boundary, validated (the cases are built once, elsewhere)."""
     if not isinstance(max_effects, int) or isinstance(max_effects, bool) or max_effects < 0:
         raise ValueError(f"max_effects={max_effects!r}: expected a whole number >= 0")
-    if isinstance(hows, str) or not hows:
+    if max_effects > MAX_SWEEP_EFFECTS:
+        raise ValueError(
+            f"max_effects={max_effects!r}: expected at most {MAX_SWEEP_EFFECTS} "
+            f"(each kind at each boundary is a test case of its own)"
+        )
+    if isinstance(hows, str) or not isinstance(hows, tuple | list) or not hows:
         raise ValueError(f"hows={hows!r}: expected a non-empty tuple of fault kinds")
     from .faults import BOUNDARY_KINDS
-    from .idempotency import boundary_specs
 
     for how in hows:
         if how not in BOUNDARY_KINDS or how == "raise":
             raise ValueError(f"hows: {how!r} is not a fault kind with a boundary")
-    return boundary_specs(hows, max_effects)
+    return tuple(hows), max_effects
 
 
 def marker_settings(item: pytest.Item) -> MarkerSettings:
@@ -250,10 +266,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     sweep = metafunc.definition.get_closest_marker("fault_sweep")
     if sweep is None or SWEEP_FIXTURE not in metafunc.fixturenames:
         return
+    from .idempotency import boundary_specs
+
     try:
-        specs = _fault_sweep_marker(*sweep.args, **sweep.kwargs)
+        hows, max_effects = _fault_sweep_marker(*sweep.args, **sweep.kwargs)
     except (TypeError, ValueError):
         return  # pytest_collection_modifyitems reports it, with every other bad marker
+    specs = boundary_specs(hows, max_effects)
     metafunc.parametrize(SWEEP_FIXTURE, specs, ids=specs, indirect=True)
 
 
@@ -280,6 +299,28 @@ def pytest_collection_modifyitems(
             )
     if errors:
         raise pytest.UsageError("\n".join(errors))
+    check_app_setting(config, items)
+
+
+def check_app_setting(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A missing or bad ``celery_faults_app`` is one usage error, not an ERROR per test.
+
+    Checked after collection (the app's module may live beside the tests) and
+    only when a collected test uses this plugin's ``celery_faults_app`` fixture
+    rather than a conftest's override.
+    """
+    if not any(_uses_ini_app(item) for item in items):
+        return
+    value = config.getini(APP_INI)
+    if not value:
+        raise pytest.UsageError(_MISSING_APP)
+    load_app(str(value))
+
+
+def _uses_ini_app(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    definitions: Any = getattr(info, "name2fixturedefs", {}).get(APP_INI)
+    return bool(definitions) and getattr(definitions[-1].func, "__module__", "") == __name__
 
 
 def _exempt_reason(mark: pytest.Mark) -> str:
@@ -335,22 +376,68 @@ def celery_faults_app(request: pytest.FixtureRequest) -> Celery:
     """The Celery app under test, from the ``celery_faults_app`` ini option."""
     value = request.config.getini(APP_INI)
     if not value:
-        raise pytest.UsageError(
-            f'celery_faults needs the app under test: set `{APP_INI} = "proj.celery:app"` '
-            f"in [tool.pytest.ini_options] (or pytest.ini), or override the "
-            f"`{APP_INI}` fixture in a conftest.py"
-        )
+        raise pytest.UsageError(_MISSING_APP)
     return load_app(str(value))
+
+
+_MISSING_APP = (
+    f'celery_faults needs the app under test: set `{APP_INI} = "proj.celery:app"` '
+    f"in [tool.pytest.ini_options] (or pytest.ini), or override the "
+    f"`{APP_INI}` fixture in a conftest.py"
+)
 
 
 def load_app(dotted: str) -> Celery:
     """The app the ini option names; a usage error naming the option when it cannot."""
     from .apps import load_app as load
 
+    module, sep, attribute = dotted.partition(":")
+    if not sep:
+        module, _, attribute = dotted.rpartition(".")
+    if not module.strip() or not attribute.strip():
+        raise pytest.UsageError(
+            f"{APP_INI} = {dotted!r}: expected 'module:attribute', such as proj.celery:app"
+        )
     try:
         return load(dotted)
     except ValueError as exc:
         raise pytest.UsageError(f"{APP_INI} = {exc}") from None
+    except Exception as exc:  # the module itself fails to import: say so in one line
+        raise pytest.UsageError(
+            f"{APP_INI} = {dotted!r}: importing it raised {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def check_report_path(config: pytest.Config) -> None:
+    """``--celery-faults-report`` must be writable where it points, known before the run."""
+    path = config.getoption("celery_faults_report", default=None)
+    if not path or hasattr(config, "workerinput"):
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise pytest.UsageError(f"--celery-faults-report={path!r} is a directory, not a file")
+    if not os.path.isdir(folder):
+        raise pytest.UsageError(
+            f"--celery-faults-report={path!r}: the directory {folder!r} does not exist"
+        )
+
+
+def check_broker_url(config: pytest.Config) -> None:
+    """A real-broker URL of a kind real mode cannot use is a usage error at start."""
+    url = _broker_url(config)
+    if not url:
+        return
+    from .real.runner import profile_for
+
+    where = (
+        "--celery-faults-broker"
+        if config.getoption("celery_faults_broker", default=None)
+        else f"the {BROKER_INI} ini option"
+    )
+    try:
+        profile_for(url)
+    except ValueError as exc:
+        raise pytest.UsageError(f"{where}: {exc}") from None
 
 
 def _broker_url(config: pytest.Config) -> str | None:

@@ -40,8 +40,11 @@ from .broker import Delivery, InMemoryBroker
 from .clock import VirtualClock
 from .effects import Effect, EffectLog
 from .faults import FaultPlan, Step
+from .interruptions import stops_the_test_run
 from .scheduler import ExecutionDiscarded, Scheduler, Stack
 
+#: What a job raises that makes billiard's child report it and then leave.
+CHILD_LEAVES = (SystemExit, KeyboardInterrupt)
 #: How an execution can end before the task did: the process running it went away.
 CUT_SHORT = frozenset({"child killed", "exit", "power lost", "cold shutdown"})
 #: Fault kinds that kill the process running the task without unwinding it.
@@ -109,7 +112,7 @@ class ChildExecution:
         """The child took the job: a fault at boundary 0 fires now, before the body."""
         self.started = True
         step = self.step
-        if step is not None and step.at == 0 and step.kind != "raise":
+        if step is not None and step.at == 0 and step.kind not in ("raise", "soft_timeout"):
             self._fire(step)
 
     def body_starts(self) -> None:
@@ -124,7 +127,9 @@ class ChildExecution:
         step = self.step
         if step is not None and step.kind == "raise" and step.at == self.effect_count:
             self._mark(step)
-            raise step.exception_class()(f"injected by celery_faults: {step} before {label}")
+            raise step.injected_exception(before=label)
+        if step is not None and step.kind == "soft_timeout" and step.at == self.effect_count == 0:
+            self._fire(step)  # inside the body, where the task can catch it
 
     def after_effect(self, effect: Effect) -> None:
         self.record.effects = self.effect_count
@@ -322,9 +327,13 @@ class InProcessPool:
                 except TerminatedBySignal as death:
                     how = record.ended = "child killed"
                     return False, None, death.step
-                except (Exception, SystemExit) as exc:  # billiard's workloop reports job errors
-                    how = record.ended = "exit" if isinstance(exc, SystemExit) else "raised"
-                    return False, internals.current_exception_info(), None
+                except ExecutionDiscarded:
+                    raise
+                except BaseException as exc:  # billiard's workloop reports what the job raised
+                    if stops_the_test_run(exc):
+                        raise
+                    how = record.ended = "exit" if isinstance(exc, CHILD_LEAVES) else "raised"
+                    return False, internals.job_error_info(exc), None
             how = record.ended = "returned"
             return True, value, None
         finally:
@@ -574,6 +583,8 @@ class EmulatedWorker:
             return True
         task_id, name = delivery.message.task_id, delivery.message.task_name
         number, step = self.plan.next_delivery(task_id, name)
+        if step is not None:
+            step.check_time_limits(name, *internals.time_limits_applied(request, self.app))
         record = ExecutionRecord(task_id, name, number, self.consumer, step)
         execution = ChildExecution(
             task_id=task_id,
@@ -654,7 +665,7 @@ class EmulatedWorker:
         previous = self.effects.execution
         self.effects.execution = execution
         try:
-            with internals.current_app_set_to(self.app):
+            with internals.in_worker_child(self.app, self.hostname):
                 yield
         except (ExecutionDiscarded, Exception, SystemExit):
             raise

@@ -109,11 +109,11 @@ def test_a_bounded_request_is_not_reported(project: pytest.Pytester) -> None:
 
 
 def test_a_stopped_test_says_where_the_task_hung(pytester: pytest.Pytester) -> None:
-    # pytest-timeout stops a hung test by raising pytest's Failed in it; here a
-    # side effect raises it at once, so the test needs no real time to pass.
+    # pytest-timeout stops a hung test from its SIGALRM handler; here a side effect
+    # raises the alarm at once, so the test needs no real time to pass.
     pytester.makepyfile(
         proj="""
-        import pytest
+        import signal
         from celery import Celery
 
         app = Celery("proj", set_as_current=False)
@@ -122,7 +122,7 @@ def test_a_stopped_test_says_where_the_task_hung(pytester: pytest.Pytester) -> N
             return n
 
         def hang(n):
-            pytest.fail("Timeout >1.0s")
+            signal.raise_signal(signal.SIGALRM)
 
         @app.task(name="proj.sync", acks_late=True, shared=False)
         def sync():
@@ -133,8 +133,10 @@ def test_a_stopped_test_says_where_the_task_hung(pytester: pytest.Pytester) -> N
     pytester.makeini("[pytest]\ncelery_faults_app = proj:app\n")
     pytester.makepyfile(
         test_it="""
+        import pytest
         import proj
 
+        @pytest.mark.timeout(60, method="signal")
         def test_sync(celery_faults):
             celery_faults.track("proj.fetch")
             celery_faults.run(proj.sync.s())
@@ -144,7 +146,7 @@ def test_a_stopped_test_says_where_the_task_hung(pytester: pytest.Pytester) -> N
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*Timeout >1.0s*",
+            "*Timeout (>60.0s) from pytest-timeout*",
             "*celery_faults: task proj.sync[[]*[]] (delivery 1) was running after side effect "
             "1 (call proj.fetch) when the test was stopped*",
         ]

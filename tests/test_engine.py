@@ -350,7 +350,8 @@ def test_tracebacks_are_unchanged_by_the_code_summary_cache(app: Celery) -> None
         return info.traceback, traceback.format_tb(info.tb)  # type: ignore[arg-type]
 
     outside = text(exception_info())
-    with CeleryFaults(app), CeleryFaults(app):
+    other = Celery("other", set_as_current=False)
+    with CeleryFaults(app), CeleryFaults(other):  # two harnesses at once, on two apps
         inside = text(exception_info())
         assert text(exception_info()) == inside  # from the cache, the second time
         assert billiard.einfo._Frame.Code is not billiard.einfo._Code

@@ -537,3 +537,12 @@ def test_a_replay_string_reproduces_its_interleaving(app: Celery) -> None:
             reset_world()
             faults.run(task.s(7), scenario.replay)
             assert charges == [7, 7], scenario.replay
+
+
+def test_a_frozen_stack_leaves_no_worker_state_on_the_test_thread(app: Celery) -> None:
+    task = lock_guarded(app, acks_late=True, reject_on_worker_lost=True)
+    with tracked(app) as faults:
+        outcome = faults.run(task.s(1), "sigkill@2")
+        assert faults.scheduler.stacks  # the killed child is still frozen here
+        # result.get() is the test's, not a task's: Celery's join guard is off again
+        assert task.AsyncResult(outcome.task_id).get(timeout=1) == "skipped"

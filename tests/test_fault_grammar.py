@@ -42,6 +42,12 @@ from pytest_celery_faults.faults import BOUNDARY_KINDS, VALID_FORMS, FaultSpec, 
         ("proj.tasks.charge:sigkill@1", "proj.tasks.charge:sigkill@1"),
         ("proj.tasks.charge: sigkill@1", "proj.tasks.charge:sigkill@1"),
         ("proj.tasks.charge:redeliver*3", "proj.tasks.charge:redeliver*3"),
+        # routing-style names hold colons: the prefix ends at the last ':' before the fault
+        ("low_priority:send:sigkill@1", "low_priority:send:sigkill@1"),
+        ("a:b:c:raise(ValueError)@0;ok", "a:b:c:raise(ValueError)@0;ok"),
+        ("low_priority:send:redeliver*2", "low_priority:send:redeliver*2"),
+        ("sigkill@999999", "sigkill@999999"),
+        ("sigkill@0000001", "sigkill@1"),  # leading zeros are no digits of size
     ],
 )
 def test_valid_specs_round_trip(text: str, canonical: str) -> None:
@@ -49,6 +55,12 @@ def test_valid_specs_round_trip(text: str, canonical: str) -> None:
     assert str(spec) == canonical
     assert parse_spec(str(spec)) == spec
     assert parse_spec(spec) is spec  # a parsed spec passes through
+
+
+def test_a_task_name_with_colons_is_targeted_whole() -> None:
+    spec = parse_spec("low_priority:send:sigkill@1")
+    assert spec.task == "low_priority:send"
+    assert spec.matches("low_priority:send") and not spec.matches("send")
 
 
 def test_a_spec_reads_into_steps_for_successive_deliveries() -> None:
@@ -101,6 +113,21 @@ MALFORMED = [
     ("ok(1)", "'ok(1)': 'ok' takes no argument and no @N"),
     ("sigkill(9)@1", "'sigkill(9)@1': 'sigkill' takes no argument"),
     ("@@", "cannot read '@@'"),
+    # ASCII digits only: a superscript or an Arabic-Indic digit is no number here
+    ("sigkill@\u00b2", "'\u00b2' in 'sigkill@\u00b2' is not a whole number >= 0"),
+    ("sigkill@\u0661", "'\u0661' in 'sigkill@\u0661' is not a whole number >= 0"),
+    ("exit(\u0663)@1", "'\u0663' in 'exit(\u0663)@1' is not a whole number >= 0"),
+    ("redeliver*\u0662", "'\u0662' in 'redeliver*\u0662' is not a whole number >= 0"),
+    ("sigkill@1000000", "'1000000' in 'sigkill@1000000' is too large (at most 6 digits)"),
+    ("exit(256)@1", "'exit(256)@1': an exit code is 0 to 255"),
+    (
+        "1abc:sigkill@1",
+        "'1abc' before the last ':' is not a task name (letters, digits, '_', '.', '-', ':')",
+    ),
+    (
+        "a b:sigkill@1",
+        "'a b' before the last ':' is not a task name (letters, digits, '_', '.', '-', ':')",
+    ),
 ]
 
 
@@ -111,6 +138,25 @@ def test_a_malformed_spec_names_the_bad_token_and_the_valid_forms(text: str, pro
     assert (
         str(raised.value) == f"invalid fault spec {text!r}: {problem}; valid forms: {VALID_FORMS}"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "length"),
+    [
+        ("sigkill@" + "9" * 5000, 5008),  # past Python's int-from-text limit
+        ("x" * 100_000, 100_000),
+        ("sigkill@1;" + "y" * 100_000, 100_010),
+        ("a" * 100_000 + ":sigkil@1", 100_009),
+    ],
+    ids=["5000-digits", "100KB-kind", "100KB-second-step", "100KB-task"],
+)
+def test_a_huge_spec_is_echoed_cut_short(text: str, length: int) -> None:
+    with pytest.raises(FaultSpecError) as raised:
+        parse_spec(text)
+    message = str(raised.value)
+    assert f"invalid fault spec {text[:60]!r}... ({length} characters): " in message
+    assert message.endswith(f"; valid forms: {VALID_FORMS}")
+    assert len(message) < 700 and "\n" not in message
 
 
 @pytest.mark.parametrize("text", ["", "   ", " ; ", "proj.charge:"])
@@ -245,6 +291,24 @@ BAD_MARKERS = [
     (
         "fault_sweep(hows=('bogus',))",
         re.escape("hows: 'bogus' is not a fault kind with a boundary"),
+    ),
+    (
+        "fault_sweep(max_effects=50000)",
+        re.escape(
+            "max_effects=50000: expected at most 100 (each kind at each boundary is a test "
+            "case of its own)"
+        ),
+    ),
+    ("celery_faults(seed=[1])", re.escape("seed=[1]: expected a whole number or None")),
+    ("celery_faults(seed='abc')", re.escape("seed='abc': expected a whole number or None")),
+    ("celery_faults(seed=True)", re.escape("seed=True: expected a whole number or None")),
+    (
+        "celery_faults(allow_unfired='no')",
+        re.escape("allow_unfired='no': expected True or False"),
+    ),
+    (
+        "celery_faults(profile=None)",
+        re.escape("profile=None: expected one of 'rabbitmq', 'redis', 'sqs'"),
     ),
 ]
 

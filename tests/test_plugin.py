@@ -46,15 +46,6 @@ def test_fixture_runs_a_task_through_the_emulated_worker(project: pytest.Pyteste
     project.runpytest("-p", "no:randomly").assert_outcomes(passed=1)
 
 
-def test_missing_app_setting_names_the_option(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_it="def test_x(celery_faults):\n    pass\n")
-    result = pytester.runpytest()
-    result.stdout.fnmatch_lines(
-        ["*celery_faults needs the app under test: set `celery_faults_app*"]
-    )
-    assert result.ret != 0
-
-
 def test_bad_command_line_spec_is_a_usage_error(project: pytest.Pytester) -> None:
     project.makepyfile(test_it="def test_x():\n    pass\n")
     result = project.runpytest("--celery-faults=sigkil@1")

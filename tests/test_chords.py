@@ -1,0 +1,151 @@
+"""Chords complete as the app's configured result backend completes them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from celery import Celery, chord
+
+from pytest_celery_faults import CeleryFaults
+
+REDIS = "redis://127.0.0.1:6379/15"  # named only: the harness never connects to it
+
+
+class Ledger:
+    """Rows keyed by order: writing one twice changes nothing (an idempotent task)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+        self.totals: list[int] = []
+
+    def write(self, key: str, value: int) -> None:
+        self.rows[key] = value
+
+    def record_total(self, value: int) -> None:
+        self.totals.append(value)
+
+
+ledger = Ledger()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_ledger() -> None:
+    ledger.rows.clear()
+    ledger.totals.clear()
+
+
+def chord_app(app: Celery, backend: str | None) -> tuple[Any, Any]:
+    if backend:
+        app.conf.result_backend = backend
+
+    @app.task(name="shop.line", shared=False, acks_late=True, reject_on_worker_lost=True)
+    def line(order: str, amount: int) -> int:
+        ledger.write(order, amount)
+        return amount
+
+    @app.task(name="shop.total", shared=False, acks_late=True, reject_on_worker_lost=True)
+    def total(amounts: list[int]) -> int:
+        ledger.write("total", sum(amounts))
+        return sum(amounts)
+
+    return line, total
+
+
+def run_two_line_chord(app: Celery, backend: str | None, *specs: str) -> tuple[Any, CeleryFaults]:
+    """Run ``chord([line a=1, line b=2], total)`` under ``specs``: its outcome and harness."""
+    line, total = chord_app(app, backend)
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(chord([line.s("a", 1), line.s("b", 2)], total.s()), *specs)
+    return outcome, faults
+
+
+def names_published(faults: CeleryFaults) -> list[str]:
+    return [event.task_name for event in faults.ledger if event.kind == "published"]
+
+
+def test_redis_chord_counts_in_the_backend_and_ignores_duplicate_header_results(
+    app: Celery,
+) -> None:
+    """Measured on Celery 5.7 with a Redis backend: under redelivery the body runs twice."""
+    outcome, faults = run_two_line_chord(app, REDIS, "redeliver")
+    assert (outcome.name, outcome.state, outcome.result) == ("shop.total", "SUCCESS", 3)
+    # one body dispatch, delivered twice by the spec; never a chord_unlock
+    assert names_published(faults) == ["shop.line", "shop.line", "shop.total"]
+    assert (outcome.deliveries, outcome.executions) == (2, 2)
+
+
+def test_redis_chord_body_gets_the_header_results_in_header_order(app: Celery) -> None:
+    line, total = chord_app(app, REDIS)
+
+    @app.task(name="shop.collect", shared=False)
+    def collect(amounts: list[int]) -> list[int]:
+        return amounts
+
+    with CeleryFaults(app) as faults:
+        header = [line.s(key, amount) for key, amount in (("a", 3), ("b", 1), ("c", 2))]
+        outcome = faults.run(chord(header, collect.s()))
+    assert outcome.result == [3, 1, 2]
+
+
+def test_redis_chord_with_a_failed_header_task_fails_the_body_with_a_chord_error(
+    app: Celery,
+) -> None:
+    line, total = chord_app(app, REDIS)
+
+    @app.task(name="shop.broken", shared=False)
+    def broken() -> int:
+        raise ValueError("no stock")
+
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(chord([line.s("a", 1), broken.s()], total.s()))
+    assert outcome.state == "FAILURE"
+    assert type(outcome.exception).__name__ == "ChordError"
+    assert "raised ValueError('no stock')" in str(outcome.exception)
+    assert "total" not in ledger.rows
+
+
+def test_a_chord_of_idempotent_tasks_is_idempotent_on_redis(app: Celery) -> None:
+    line, total = chord_app(app, REDIS)
+    signature = chord([line.s("a", 1), line.s("b", 2)], total.s())
+    with CeleryFaults(app) as faults:
+        faults.track((ledger, "write"))
+        scenarios = faults.assert_idempotent(
+            signature, observe=lambda: dict(ledger.rows), reset=ledger.rows.clear
+        )
+    assert scenarios and all(not scenario.failed for scenario in scenarios)
+
+
+def test_a_key_value_backend_with_incr_counts_with_celery_s_own_code(app: Celery) -> None:
+    outcome, faults = run_two_line_chord(app, "cache+memory://")
+    assert (outcome.state, outcome.result) == ("SUCCESS", 3)
+    assert names_published(faults) == ["shop.line", "shop.line", "shop.total"]
+
+
+def test_without_native_chords_celery_polls_with_chord_unlock_which_no_spec_binds(
+    app: Celery,
+) -> None:
+    outcome, faults = run_two_line_chord(app, None, "redeliver")
+    unlock = [o for o in faults.outcomes() if o.name == "celery.chord_unlock"]
+    assert (outcome.state, outcome.result) == ("SUCCESS", 3)
+    # the redelivery applies to the app's tasks, not to Celery's own poller
+    assert [(o.deliveries, o.faults) for o in unlock] == [(1, [])]
+    assert (outcome.deliveries, outcome.executions) == (2, 2)
+    assert faults.warnings == []  # chord_unlock's arguments (ids, a signature) are not checked
+
+
+def test_redis_chords_follow_the_installed_celery_on_duplicates(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before Celery 5.7 the Lua script counted a duplicate: an early one completes the set."""
+    import celery.backends.redis
+
+    from pytest_celery_faults import _celery_internals as internals
+
+    ignores = "SISMEMBER" in celery.backends.redis.CHORD_PART_RETURN_LUA
+    assert internals.redis_chords_ignore_duplicates() is ignores
+    monkeypatch.setattr(internals, "redis_chords_ignore_duplicates", lambda: False)
+    app.conf.worker_prefetch_multiplier = 1  # line a's second copy comes before line b
+    outcome, _ = run_two_line_chord(app, REDIS, "shop.line:redeliver")
+    # line a ran twice before line b: the count reached 2 with [1, 1]
+    assert (outcome.state, outcome.result, outcome.executions) == ("SUCCESS", 2, 1)
