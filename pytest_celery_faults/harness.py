@@ -49,7 +49,7 @@ from .history import LOSSES, NOT_IDEMPOTENT, History
 from .idempotency import Scenario, SweepReport
 from .outcome import Outcome, Timeline
 from .results import InMemoryResultBackend
-from .scheduler import Scheduler
+from .scheduler import Scheduler, current_stack
 from .worker import EmulatedWorker, ExecutionRecord, where_it_hung, worker_concurrency
 
 #: A drain that runs more executions than this has not converged (a task that requeues forever).
@@ -397,6 +397,13 @@ class CeleryFaults:
 
     def _drain_for_result(self) -> None:
         self._require_active()
+        if current_stack() is not None:
+            # A task on a stack of its own waits for a result (a chord's join):
+            # only the harness's thread may run the worker side.
+            raise RuntimeError(
+                "celery_faults: a task running beside others waited for a result that is "
+                "not ready; the emulated worker cannot run other tasks from inside it"
+            )
         self._drain()
 
     def _live_workers(self) -> list[EmulatedWorker]:
