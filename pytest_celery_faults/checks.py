@@ -7,9 +7,11 @@ under ``--celery-faults-strict``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable
+from types import CodeType
 from typing import Any
 
 from celery import Celery, signals
@@ -135,8 +137,15 @@ def _wraps(candidate: Any, task: Any) -> bool:
 
 
 def _calls_self_retry(function: Any) -> bool:
+    code = getattr(function, "__code__", None)
+    return _code_calls_self_retry(code) if code is not None else False
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_calls_self_retry(code: CodeType) -> bool:
+    """Read once per code object: each harness checks every task of the app as it starts."""
     try:
-        source = inspect.getsource(function)
+        source = inspect.getsource(code)
     except (OSError, TypeError):
         return False
     return "self.retry(" in source
