@@ -266,23 +266,26 @@ def sweep_once(harness: CeleryFaults, task: Any, pairs: bool) -> int:
     return len(report.scenarios) + 1  # and the baseline
 
 
-def memory_over(
-    harness: CeleryFaults, scenario: Callable[[], int], repeats: int
-) -> tuple[float, float, float, int]:
-    """Peak RSS before and after ``repeats`` calls, traced growth, and the scenarios run."""
+def memory_over(scenario: Callable[[], int], repeats: int, what: str) -> str:
+    """Peak RSS before and after ``repeats`` calls, traced growth after them and peak during."""
     scenario()  # warm caches before measuring
     gc.collect()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tracemalloc.start()
     first = tracemalloc.take_snapshot()
+    start, _ = tracemalloc.get_traced_memory()
     count = sum(scenario() for _ in range(repeats))
     gc.collect()
+    _, peak = tracemalloc.get_traced_memory()
     growth = sum(
         stat.size_diff for stat in tracemalloc.take_snapshot().compare_to(first, "filename")
     )
     tracemalloc.stop()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return before, after, growth / 1024, count
+    return (
+        f"memory over {count:,} {what}: peak RSS {before:.0f} -> {after:.0f} MiB; traced: "
+        f"{growth / 1024:+,.0f} KiB after, at most {(peak - start) / 2**20:+,.1f} MiB during"
+    )
 
 
 def measure(options: argparse.Namespace, meter: Meter) -> Table:
@@ -414,19 +417,12 @@ def memory_rows(
             harness.run(add_late.s(1, 2), "power_loss@0")
             return 1
 
-        before, after, growth, count = memory_over(harness, crash, scenarios)
-        table.note(
-            f"memory over {count:,} power_loss@0 scenarios: peak RSS {before:.0f} -> "
-            f"{after:.0f} MiB, traced growth {growth:+.0f} KiB"
-        )
+        table.note(memory_over(crash, scenarios, "power_loss@0 scenarios"))
         sweeps = 1 if options.quick else 3
-        before, after, growth, count = memory_over(
-            harness, lambda: sweep_once(harness, ten, pairs=True), sweeps
+        pairs = memory_over(
+            lambda: sweep_once(harness, ten, pairs=True), sweeps, "sweep scenarios with pairs"
         )
-        table.note(
-            f"memory over {count:,} sweep scenarios with pairs: peak RSS {before:.0f} -> "
-            f"{after:.0f} MiB, traced growth {growth:+.0f} KiB"
-        )
+        table.note(f"{pairs} (the sweep's report holds every scenario's outcome)")
 
 
 def profile(label: str, function: Callable[[], object], calls: int) -> str:

@@ -344,10 +344,13 @@ def _snapshotting_class(base: type[Any]) -> type[Any]:
 
     def __getitem__(self: Any, key: str) -> Any:  # noqa: N807
         snapshot = self.__dict__[_SNAPSHOT]
-        if key in snapshot and key not in self.changes:
+        changes = self.changes
+        if key in changes:
+            if self.prefix is None and self.key_t is None:
+                return changes[key]  # the first place Celery looks, when it spells keys as given
+        elif key in snapshot:
             return snapshot[key]
         value = lookup(self, key)
-        changes = self.changes
         if not any(variant in changes for variant in self._to_keys(key)):
             snapshot[key] = value  # found only in the defaults: the same object every time
         return value
