@@ -1,11 +1,26 @@
-"""Benchmark: the plugin's cost per scenario, side by side with task.apply() and start_worker.
+"""Benchmark: the plugin's cost per scenario, against task.apply() and the faithful floor.
 
-    python bench/run.py            # the table (about a minute on a 2-core machine)
-    python bench/run.py --quick    # fewer rounds, for a smoke run
-    python bench/run.py --profile  # also the top of a cProfile of each scenario kind
+    python bench/run.py                  # CPU time (process_time), the full table
+    python bench/run.py --timer wall     # wall-clock time instead
+    python bench/run.py --instructions   # instruction counts under valgrind (noise-free)
+    python bench/run.py --quick          # fewer calls, for a smoke run
+    python bench/run.py --profile        # also the top of a cProfile of each scenario kind
 
-Every figure is the median of several rounds measured in this one process, and
-every ratio is computed within this run (the machine is noisy; compare ratios).
+Two anchors are measured in the same run as everything else, and every cost is
+reported as a ratio to both:
+
+- ``task.apply()`` of a trivial task (the eager call, no message at all);
+- the *floor*: Celery's own steps of one real delivery and nothing of ours:
+  ``Task.apply_async`` to kombu's ``memory://`` transport, ``basic_get`` (a
+  kombu ``Message``), Celery's ``Request``, an in-process pool that calls
+  ``trace_task_ret`` (the trace and the result store), the ack, and reading the
+  result back from the backend.
+
+The machine is noisy: ``--timer cpu`` (the default) counts this process's CPU
+time, and ``--instructions`` runs the benchmark under ``valgrind
+--tool=callgrind``, counting the instructions between two markers (calls of
+``os.getppid``, on which callgrind dumps its counters) around each row. Under
+valgrind the threaded row (start_worker) and the memory rows are left out.
 It reports; it gates nothing.
 """
 
@@ -15,19 +30,27 @@ import argparse
 import cProfile
 import gc
 import io
+import json
 import logging
+import os
 import pstats
+import re
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
 from pytest_celery_faults import CeleryFaults
+from pytest_celery_faults import _celery_internals as internals
 
 effects: list[int] = []
 
@@ -55,19 +78,78 @@ def make_app(name: str) -> tuple[Celery, Any, Any, Any]:
     return app, add, add_late, ten
 
 
-def per_call(function: Callable[[], object], calls: int, rounds: int) -> float:
-    """Median seconds per call over ``rounds`` rounds of ``calls`` calls."""
-    samples = []
-    for _ in range(rounds):
-        gc.collect()
-        start = time.perf_counter()
-        for _ in range(calls):
-            function()
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+# -- the floor: Celery's own steps of one delivery, none of ours --------------------
 
 
-def start_worker_round_trip(calls: int, rounds: int) -> float:
+class FloorPool:
+    """billiard's ``apply_async`` contract, run inline: accept, run the target, callback."""
+
+    limit = 1
+
+    def apply_async(
+        self,
+        target: Callable[..., Any],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        callback: Callable[..., Any] | None = None,
+        accept_callback: Callable[[int, float], Any] | None = None,
+        **options: Any,
+    ) -> None:
+        if accept_callback is not None:
+            accept_callback(os.getpid(), time.monotonic())
+        value = target(*args, **(kwargs or {}))
+        if callback is not None:
+            callback(value)
+
+
+def floor_pipeline() -> Callable[[], object]:
+    """One scenario of the floor: publish, get, Request, trace, ack, read the result."""
+    app = Celery("bench-floor", set_as_current=False)
+    app.conf.broker_url = "memory://"
+    app.conf.result_backend = "cache+memory://"
+    app.conf.task_default_queue = "bench-floor"
+
+    @app.task(name="bench.floor_add", shared=False)
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    hostname = "celery@floor"
+    pool = FloorPool()
+    request_class = internals.request_class_for(add, pool, hostname, app)
+    accept = internals.accept_content(app)
+    channel = app.connection_for_read().default_channel
+    utc = app.uses_utc_timezone()
+    backend = app.backend
+
+    def scenario() -> object:
+        sent = add.apply_async((1, 2))
+        message = channel.basic_get("bench-floor")
+        message.accept = accept
+        request = request_class(
+            message,
+            on_ack=message.ack_log_error,
+            on_reject=message.reject_log_error,
+            app=app,
+            hostname=hostname,
+            task=add,
+            connection_errors=(),
+            body=message.body,
+            headers=message.headers,
+            decoded=False,
+            utc=utc,
+        )
+        with internals.current_app_set_to(app):  # as in a worker's child
+            request.execute_using_pool(pool)
+        meta = backend.get_task_meta(sent.id, cache=False)
+        if meta["result"] != 3:
+            raise AssertionError(f"the floor pipeline stored {meta!r}")
+        return meta
+
+    scenario()  # declares the queue, builds the tracer
+    return scenario
+
+
+def start_worker_round_trip() -> tuple[Callable[[], object], Callable[[], None]]:
     """celery.contrib.testing's start_worker on the memory transport, tuned (1 ms polling)."""
     from celery.contrib.testing.worker import start_worker
 
@@ -80,45 +162,267 @@ def start_worker_round_trip(calls: int, rounds: int) -> float:
     def add(x: int, y: int) -> int:
         return x + y
 
-    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
-        add.delay(1, 2).get(timeout=10, interval=0.001)  # warm up
-        return per_call(lambda: add.delay(1, 2).get(timeout=10, interval=0.001), calls, rounds)
+    worker = start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10)
+    worker.__enter__()
+    add.delay(1, 2).get(timeout=10, interval=0.001)  # warm up
+    return (
+        lambda: add.delay(1, 2).get(timeout=10, interval=0.001),
+        lambda: worker.__exit__(None, None, None),
+    )
 
 
-def sweep_rate(harness: CeleryFaults, task: Any, pairs: bool, rounds: int) -> tuple[float, int]:
-    """Scenarios per second of a full sweep of ``task`` (every kind, every boundary)."""
-    samples, count = [], 0
-    for _ in range(rounds):
-        start = time.perf_counter()
-        report = harness.sweep(task.s(), lambda: len(effects), effects.clear, pairs=pairs)
-        elapsed = time.perf_counter() - start
-        count = len(report.scenarios) + 1  # and the baseline
-        samples.append(count / elapsed)
-    return statistics.median(samples), count
+# -- measuring ------------------------------------------------------------------------
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def marker() -> None:
+    """Under ``--instructions``, callgrind dumps (and zeroes) its counters here."""
+    os.getppid()
 
 
-def memory_over(harness: CeleryFaults, task: Any, scenarios: int) -> tuple[float, float, float]:
-    """Peak RSS before and after ``scenarios`` reset-and-run scenarios, and traced growth."""
-    for _ in range(500):  # warm caches before measuring
-        harness.reset()
-        harness.run(task.s(1, 2), "power_loss@0")
+@dataclass
+class Meter:
+    """Cost per call of a callable: CPU or wall seconds, or instructions under valgrind."""
+
+    timer: str
+    calls: int
+    rounds: int
+    counting: bool = False  # inside valgrind: only mark phases, the parent reads counts
+    phases: list[tuple[str, int]] = field(default_factory=list)
+
+    def clock(self) -> float:
+        return time.perf_counter() if self.timer == "wall" else time.process_time()
+
+    def per_call(
+        self,
+        label: str,
+        function: Callable[[], object],
+        calls: int = 0,
+        warmups: int | None = None,
+    ) -> float:
+        calls = calls or self.calls
+        if self.counting:
+            for _ in range(max(calls // 10, 3) if warmups is None else warmups):
+                function()
+            gc.collect()
+            marker()
+            for _ in range(calls):
+                function()
+            marker()
+            self.phases.append((label, calls))
+            return float("nan")
+        samples = []
+        for _ in range(self.rounds):
+            gc.collect()
+            start = self.clock()
+            for _ in range(calls):
+                function()
+            samples.append((self.clock() - start) / calls)
+        return statistics.median(samples)
+
+
+@dataclass
+class Table:
+    meter: Meter
+    rows: list[tuple[str, float, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def cost(self, label: str, function: Callable[[], object], calls: int = 0) -> float:
+        value = self.meter.per_call(label, function, calls)
+        self.rows.append((label, value, "cost"))
+        return value
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def render(rows: list[tuple[str, float, str]], unit: str, notes: list[str]) -> str:
+    """The table: each cost, and its ratio to task.apply() and to the floor."""
+    costs = {label: value for label, value, kind in rows if kind == "cost"}
+    apply_cost = costs.get(APPLY, float("nan"))
+    floor_cost = costs.get(FLOOR, float("nan"))
+    width = max(len(label) for label, _, _ in rows)
+    scale = 1e6 if unit == "us" else 1.0
+    lines = [f"{'':<{width}}  {unit + ' per call':>14}  {'x apply()':>9}  {'x floor':>7}"]
+    for label, value, kind in rows:
+        if kind == "cost":
+            lines.append(
+                f"{label:<{width}}  {value * scale:>14,.1f}  "
+                f"{value / apply_cost:>8.2f}x  {value / floor_cost:>6.2f}x"
+            )
+        else:
+            lines.append(f"{label:<{width}}  {kind}")
+    return "\n".join([*lines, *notes])
+
+
+APPLY = "task.apply() of a trivial task"
+FLOOR = "floor: Celery's own delivery pipeline"
+
+
+# -- the scenarios ----------------------------------------------------------------------
+
+
+def sweep_once(harness: CeleryFaults, task: Any, pairs: bool) -> int:
+    report = harness.sweep(task.s(), lambda: len(effects), effects.clear, pairs=pairs)
+    return len(report.scenarios) + 1  # and the baseline
+
+
+def memory_over(scenario: Callable[[], int], repeats: int, what: str) -> str:
+    """Peak RSS before and after ``repeats`` calls, traced growth after them and peak during."""
+    scenario()  # warm caches before measuring
     gc.collect()
-    before = rss_mib()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tracemalloc.start()
     first = tracemalloc.take_snapshot()
-    for _ in range(scenarios):
-        harness.reset()
-        harness.run(task.s(1, 2), "power_loss@0")
+    start, _ = tracemalloc.get_traced_memory()
+    count = sum(scenario() for _ in range(repeats))
     gc.collect()
+    _, peak = tracemalloc.get_traced_memory()
     growth = sum(
         stat.size_diff for stat in tracemalloc.take_snapshot().compare_to(first, "filename")
     )
     tracemalloc.stop()
-    return before, rss_mib(), growth / 1024
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return (
+        f"memory over {count:,} {what}: peak RSS {before:.0f} -> {after:.0f} MiB; traced: "
+        f"{growth / 1024:+,.0f} KiB after, at most {(peak - start) / 2**20:+,.1f} MiB during"
+    )
+
+
+def measure(options: argparse.Namespace, meter: Meter) -> Table:
+    table = Table(meter)
+    app, add, add_late, ten = make_app("bench")
+    table.cost(APPLY, lambda: add.apply((1, 2)))
+    floor = floor_pipeline()
+    table.cost(FLOOR, floor)
+
+    with CeleryFaults(app) as harness:
+        harness.track(f"{__name__}.side_effect")
+
+        def scenario(task: Any, *specs: str) -> Callable[[], object]:
+            def one() -> object:
+                harness.reset()
+                return harness.run(task.s(1, 2), *specs)
+
+            return one
+
+        table.cost("fault-free: reset() + run()", scenario(add))
+        table.cost("fault-free, acks_late: reset() + run()", scenario(add_late))
+        table.cost("sigkill@0 + redelivery (acks_late)", scenario(add_late, "sigkill@0"))
+        table.cost("power_loss@0 + redelivery (acks_late)", scenario(add_late, "power_loss@0"))
+
+        def publish_only() -> object:
+            if len(harness.broker.queues.get("celery", ())) > 100:
+                harness.reset()
+            return add.apply_async((1, 2))
+
+        table.cost("  apply_async() alone, to the harness's broker", publish_only)
+        harness.reset()
+
+        sweep_calls = 2 if options.quick or meter.counting else 6
+        per_sweep = sweep_once(harness, ten, pairs=False)
+        seconds = table.meter.per_call(
+            "sweep", lambda: sweep_once(harness, ten, pairs=False), sweep_calls, warmups=1
+        )
+        table.rows.append(
+            (f"sweep of 10 effects, per scenario ({per_sweep})", seconds / per_sweep, "cost")
+        )
+        if not meter.counting:
+            table.note(f"sweep, 10 effects, singles: {1 / (seconds / per_sweep):,.0f} scenarios/s")
+        if not (meter.counting and options.quick):
+            sizes: list[int] = []
+            once = Meter(meter.timer, 1, 1, meter.counting, meter.phases)  # ~3,000 scenarios
+            elapsed = once.per_call(
+                "pairs", lambda: sizes.append(sweep_once(harness, ten, pairs=True)), 1, 0
+            )
+            paired = sizes[-1]
+            table.rows.append(
+                (
+                    f"sweep of 10 effects with pairs, per scenario ({paired})",
+                    elapsed / paired,
+                    "cost",
+                )
+            )
+            if not meter.counting:
+                table.note(f"sweep, 10 effects, with pairs: {paired / elapsed:,.0f} scenarios/s")
+
+    floor_app_publish = floor_publish_only()
+    table.cost("  apply_async() alone, floor app to memory://", floor_app_publish)
+
+    def fresh_harness() -> object:
+        with CeleryFaults(app) as fresh:
+            return fresh.run(add.s(1, 2))
+
+    table.cost(
+        "fault-free run(), fresh harness per scenario", fresh_harness, max(meter.calls // 4, 10)
+    )
+
+    if not meter.counting:
+        # Wall time is what a round trip through a polling worker costs; CPU time
+        # (all threads of this process) is shown too, since the machine may be busy.
+        for timer in ("wall", "cpu"):
+            round_trip, stop = start_worker_round_trip()
+            try:
+                timed = Meter(timer, max(meter.calls // 10, 20), meter.rounds)
+                worker = timed.per_call("start_worker", round_trip)
+            finally:
+                stop()
+            with CeleryFaults(app) as harness:
+                ours = timed.per_call("ours", scenario_on(harness, add))
+            table.note(
+                f"start_worker round trip (memory://, 1 ms polling), {timer}: "
+                f"{worker * 1e6:,.0f} us; fault-free reset()+run(): {ours * 1e6:,.0f} us: "
+                f"{worker / ours:.1f}x faster"
+            )
+        memory_rows(options, table, app, add_late, ten)
+    return table
+
+
+def scenario_on(harness: CeleryFaults, task: Any) -> Callable[[], object]:
+    def one() -> object:
+        harness.reset()
+        return harness.run(task.s(1, 2))
+
+    return one
+
+
+def floor_publish_only() -> Callable[[], object]:
+    app = Celery("bench-floor-publish", set_as_current=False)
+    app.conf.broker_url = "memory://"
+    app.conf.task_default_queue = "bench-floor-publish"
+
+    @app.task(name="bench.floor_publish", shared=False)
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    channel = app.connection_for_read().default_channel
+    add.apply_async((1, 2))
+
+    def publish() -> object:
+        sent = add.apply_async((1, 2))
+        channel.queue_purge("bench-floor-publish")
+        return sent
+
+    return publish
+
+
+def memory_rows(
+    options: argparse.Namespace, table: Table, app: Celery, add_late: Any, ten: Any
+) -> None:
+    scenarios = 2000 if options.quick else 10_000
+    with CeleryFaults(app) as harness:
+        harness.track(f"{__name__}.side_effect")
+
+        def crash() -> int:
+            harness.reset()
+            harness.run(add_late.s(1, 2), "power_loss@0")
+            return 1
+
+        table.note(memory_over(crash, scenarios, "power_loss@0 scenarios"))
+        sweeps = 1 if options.quick else 3
+        pairs = memory_over(
+            lambda: sweep_once(harness, ten, pairs=True), sweeps, "sweep scenarios with pairs"
+        )
+        table.note(f"{pairs} (the sweep's report holds every scenario's outcome)")
 
 
 def profile(label: str, function: Callable[[], object], calls: int) -> str:
@@ -129,122 +433,103 @@ def profile(label: str, function: Callable[[], object], calls: int) -> str:
     profiler.disable()
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
-    stats.sort_stats("cumulative").print_stats(18)
-    return f"--- {label}: cProfile, cumulative, {calls} calls ---\n{out.getvalue()}"
+    stats.sort_stats("tottime").print_stats(25)
+    return f"--- {label}: cProfile, internal time, {calls} calls ---\n{out.getvalue()}"
+
+
+# -- under valgrind -----------------------------------------------------------------------
+
+
+def count_instructions(argv: list[str]) -> int:
+    """Run this benchmark under callgrind and print the table in instructions per call."""
+    python = os.path.realpath(sys.executable)  # valgrind does not follow shell shims
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "cg.out"
+        phases_file = Path(directory) / "phases.json"
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--dump-before=getppid",
+            f"--callgrind-out-file={out}",
+            python,
+            __file__,
+            *[arg for arg in argv if arg != "--instructions"],
+            "--counting",
+            str(phases_file),
+        ]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            sys.stderr.write(done.stderr[-4000:])
+            return done.returncode
+        phases = json.loads(phases_file.read_text())
+        totals = {}
+        for dump in Path(directory).glob("cg.out.*"):
+            match = re.search(r"^totals:\s+(\d+)", dump.read_text(), re.MULTILINE)
+            totals[int(dump.name.rsplit(".", 1)[1])] = int(match.group(1)) if match else 0
+    rows = [
+        (label, totals[2 * (index + 1)] / calls, "cost")
+        for index, (label, calls) in enumerate(phases["rows"])
+    ]
+    rows = [relabel(row, phases["sizes"]) for row in rows]
+    print(
+        "pytest-celery-faults benchmark: instructions per call under callgrind "
+        f"({sys.version.split()[0]})"
+    )
+    print(render(rows, "Ir", []))
+    return 0
+
+
+def relabel(row: tuple[str, float, str], sizes: dict[str, int]) -> tuple[str, float, str]:
+    """A sweep's cost per call is per sweep: make it per scenario, as the table shows it."""
+    label, value, kind = row
+    if label in sizes:
+        what = "with pairs, " if label == "pairs" else ""
+        return (
+            f"sweep of 10 effects {what}per scenario ({sizes[label]})",
+            value / sizes[label],
+            kind,
+        )
+    return row
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="fewer calls (smoke run)")
+    parser.add_argument("--timer", choices=("cpu", "wall"), default="cpu")
+    parser.add_argument(
+        "--instructions", action="store_true", help="instruction counts under valgrind"
+    )
+    parser.add_argument("--counting", metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="print cProfile tops too")
     options = parser.parse_args(argv)
+    if options.instructions:
+        return count_instructions(argv)
     # Celery logs every WorkerLostError it handles; the scenarios cause thousands.
     logging.getLogger("celery").setLevel(logging.CRITICAL)
     calls, rounds = (200, 3) if options.quick else (1000, 7)
-    memory_scenarios = 2000 if options.quick else 10_000
-
-    app, add, add_late, ten = make_app("bench")
-    rows: list[tuple[str, str, str]] = []
-    floor = per_call(lambda: add.apply((1, 2)), calls, rounds)
-    rows.append(("task.apply() of a trivial task (the floor)", f"{floor * 1e6:8.1f} us", "1.0x"))
-
-    def ratio(seconds: float) -> str:
-        return f"{seconds / floor:.1f}x"
-
-    with CeleryFaults(app) as harness:
-        harness.track(f"{__name__}.side_effect")
-        run = per_call(lambda: harness.run(add.s(1, 2)), calls, rounds)
-        rows.append(("fault-free run(), one active harness", f"{run * 1e6:8.1f} us", ratio(run)))
-
-        # Where a fault-free run's time goes: Celery's own publish path (send_task,
-        # as_task_v2, kombu's Producer) against everything after it.
-        def publish_rounds() -> float:
-            harness.reset()
-            return per_call(lambda: add.apply_async((1, 2)), calls, 1)
-
-        publish = statistics.median(publish_rounds() for _ in range(rounds))
-        harness.reset()
-        rows.append(
-            ("  of which apply_async() publishing it", f"{publish * 1e6:8.1f} us", ratio(publish))
-        )
-        rows.append(
-            (
-                "  of which delivery, Request, trace, ack, result",
-                f"{(run - publish) * 1e6:8.1f} us",
-                ratio(run - publish),
-            )
-        )
-
-        def reset_run(spec: str | None) -> Callable[[], object]:
-            def scenario() -> object:
-                harness.reset()
-                return harness.run(add_late.s(1, 2), *([spec] if spec else []))
-
-            return scenario
-
-        for label, spec in (("fault-free", None), ("sigkill@0 + redelivery", "sigkill@0")):
-            cost = per_call(reset_run(spec), calls, rounds)
-            rows.append((f"{label}, reset() per scenario", f"{cost * 1e6:8.1f} us", ratio(cost)))
-        power = per_call(reset_run("power_loss@0"), calls, rounds)
-        rows.append(
-            (
-                "power_loss@0 + redelivery, reset() per scenario",
-                f"{power * 1e6:8.1f} us",
-                ratio(power),
-            )
-        )
-
-    def fresh_harness() -> object:
-        with CeleryFaults(app) as fresh:
-            return fresh.run(add.s(1, 2))
-
-    fresh = per_call(fresh_harness, calls // 4, rounds)
-    rows.append(
-        ("fault-free run(), fresh harness per scenario", f"{fresh * 1e6:8.1f} us", ratio(fresh))
+    if options.counting:
+        calls, rounds = (100, 1) if options.quick else (300, 1)
+    meter = Meter(options.timer, calls, rounds, counting=bool(options.counting))
+    table = measure(options, meter)
+    if options.counting:
+        sizes = {
+            ("pairs" if "pairs" in label else "sweep"): int(label.rsplit("(", 1)[1].rstrip(")"))
+            for label, _, _ in table.rows
+            if label.startswith("sweep of 10 effects")
+        }
+        Path(options.counting).write_text(json.dumps({"rows": meter.phases, "sizes": sizes}))
+        return 0
+    print(
+        f"pytest-celery-faults benchmark: {options.timer} time, median of {rounds} rounds "
+        f"of {calls} calls ({sys.version.split()[0]})"
     )
-
-    worker = start_worker_round_trip(max(calls // 10, 20), rounds)
-    rows.append(
-        (
-            "start_worker round trip, memory://, 1 ms polling",
-            f"{worker * 1e6:8.1f} us",
-            ratio(worker),
-        )
-    )
-    rows.append(("  start_worker / fault-free run()", f"{worker / run:.1f}x faster", ""))
-
-    with CeleryFaults(app) as harness:
-        harness.track(f"{__name__}.side_effect")
-        singles, single_count = sweep_rate(harness, ten, pairs=False, rounds=max(rounds // 2, 1))
-        paired, pair_count = sweep_rate(harness, ten, pairs=True, rounds=1)
-        rows.append(
-            (f"sweep, 10 effects, singles ({single_count} scenarios)", f"{singles:8.0f} /s", "")
-        )
-        rows.append(
-            (f"sweep, 10 effects, with pairs ({pair_count} scenarios)", f"{paired:8.0f} /s", "")
-        )
-        before, after, growth = memory_over(harness, add_late, memory_scenarios)
-        rows.append(
-            (
-                f"peak RSS before / after {memory_scenarios} scenarios",
-                f"{before:.0f} / {after:.0f} MiB",
-                f"traced {growth:+.0f} KiB",
-            )
-        )
-
-    width = max(len(label) for label, _, _ in rows)
-    print(f"pytest-celery-faults benchmark ({rounds} rounds of {calls} calls, medians)")
-    for label, value, note in rows:
-        print(f"{label:<{width}}  {value:>16}  {note}")
-
+    print(render(table.rows, "us", table.notes))
     if options.profile:
+        app, add, add_late, _ = make_app("bench-profile")
         with CeleryFaults(app) as harness:
-            print(profile("fault-free run()", lambda: harness.run(add.s(1, 2)), 2000))
-            print(
-                profile(
-                    "power_loss@0", lambda: harness.run(add_late.s(1, 2), "power_loss@0"), 2000
-                )
-            )
+            print(profile("fault-free reset() + run()", scenario_on(harness, add), 2000))
+            print(profile("floor", floor_pipeline(), 2000))
     return 0
 
 

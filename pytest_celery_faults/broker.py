@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kombu.connection import Connection
+from kombu.messaging import Producer
 from kombu.transport import TRANSPORT_ALIASES, virtual
 
 from .clock import VirtualClock
@@ -171,6 +172,8 @@ class InMemoryBroker:
         self._dropped_acks: dict[str, Callable[[], None]] = {}
         self._held: dict[str, int] = {}  # task id -> copies ready or unacked here
         self._tags = itertools.count(1)
+        #: The tags kombu's ``basic_publish`` stamps on a message (ours replace them on delivery).
+        self.publish_tags = itertools.count(1)
         self.closed = False
         #: Told the consumer tag whose channel the broker closed (``consumer_timeout``).
         self.channel_closed: list[Callable[[str], None]] = []
@@ -491,6 +494,12 @@ class Channel(virtual.Channel):
     body_encoding = None  # type: ignore[assignment]  # bytes stay bytes: no base64 round trip
     do_restore = False
 
+    def _next_delivery_tag(self) -> str:
+        # kombu stamps a uuid4 on each published message; a counter is as unique
+        # here and much cheaper. It never starts with the broker's name, so an ack
+        # of a message taken by ``basic_get`` goes to kombu's own QoS, as before.
+        return f"published.{next(self.broker.publish_tags)}"
+
     @property
     def broker(self) -> InMemoryBroker:
         return self.connection.broker  # type: ignore[no-any-return]
@@ -530,6 +539,71 @@ class Channel(virtual.Channel):
             self.broker.reject(delivery_tag, requeue)
         else:
             super().basic_reject(delivery_tag, requeue)  # type: ignore[no-untyped-call]
+
+
+class BoundProducer(Producer):
+    """kombu's ``Producer``, bound to one channel until a publish raises.
+
+    ``maybe_declare`` reads kombu's declared-entities cache (the very check
+    ``kombu.common.maybe_declare`` makes) before kombu binds a copy of the
+    entity to the channel only to find it there; a miss declares as kombu does.
+    """
+
+    pool: BoundProducerPool
+
+    def maybe_declare(self, entity: Any, retry: bool = False, **retry_policy: Any) -> Any:
+        if (
+            entity
+            and entity.can_cache_declaration
+            and hash(entity) in self.channel.connection.client.declared_entities
+        ):
+            return False
+        return super().maybe_declare(entity, retry, **retry_policy)  # type: ignore[no-untyped-call]
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # kombu replaces (closes) the pooled connection of a producer that
+        # raised; the next publish then binds a new producer, as kombu's pool would.
+        super().__exit__(exc_type, exc, tb)
+        if exc_type is not None:
+            self.pool.forget(self)
+
+
+class BoundProducerPool:
+    """A producer pool of one producer that stays bound, as ``app.amqp.producer_pool``.
+
+    kombu's ``ProducerPool`` unbinds a producer on release and binds it to a
+    channel again on the next acquire (a new channel, the exchange revived);
+    publishing is the same on one channel kept for the harness's life. Every
+    publish still goes through ``Task.apply_async`` and ``Producer.publish``.
+    """
+
+    def __init__(self, connections: Any) -> None:
+        self.connections = connections  # Celery reads connections.connection.transport
+        self.limit = connections.limit
+        self._connection: Connection | None = None
+        self._producer: BoundProducer | None = None
+
+    def acquire(self, block: bool = False, timeout: float | None = None) -> BoundProducer:
+        producer = self._producer
+        if producer is None:
+            self._connection = self.connections.acquire(block=True, timeout=timeout)
+            producer = BoundProducer(self._connection)  # type: ignore[no-untyped-call]
+            producer.pool = self
+            self._producer = producer
+        return producer  # its release() (on leaving ``with``) does nothing: it stays bound
+
+    def forget(self, producer: BoundProducer) -> None:
+        """``producer``'s connection was replaced in its pool: bind a new one next time."""
+        if producer is self._producer:
+            self._producer = self._connection = None
+
+    def release(self, resource: Any) -> None:
+        """Nothing to give back: the one producer stays bound."""
+
+    def force_close_all(self) -> None:
+        if self._connection is not None:
+            self._connection.release()
+        self._producer = self._connection = None
 
 
 class Transport(virtual.Transport):

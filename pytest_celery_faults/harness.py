@@ -26,6 +26,7 @@ from . import _celery_internals as internals
 from . import idempotency
 from .broker import (
     TRANSPORT_OPTION,
+    BoundProducerPool,
     BrokerEvent,
     BrokerProfile,
     Delivery,
@@ -169,7 +170,14 @@ class CeleryFaults:
         self._installed.__enter__()
         self._tracers.__enter__()
         self._code_summaries.__enter__()
-        self._jitter.__enter__()
+        self._caches = [
+            self._jitter,
+            internals.producer_pool_replaced(app, BoundProducerPool(app.pool)),
+            internals.default_settings_snapshot(app),
+            internals.caret_anchors_cached(),
+        ]
+        for cache in self._caches:
+            cache.__enter__()
         self.warnings: list[str] = []
         self.checks = Checks(app, self._warn)
         self.checks.start()
@@ -202,7 +210,8 @@ class CeleryFaults:
                 request_ids |= worker.request_ids
                 worker.close()
             internals.forget_worker_state(request_ids)
-            self._jitter.__exit__(None, None, None)
+            for cache in reversed(self._caches):
+                cache.__exit__(None, None, None)
             self._code_summaries.__exit__(None, None, None)
             self._tracers.__exit__(None, None, None)
             self._installed.__exit__(None, None, None)

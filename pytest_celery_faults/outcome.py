@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TimelineEntry:
     """One line of a story: when (virtual seconds since the harness began), what, how deep.
 
@@ -35,20 +35,26 @@ class Timeline:
     """Entries in the order they happened; ``str()`` reads as a story."""
 
     entries: list[TimelineEntry] = field(default_factory=list)
-    _by_task: dict[str | None, list[TimelineEntry]] = field(default_factory=dict, repr=False)
+    #: Entries by task id, built when first asked for (outcomes keep a timeline each).
+    _by_task: dict[str | None, list[TimelineEntry]] | None = field(default=None, repr=False)
 
     def add(self, entry: TimelineEntry) -> None:
         self.entries.append(entry)
-        self._by_task.setdefault(entry.task_id, []).append(entry)
+        if self._by_task is not None:
+            self._by_task.setdefault(entry.task_id, []).append(entry)
 
     def clear(self) -> None:
         self.entries.clear()
-        self._by_task.clear()
+        self._by_task = None
 
     def for_task(self, task_id: str) -> Timeline:
         """The entries about ``task_id``, in order."""
-        entries = list(self._by_task.get(task_id, ()))
-        return Timeline(entries, {task_id: list(entries)})
+        by_task = self._by_task
+        if by_task is None:
+            by_task = self._by_task = {}
+            for entry in self.entries:
+                by_task.setdefault(entry.task_id, []).append(entry)
+        return Timeline(list(by_task.get(task_id, ())))
 
     def texts(self) -> list[str]:
         return [entry.text for entry in self.entries]
