@@ -300,3 +300,17 @@ def cancel_active_requests(pool: Any) -> None:
     from celery.worker.consumer.consumer import Consumer
 
     Consumer.cancel_active_requests(SimpleNamespace(pool=pool))
+
+
+def lose_ack_on_a_virtual_transport(message: Any) -> None:
+    """The worker forgets a delivery as if it had acked it; the broker never hears of it.
+
+    Real-broker mode's ``ack_lost`` on Redis (kombu's virtual transport): the
+    channel's QoS drops the tag from its in-memory bookkeeping (the base
+    ``virtual.QoS.ack``, which frees the prefetch slot), while Redis keeps the
+    message in its unacked hash, to be restored once the visibility timeout
+    has passed, as after a connection that died before the ack went out.
+    """
+    from kombu.transport import virtual
+
+    virtual.QoS.ack(message.channel.qos, message.delivery_tag)
