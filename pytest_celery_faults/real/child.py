@@ -33,6 +33,8 @@ from .waiting import polls
 ACK_WAIT_SECONDS = 5.0
 #: The ack usually lands within milliseconds; look often, the task is waiting.
 ACK_POLL_SECONDS = 0.005
+#: After signalling a warm shutdown, the body waits this long before going on.
+SHUTDOWN_SETTLE_SECONDS = 0.5
 #: Waiting for a time limit or a shutdown: longer than any limit a plan allows.
 KILL_WAIT_SECONDS = LONGEST_TIME_LIMIT + 15.0
 
@@ -50,6 +52,7 @@ class ChildFaults:
         self.acks_early = False
         self.step: Step | None = None
         self.effects = 0
+        self.in_chord_return = False
         self.track(self.plan.track)
 
     @property
@@ -102,6 +105,8 @@ class ChildFaults:
         number = self.count("start", task_id) + 1
         self.current, self.effects, self.delivery = task_id, 0, number
         self.acks_early = task is not None and not task.acks_late
+        if task is not None:
+            self.watch_chord_returns(task.backend)
         self.step = Bindings(self.plan).steps_for(task_id, name, number)
         if self.step is not None and self.step.kind == "ack_lost":
             self.step = None  # the parent loses the ack (worker_main)
@@ -126,9 +131,30 @@ class ChildFaults:
         self.current, self.step = None, None
 
     def on_publish(self, sender: str | None = None, **_: Any) -> None:
-        """A task the body published: a side effect, as the emulation counts it."""
-        if self.current is not None:
+        """A task the body published: a side effect, as the emulation counts it.
+
+        Not a chord's body, which the result backend publishes once the last
+        header task is stored: the emulation's backend does that outside the
+        execution too.
+        """
+        if self.current is not None and not self.in_chord_return:
             self._after_effect(f"publish {sender}")
+
+    def watch_chord_returns(self, backend: Any) -> None:
+        """Know when ``backend`` is publishing a chord's body (once per backend object)."""
+        if getattr(backend, "_celery_faults_watched", False):
+            return
+        original = backend.on_chord_part_return
+
+        def on_chord_part_return(*args: Any, **kwargs: Any) -> Any:
+            self.in_chord_return = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.in_chord_return = False
+
+        backend.on_chord_part_return = on_chord_part_return
+        backend._celery_faults_watched = True
 
     # -- side effects -----------------------------------------------------------
 
@@ -167,8 +193,8 @@ class ChildFaults:
         if step is None:
             return
         kind = step.kind
-        if kind == "power_loss":
-            self.await_early_ack()
+        if kind in ("power_loss", "warm_shutdown"):
+            self.await_early_ack()  # a stopping worker sends no ack it has not sent yet
         self.record(event="fault", task_id=self.current, spec=str(step), after=self.effects)
         if kind == "exit":
             sys.exit(step.code)
@@ -180,7 +206,10 @@ class ChildFaults:
             # The runner started the worker as the leader of its own process group.
             os.killpg(os.getpgid(0), signal.SIGKILL)
         if kind == "warm_shutdown":
-            os.kill(os.getppid(), signal.SIGTERM)  # the body goes on to its end
+            os.kill(os.getppid(), signal.SIGTERM)
+            # The body goes on to its end once the worker has begun to stop, not in a
+            # race with the signal handler (SHUTDOWN_SETTLE_SECONDS).
+            time.sleep(SHUTDOWN_SETTLE_SECONDS)
             return
         if kind == "soft_timeout":
             self._wait_to_be_ended(soft_ends_it=True)

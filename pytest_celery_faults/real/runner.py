@@ -303,8 +303,11 @@ class RealBrokerRunner:
 
     def _publish_and_wait(self, signature: Any, ids: list[str], timeout: float) -> int:
         from celery.canvas import Signature
+        from kombu.utils.json import dumps, loads
 
-        canvas = Signature.from_dict(dict(signature), app=self.client)
+        # Through JSON: from_dict binds the signatures it is given to the client app, and
+        # the caller's signature must stay bound to its own (the emulation publishes it next).
+        canvas = Signature.from_dict(loads(dumps(signature)), app=self.client)
         canvas.apply_async(queue=self.queue)
         deaths = 0
         # Without news for this long (and nothing settled), what is missing is lost.
@@ -327,9 +330,9 @@ class RealBrokerRunner:
                 if time.monotonic() - settled_at > max(grace, FAULT_SETTLE_SECONDS * deaths):
                     break
             elif time.monotonic() - last_news > (
-                REACTION_SECONDS if self._awaiting_reaction(ids, records) else quiet
+                REACTION_SECONDS if not records or self._awaiting_reaction(ids, records) else quiet
             ):
-                break
+                break  # no record at all yet: the worker may still be reconnecting
         return deaths
 
     def _settled(self, ids: list[str], records: list[dict[str, Any]]) -> float | None:
@@ -355,6 +358,10 @@ class RealBrokerRunner:
             starts = [r for r in own if r["event"] == "start"]
             if starts and starts[-1]["delivery"] != ends[-1]["delivery"]:
                 return None  # a later delivery is running
+        for task_id in self._seen_ids(ids, records):
+            own = [r for r in records if r.get("task_id") == task_id]
+            if own and own[-1]["event"] == "received":
+                return None  # delivered again, waiting for a child
         return grace
 
     def _awaiting_reaction(self, ids: list[str], records: list[dict[str, Any]]) -> bool:

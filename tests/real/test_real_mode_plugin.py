@@ -63,6 +63,7 @@ def run_with_broker(pytester: pytest.Pytester, url: str, test: str) -> pytest.Ru
     return pytester.runpytest_subprocess("-p", "no:randomly", f"--celery-faults-broker={url}")
 
 
+@pytest.mark.parametrize("runner", ["rabbitmq"], indirect=True)
 def test_runs_are_checked_on_a_real_worker(pytester: pytest.Pytester, runner: Any) -> None:
     result = run_with_broker(
         pytester,
@@ -128,10 +129,10 @@ def test_a_fault_a_real_worker_cannot_have_is_refused_in_one_line(
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(
         [
-            "E * RealModeRefused: real-broker mode cannot run this: timeout@1: a real worker "
+            "E *RealModeRefused: real-broker mode cannot run this: timeout@1: a real worker "
             "only times a task out under its time_limit, and proj.job has none "
             "(set time_limit= on the task or task_time_limit)",
-            "E * RealModeRefused: real-broker mode cannot run this: proj.job:cold_shutdown@2: "
+            "E *RealModeRefused: real-broker mode cannot run this: proj.job:cold_shutdown@2: "
             "a real worker's cold shutdown (SIGQUIT to its main process) did not reliably cut *",
         ]
     )
