@@ -400,13 +400,13 @@ def celery_faults(
     specs = list(settings.specs)
     if _celery_faults_sweep_case is not None:
         specs.append(_celery_faults_sweep_case)
+    comparison = None  # real-broker mode: every run() also on a real worker
     harness.start()
     try:
         harness.inject(*specs)
         for spec in config.getoption("celery_faults_specs", default=[]) or []:
             harness.arm_suite_wide(spec)
         request.node.stash[harness_key] = harness
-        comparison = None
         if broker_url:
             from .real.compare import RealComparison
 

