@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+from ..faults import parse_spec
 from .plan import (
     LONGEST_TIME_LIMIT,
     PLAN_ENV,
@@ -285,8 +286,6 @@ class RealBrokerRunner:
         plain = getattr(signature, "subtask_type", None) is None
         planned = []
         for text in specs:
-            from ..faults import parse_spec
-
             parsed = parse_spec(text)
             bind_here = plain and not parsed.redeliver and parsed.task in (None, signature.task)
             planned.append(PlannedSpec(str(parsed), ids[0] if bind_here else None))
