@@ -56,11 +56,15 @@ def locked():
 """
 
 
-def run_with_broker(pytester: pytest.Pytester, url: str, test: str) -> pytest.RunResult:
+def run_with_broker(
+    pytester: pytest.Pytester, url: str, test: str, *options: str
+) -> pytest.RunResult:
     pytester.makepyfile(proj=APP)
     pytester.makeini("[pytest]\ncelery_faults_app = proj:app\n")
     pytester.makepyfile(test_it=test)
-    return pytester.runpytest_subprocess("-p", "no:randomly", f"--celery-faults-broker={url}")
+    return pytester.runpytest_subprocess(
+        "-p", "no:randomly", f"--celery-faults-broker={url}", *options
+    )
 
 
 @pytest.mark.parametrize("runner", ["rabbitmq"], indirect=True)
@@ -107,6 +111,25 @@ def test_marker_specs_the_tests_settings_and_ignored_results_reach_the_worker(
         """,
     )
     result.assert_outcomes(passed=2)
+
+
+@pytest.mark.parametrize("runner", ["redis"], indirect=True)
+def test_suite_wide_specs_reach_the_worker(pytester: pytest.Pytester, runner: Any) -> None:
+    """Without the redelivery on the real broker, the real task would run once."""
+    result = run_with_broker(
+        pytester,
+        runner.broker_url,
+        """
+        import proj
+
+        def test_job(celery_faults):
+            celery_faults.track("proj.effect")
+            outcome = celery_faults.run(proj.job.s())
+            assert (outcome.executions, outcome.faults) == (2, ["redeliver"])
+        """,
+        "--celery-faults=proj.job:redeliver",
+    )
+    result.assert_outcomes(passed=1)
 
 
 @pytest.mark.parametrize("runner", ["redis"], indirect=True)
