@@ -140,7 +140,7 @@ class RealComparison:
         before = {outcome.task_id for outcome in harness.outcomes()}
         outcome = self._emulated_run(signature, *specs)
         emulated = [o for o in harness.outcomes() if o.task_id not in before]
-        check(self.runner, harness, reals, emulated, texts + waiting)
+        check(self.runner, harness, reals, emulated, texts + waiting, isolated=restore is not None)
         return outcome
 
 
@@ -150,6 +150,8 @@ def check(
     reals: list[RealOutcome],
     emulated_outcomes: list[Outcome],
     specs: list[str],
+    *,
+    isolated: bool = True,
 ) -> None:
     """Fail, naming each difference, when the real worker did not do what the emulation did."""
     __tracebackhide__ = True
@@ -164,7 +166,14 @@ def check(
                 + f"\n  emulated timeline:\n{emulated.timeline}"
             )
     if problems:
+        hint = (
+            ""
+            if isolated
+            else "\n  (the emulated run started from the state the real run left: if the "
+            "task reads external state, say how to put it back with the "
+            "celery_faults_real_isolation fixture)"
+        )
         raise AssertionError(
             f"the real worker on {runner.broker_url} disagrees with the emulation under "
-            f"{'; '.join(specs) or 'no fault'!r}:\n  " + "\n  ".join(problems)
+            f"{'; '.join(specs) or 'no fault'!r}:\n  " + "\n  ".join(problems) + hint
         )
