@@ -614,3 +614,17 @@ def caret_anchors_cached() -> Iterator[None]:
                 setattr(traceback, _CARET_ANCHORS, _caret_originals.pop("extract"))
             if "show" in _caret_originals:
                 setattr(summary, _SHOW_CARETS, _caret_originals.pop("show"))
+
+
+def lose_ack_on_a_virtual_transport(message: Any) -> None:
+    """The worker forgets a delivery as if it had acked it; the broker never hears of it.
+
+    Real-broker mode's ``ack_lost`` on Redis (kombu's virtual transport): the
+    channel's QoS drops the tag from its in-memory bookkeeping (the base
+    ``virtual.QoS.ack``, which frees the prefetch slot), while Redis keeps the
+    message in its unacked hash, to be restored once the visibility timeout
+    has passed, as after a connection that died before the ack went out.
+    """
+    from kombu.transport import virtual
+
+    virtual.QoS.ack(message.channel.qos, message.delivery_tag)

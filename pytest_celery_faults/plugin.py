@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -467,6 +467,18 @@ def _celery_faults_real_runner(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 
 @pytest.fixture
+def celery_faults_real_isolation() -> Callable[[], Callable[[], object]] | None:
+    """Real-broker mode runs each scenario twice: on the real worker, then emulated.
+
+    Override this fixture to return a callable that saves the state your tasks
+    change (database rows, Redis keys) and returns another that puts it back;
+    it is called before the real run and its result after it, so the emulated
+    run starts from the same state. Default: ``None`` (nothing is saved).
+    """
+    return None
+
+
+@pytest.fixture
 def _celery_faults_sweep_case(request: pytest.FixtureRequest) -> str | None:
     """The spec of this ``fault_sweep`` case, or ``None`` outside a sweep."""
     return getattr(request, "param", None)
@@ -503,6 +515,7 @@ def celery_faults(
         specs.append(_celery_faults_sweep_case)
     stack = bool(config.getoption("celery_faults_stack", default=False))
     harness.stack_suite_wide = stack
+    comparison = None  # real-broker mode: every run() also on a real worker
     harness.start()
     try:
         harness.inject(*specs)
@@ -511,15 +524,15 @@ def celery_faults(
                 harness.arm_suite_wide(spec)
         request.node.stash[harness_key] = harness
         if broker_url:
-            from functools import partial
-
-            from .real.compare import check_against_real
+            from .real.compare import RealComparison
 
             runner = request.getfixturevalue("_celery_faults_real_runner")
-            runner.track = harness.tracked  # the child tracks what the test tracks
-            harness.after_run.append(partial(check_against_real, runner))
+            isolation = request.getfixturevalue("celery_faults_real_isolation")
+            comparison = RealComparison(harness, runner, isolation)
         yield harness
     finally:
+        if comparison is not None:
+            comparison.uninstall()
         harness.stop()
     record = record_harness(request.node.nodeid, harness, specs, list(harness.warnings))
     record.verdict = request.node.stash.get(verdict_key, "passed")

@@ -1,50 +1,179 @@
-"""Compare an emulated outcome with what a real worker does under the same fault."""
+"""Compare an emulated outcome with what a real worker did under the same faults.
+
+A view is what both sides can observe: the fate (state, exception, lost), the
+result, the retries, the executions, each delivery's side effects, and the
+faults that fired. :class:`RealComparison` runs the real worker first, gives
+the test a chance to put its state back (so neither run sees the other's),
+then the emulation, and fails on any difference, naming it.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
-from ..faults import FaultSpec
+from ..faults import FaultSpec, parse_spec
 from ..outcome import Outcome
-from .runner import RealBrokerRunner, normalise_exception
+from .plan import RealModeRefused, refusal, task_settings
+from .runner import RealBrokerRunner, RealOutcome, exception_text
 
 READY = ("SUCCESS", "FAILURE", "REVOKED")
 
+#: Saves the state a run changes; returns what puts it back (a test's isolation hook).
+Isolation = Callable[[], Callable[[], object]]
 
-def emulated_view(outcome: Outcome) -> dict[str, Any]:
-    exception = outcome.exception
-    text = f"{type(exception).__name__}: {exception}" if exception is not None else None
-    return {
+
+def _plain(value: Any) -> Any:
+    """A result as JSON sees it: a tuple and a list are the same result on a real backend."""
+    try:
+        return json.loads(json.dumps(value, default=repr))
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _effect_label(kind: str, label: str) -> str:
+    if kind == "publish":
+        return f"publish {label.split(' to ')[0]}"
+    return label
+
+
+def emulated_view(outcome: Outcome, harness: Any = None) -> dict[str, Any]:
+    """The emulation's side; with its harness, per-delivery executions and side effects too."""
+    view: dict[str, Any] = {
         "executions": outcome.executions,
         "state": outcome.state,
-        "exception": normalise_exception(text),
-        "lost": outcome.state not in READY,
+        "exception": exception_text(outcome.exception),
+        "lost": outcome.lost and outcome.state not in READY,
+        "result": _plain(outcome.result),
+        "retries": outcome.retries,
+        "faults": list(outcome.faults),
     }
+    if harness is not None:
+        effects = harness.effects.for_task(outcome.task_id)
+        view["deliveries"] = [
+            (
+                record.started,
+                [_effect_label(e.kind, e.label) for e in effects if e.delivery == record.delivery],
+            )
+            for record in harness.records
+            if record.task_id == outcome.task_id
+        ]
+    return view
 
 
-def check_against_real(
-    runner: RealBrokerRunner, signature: Any, specs: tuple[str | FaultSpec, ...], emulated: Outcome
-) -> None:
-    """Run ``signature`` under ``specs`` on the real worker; fail when it differs."""
-    __tracebackhide__ = True
-    if getattr(signature, "subtask_type", None) is not None or len(specs) > 1:
-        raise AssertionError(
-            "real-broker mode compares one plain signature under at most one spec; "
-            f"got {signature!r} with {len(specs)} specs"
-        )
-    spec = str(specs[0]) if specs else None
-    real = runner.run(signature.task, tuple(signature.args), dict(signature.kwargs), spec)
-    observed = {
+def real_view(real: RealOutcome, *, deliveries: bool = True) -> dict[str, Any]:
+    view: dict[str, Any] = {
         "executions": real.executions,
         "state": real.state,
         "exception": real.exception,
         "lost": real.lost,
+        "result": _plain(real.result),
+        "retries": real.retries,
+        "faults": list(real.faults),
     }
-    predicted = emulated_view(emulated)
-    if observed != predicted:
+    if deliveries:
+        view["deliveries"] = [(d.body, list(d.effects)) for d in real.deliveries]
+    return view
+
+
+def differences(real: dict[str, Any], emulated: dict[str, Any]) -> list[str]:
+    """One line per differing field; unfired faults said as such."""
+    lines = []
+    for key in emulated:
+        if real.get(key) == emulated[key]:
+            continue
+        if key == "faults":
+            missing = [f for f in emulated[key] if f not in real[key]]
+            if missing:
+                lines.append(f"did not fire on the real worker: {', '.join(missing)}")
+                continue
+        lines.append(f"{key}: real {real.get(key)!r}, emulated {emulated[key]!r}")
+    return lines
+
+
+def pair(reals: list[RealOutcome], emulated: list[Outcome]) -> list[tuple[RealOutcome, Outcome]]:
+    """Match task ids; ids made inside a body differ per run, so those pair by name in order."""
+    by_id = {outcome.task_id: outcome for outcome in emulated}
+    pairs, unmatched = [], [o for o in emulated if o.task_id not in {r.task_id for r in reals}]
+    for real in reals:
+        match = by_id.get(real.task_id)
+        if match is None:
+            match = next((o for o in unmatched if o.name == real.name), None)
+            if match is None:
+                continue
+            unmatched.remove(match)
+        pairs.append((real, match))
+    return pairs
+
+
+class RealComparison:
+    """Makes every ``run()`` of a harness run on the real worker too, and compare."""
+
+    def __init__(
+        self, harness: Any, runner: RealBrokerRunner, isolation: Isolation | None = None
+    ) -> None:
+        self.harness = harness
+        self.runner = runner
+        self.isolation = isolation
+        self._emulated_run: Callable[..., Outcome] = harness.run
+        harness.run = self.run
+
+    def uninstall(self) -> None:
+        self.harness.__dict__.pop("run", None)
+
+    def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome:
+        __tracebackhide__ = True
+        harness = self.harness
+        texts = [str(parse_spec(spec)) for spec in specs]
+        waiting = [str(armed.spec) for armed in harness.plan.armed if armed.task_id is None]
+        why = refusal(harness.app, signature, texts + waiting)
+        if why is not None:
+            raise RealModeRefused(f"real-broker mode cannot run this: {why}")
+        signature.freeze()
+        self.runner.use_settings(task_settings(harness.app))
+        self.runner.track = list(harness.tracked)
+        restore = self.isolation() if self.isolation is not None else None
+        reals = self.runner.run_signature(signature.clone(), texts, waiting=waiting)
+        if restore is not None:
+            restore()
+        before = {outcome.task_id for outcome in harness.outcomes()}
+        outcome = self._emulated_run(signature, *specs)
+        emulated = [o for o in harness.outcomes() if o.task_id not in before]
+        check(self.runner, harness, reals, emulated, texts + waiting, isolated=restore is not None)
+        return outcome
+
+
+def check(
+    runner: RealBrokerRunner,
+    harness: Any,
+    reals: list[RealOutcome],
+    emulated_outcomes: list[Outcome],
+    specs: list[str],
+    *,
+    isolated: bool = True,
+) -> None:
+    """Fail, naming each difference, when the real worker did not do what the emulation did."""
+    __tracebackhide__ = True
+    problems = []
+    for real, emulated in pair(reals, emulated_outcomes):
+        lines = differences(real_view(real), emulated_view(emulated, harness))
+        if lines:
+            problems.append(
+                f"{emulated.name}[{real.task_id}]:\n    "
+                + "\n    ".join(lines)
+                + f"\n  real records:\n    {real.timeline().replace(chr(10), chr(10) + '    ')}"
+                + f"\n  emulated timeline:\n{emulated.timeline}"
+            )
+    if problems:
+        hint = (
+            ""
+            if isolated
+            else "\n  (the emulated run started from the state the real run left: if the "
+            "task reads external state, say how to put it back with the "
+            "celery_faults_real_isolation fixture)"
+        )
         raise AssertionError(
-            f"the real worker on {runner.broker_url} disagrees with the emulation for "
-            f"{signature.task} under {spec!r}:\n  real:     {observed}\n"
-            f"  emulated: {predicted}\nreal records:\n{real.timeline()}\n"
-            f"emulated timeline:\n{emulated.timeline}"
+            f"the real worker on {runner.broker_url} disagrees with the emulation under "
+            f"{'; '.join(specs) or 'no fault'!r}:\n  " + "\n  ".join(problems) + hint
         )

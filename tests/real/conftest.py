@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -14,6 +14,9 @@ BROKERS = {
     "redis": "redis://127.0.0.1:6379/13",
 }
 BACKEND = "redis://127.0.0.1:6379/14"
+#: Redis redelivers an unacked message this long after delivery: short, but longer than a
+#: task here runs (2 s limits) plus the seconds billiard takes to report a killed child.
+VISIBILITY_TIMEOUT = 8.0
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,9 +29,9 @@ def brokers_required() -> bool:
     return bool(os.environ.get("CI")) or os.environ.get("CELERY_FAULTS_REQUIRE_BROKERS") == "1"
 
 
-@pytest.fixture(scope="session", params=sorted(BROKERS))
-def runner(request: pytest.FixtureRequest) -> Iterator[RealBrokerRunner]:
-    url = BROKERS[request.param]
+def real_runner(broker: str, **options: object) -> RealBrokerRunner:
+    """A runner on ``broker`` for the realapp; the test fails (CI) or skips when it is down."""
+    url = BROKERS[broker]
     try:
         check_reachable(url)
         check_reachable(BACKEND)
@@ -36,7 +39,32 @@ def runner(request: pytest.FixtureRequest) -> Iterator[RealBrokerRunner]:
         if brokers_required():
             pytest.fail(f"real-broker tests are mandatory here (CI): {exc}", pytrace=False)
         pytest.skip(reason=f"{exc}; start RabbitMQ and Redis on loopback to run these tests")
-    with RealBrokerRunner(
-        "realapp:app", url, backend_url=BACKEND, track=("realapp.effect",)
-    ) as real:
+    return RealBrokerRunner(
+        "realapp:app",
+        url,
+        backend_url=BACKEND,
+        track=("realapp.effect",),
+        visibility_timeout=VISIBILITY_TIMEOUT,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="session")
+def make_runner() -> Callable[..., RealBrokerRunner]:
+    return real_runner
+
+
+@pytest.fixture(scope="session", params=sorted(BROKERS))
+def runner(request: pytest.FixtureRequest) -> Iterator[RealBrokerRunner]:
+    with real_runner(request.param) as real:
         yield real
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``-n 2 --dist loadgroup`` each broker's scenarios share one xdist worker (and one
+    real worker): the two brokers run side by side, each scenario waiting on its own."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        broker = callspec.params.get("runner") if callspec is not None else None
+        if broker:
+            item.add_marker(pytest.mark.xdist_group(broker))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Celery, Task
@@ -9,6 +10,8 @@ from celery.exceptions import Ignore, Reject
 
 app = Celery("realapp", set_as_current=False)
 app.conf.worker_prefetch_multiplier = 1
+#: Short real limits, so the ack table's time-limit column costs seconds.
+LIMITS = {"time_limit": 2, "soft_time_limit": 1}
 
 
 def effect(n: int) -> None:
@@ -33,39 +36,102 @@ def _two_effects(task: Any, ending: str) -> str:
     return "done"
 
 
-@app.task(name="realapp.early", bind=True, shared=False)
-def early(self: Task, ending: str = "success") -> str:
-    return _two_effects(self, ending)
+#: The ack table's rows: acks_late / reject_on_worker_lost / acks_on_failure_or_timeout.
+CONFIGURATIONS: dict[str, dict[str, bool]] = {
+    "early": {},
+    "late": {"acks_late": True},
+    "late_drop": {"acks_late": True, "acks_on_failure_or_timeout": False},
+    "late_requeue": {"acks_late": True, "reject_on_worker_lost": True},
+    "late_requeue_drop": {
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+        "acks_on_failure_or_timeout": False,
+    },
+}
 
 
-@app.task(name="realapp.late", bind=True, acks_late=True, shared=False)
-def late(self: Task, ending: str = "success") -> str:
-    return _two_effects(self, ending)
+def _configured(name: str, options: dict[str, Any]) -> Task:
+    def body(self: Task, ending: str = "success") -> str:
+        return _two_effects(self, ending)
+
+    body.__name__ = body.__qualname__ = name
+    return app.task(name=f"realapp.{name}", bind=True, shared=False, **options)(body)  # type: ignore[no-any-return]
 
 
-@app.task(
-    name="realapp.late_requeue",
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    shared=False,
-)
-def late_requeue(self: Task, ending: str = "success") -> str:
-    return _two_effects(self, ending)
+# Each configuration twice: without time limits (a killed child is reported as lost
+# at once) and `_timed`, with short real limits for the time-limit scenarios.
+for _name, _options in CONFIGURATIONS.items():
+    globals()[_name] = _configured(_name, _options)
+    globals()[f"{_name}_timed"] = _configured(f"{_name}_timed", {**_options, **LIMITS})
 
 
-@app.task(
-    name="realapp.late_drop",
-    bind=True,
-    acks_late=True,
-    acks_on_failure_or_timeout=False,
-    shared=False,
-)
-def late_drop(self: Task, ending: str = "success") -> str:
-    return _two_effects(self, ending)
+@app.task(name="realapp.quiet", acks_late=True, ignore_result=True, shared=False)
+def quiet() -> None:
+    """A task whose result is never stored: only the worker's records tell how it ended."""
+    effect(1)
+
+
+@app.task(name="realapp.collect", shared=False)
+def collect(results: list[Any]) -> int:
+    """A chord's body."""
+    effect(1)
+    return len(results)
 
 
 @app.task(name="realapp.failing", acks_late=True, shared=False)
 def failing() -> str:
     effect(1)
     raise ValueError("boom")
+
+
+# -- real-worker confirmations for the execution model -------------------------------
+
+#: Where the confirmation tasks keep their state (a database of their own).
+STATE_URL = "redis://127.0.0.1:6379/12"
+
+
+def state() -> Any:
+    import redis
+
+    return redis.Redis.from_url(STATE_URL, decode_responses=True)
+
+
+@app.task(name="realapp.locked_charge", acks_late=True, reject_on_worker_lost=True, shared=False)
+def locked_charge(key: str) -> str:
+    """Charges under a ``SET NX`` lock released in ``finally``; a held lock skips the work."""
+    store = state()
+    if not store.set(f"{key}:lock", "held", nx=True, ex=60):
+        store.rpush(f"{key}:log", "skipped")
+        return "skipped"
+    try:
+        store.rpush(f"{key}:log", "charged")
+        effect(1)
+        return "charged"
+    finally:
+        store.delete(f"{key}:lock")
+
+
+@app.task(name="realapp.sleepy", soft_time_limit=1, time_limit=10, shared=False)
+def sleepy() -> str:
+    """Sleeps past its declared soft time limit."""
+    time.sleep(3)
+    return "woke"
+
+
+@app.task(name="realapp.check_then_charge", shared=False)
+def check_then_charge(key: str) -> str:
+    """Checks that nothing was charged, then charges: not safe against a concurrent duplicate.
+
+    Both duplicates check before either acts: each waits (bounded) until the other
+    has arrived, which only happens when two children run them at the same time.
+    """
+    store = state()
+    if store.get(f"{key}:charged"):
+        return "already charged"
+    store.incr(f"{key}:arrived")
+    deadline = time.monotonic() + 10
+    while int(store.get(f"{key}:arrived") or 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    store.incr(f"{key}:charges")
+    store.set(f"{key}:charged", "yes")
+    return "charged"
