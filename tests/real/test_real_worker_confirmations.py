@@ -1,7 +1,9 @@
-"""What a real worker does where the execution model has to agree (the real side only).
+"""What a real worker does where the execution model has to agree, and the emulation too.
 
-Each test asserts the real behaviour; the emulation is compared with it once
-the new execution engine (issue 9) runs bodies on stacks of their own.
+Each test asserts the real behaviour, then runs the same task through the
+emulation (state under a key of its own) and asserts the same verdict: a kill
+freezes the task (its ``finally`` never runs), a declared soft time limit
+interrupts a sleep, and two duplicates in flight at once both act.
 """
 
 from __future__ import annotations
@@ -13,9 +15,24 @@ import pytest
 import realapp
 from celery import group
 
+from pytest_celery_faults import CeleryFaults, Outcome
 from pytest_celery_faults.real.runner import RealBrokerRunner
 
 pytestmark = pytest.mark.real_broker
+
+
+def emulated(
+    signature: object, *specs: str, inspect: Callable[[], object] = lambda: None
+) -> tuple[list[Outcome], object]:
+    """The same signature through the emulated worker: what it published, and ``inspect()``.
+
+    ``inspect()`` reads the world before the harness ends: a frozen stack is
+    discarded at its exit, and then its untracked ``finally`` code runs.
+    """
+    with CeleryFaults(realapp.app) as faults:
+        faults.track("realapp.effect")
+        faults.run(signature, *specs)
+        return faults.outcomes(), inspect()
 
 
 @pytest.fixture
@@ -41,6 +58,13 @@ def test_a_lock_released_in_finally_stays_held_after_sigkill_and_the_redelivery_
         "SUCCESS",
         "skipped",
     )
+    twin = f"{key}:emulated"
+    [outcome], lock = emulated(
+        realapp.locked_charge.s(twin), "sigkill@1", inspect=lambda: store.get(f"{twin}:lock")
+    )
+    assert store.lrange(f"{twin}:log", 0, -1) == ["charged", "skipped"], outcome.story
+    assert lock == "held"
+    assert (outcome.executions, outcome.state, outcome.result) == (2, "SUCCESS", "skipped")
 
 
 def test_a_declared_soft_time_limit_interrupts_a_sleeping_body(
@@ -50,6 +74,9 @@ def test_a_declared_soft_time_limit_interrupts_a_sleeping_body(
     assert (real.state, real.executions) == ("FAILURE", 1), real.timeline()
     assert real.exception is not None
     assert real.exception.startswith("SoftTimeLimitExceeded"), real.exception
+    [outcome], _ = emulated(realapp.sleepy.s())
+    assert (outcome.state, outcome.executions) == ("FAILURE", 1), outcome.story
+    assert type(outcome.exception).__name__ == "SoftTimeLimitExceeded"
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +94,13 @@ def test_two_concurrent_duplicates_of_a_check_then_act_charge_both_charge(
     reals = two_children.run_signature(duplicates, timeout=30)
     assert [(real.state, real.result) for real in reals] == [("SUCCESS", "charged")] * 2
     assert realapp.state().get(f"{key}:charges") == "2"
+    twin = f"{key}:emulated"
+    realapp.app.conf.worker_concurrency = 2
+    try:
+        outcomes, _ = emulated(
+            group(realapp.check_then_charge.si(twin), realapp.check_then_charge.si(twin))
+        )
+    finally:
+        realapp.app.conf.worker_concurrency = None
+    assert [(o.state, o.result) for o in outcomes] == [("SUCCESS", "charged")] * 2
+    assert realapp.state().get(f"{twin}:charges") == "2"
