@@ -29,6 +29,7 @@ __all__ = [
     "SoftTimeLimitExceeded",
     "TimeLimitExceeded",
     "WorkerLostError",
+    "app_behind_proxy",
     "child_death_info",
     "code_summaries_cached",
     "current_app_set_to",
@@ -112,6 +113,19 @@ def request_class_for(task: Any, pool: Any, hostname: str, app: Celery) -> type[
 
     base = symbol_by_name(task.Request)
     return create_request_cls(base, task, pool, hostname, None, app=app)  # type: ignore[no-any-return]
+
+
+def app_behind_proxy(value: Any) -> Any:
+    """The object behind ``celery.current_app`` (a ``celery.local.Proxy``), else ``value``.
+
+    A proxy passes ``isinstance(value, Celery)``; made the current app, it would
+    point at itself and every lookup would recurse forever.
+    """
+    from celery.local import Proxy
+
+    if issubclass(type(value), Proxy):  # type(), not isinstance(): a proxy fakes __class__
+        return value._get_current_object()
+    return value
 
 
 @contextlib.contextmanager

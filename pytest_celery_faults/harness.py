@@ -23,6 +23,7 @@ from celery import Celery, signals
 
 from . import _celery_internals as internals
 from . import idempotency
+from .apps import real_app
 from .broker import (
     TRANSPORT_OPTION,
     BrokerEvent,
@@ -80,7 +81,7 @@ class CeleryFaults:
     ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers={workers!r}: expected a whole number >= 1")
-        self.app = app
+        self.app = real_app(app)  # celery.current_app: the app behind the proxy
         self.profile_name = profile
         BrokerProfile.named(profile)  # refuse an unknown profile before anything starts
         self.worker_count = workers
@@ -126,6 +127,7 @@ class CeleryFaults:
         self._faults: dict[str, list[str]] = {}  # task id -> the faults that hit it
         self._messages: dict[str, int] = {}
         self._patches: list[Patch] = []
+        self._on_stop: list[Callable[[], None]] = []
         self.tracked: list[str] = []  # the dotted targets tracked, for real-broker mode
         #: Called after each run() with the signature, its specs and the emulated outcome.
         self.after_run: list[Callable[[Any, tuple[str | FaultSpec, ...], Outcome], None]] = []
@@ -181,6 +183,9 @@ class CeleryFaults:
             self.http.stop(allow_assert=False)
             self.http.reset()
         finally:
+            for undo in reversed(self._on_stop):
+                undo()
+            self._on_stop.clear()
             for patch in reversed(self._patches):
                 patch.undo()
             self._patches.clear()
@@ -193,6 +198,11 @@ class CeleryFaults:
             self._tracers.__exit__(None, None, None)
             self._installed.__exit__(None, None, None)
             self.broker.close()
+
+    def on_stop(self, undo: Callable[[], None]) -> None:
+        """Call ``undo`` when the harness stops (integrations put back what they changed)."""
+        self._require_active()
+        self._on_stop.append(undo)
 
     def reset(self, *, suite_wide: bool = True) -> None:
         """Start a fresh scenario in place: empty broker, results, effects, plan and clock.

@@ -1,0 +1,63 @@
+"""A library of ``@shared_task``s: ``celery:current_app`` works, a non-app is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+LIBRARY = """
+from celery import shared_task
+
+@shared_task(acks_late=True, reject_on_worker_lost=True)
+def add(x, y):
+    return x + y
+"""
+
+
+def test_current_app_resolves_to_the_app_behind_the_proxy(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(sharedlib=LIBRARY)
+    pytester.makeini(
+        "[pytest]\ncelery_faults_app = celery:current_app\n"
+        "addopts = -p no:randomly\ntimeout = 30\n"
+    )
+    pytester.makepyfile(
+        """
+        from celery import current_app
+        import sharedlib
+
+        def test_add_survives_a_crash(celery_faults):
+            assert celery_faults.app is current_app._get_current_object()
+            outcome = celery_faults.run(sharedlib.add.s(2, 3), "sigkill@0")
+            assert (outcome.result, outcome.executions) == (5, 1)
+            assert outcome.deliveries == 2
+        """
+    )
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+
+
+def test_something_else_is_refused_in_one_line(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(sharedlib="from celery import shared_task as app\n")
+    pytester.makeini("[pytest]\ncelery_faults_app = sharedlib:app\n")
+    pytester.makepyfile("def test_it(celery_faults):\n    pass\n")
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E * pytest.UsageError: celery_faults_app = 'sharedlib:app' "
+            "is a function, not a Celery app"
+        ]
+    )
+
+
+def test_the_harness_resolves_a_proxy_passed_to_it() -> None:
+    from celery import Celery, current_app
+
+    from pytest_celery_faults import CeleryFaults
+
+    previous = current_app._get_current_object()
+    app = Celery("proxied", set_as_current=True)
+    try:
+        assert CeleryFaults(current_app).app is app
+    finally:
+        previous.set_current()
+        app.close()
