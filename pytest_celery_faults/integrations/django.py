@@ -44,12 +44,11 @@ from django.core import mail
 from django.db import connections
 
 from ..effects import EffectLog, Execution
+from .statements import written_table
 
 if TYPE_CHECKING:
     from ..harness import CeleryFaults
 
-#: Statements that change the database (the first keyword of the SQL).
-WRITES = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE", "MERGE", "UPSERT"})
 #: How writes are counted: each commit (a write outside a transaction commits by
 #: itself), or each write statement.
 COUNTS = ("commits", "statements")
@@ -184,7 +183,7 @@ class WorkerConnections:
         """Each commit of the execution's transaction is a side effect."""
         connection = lent.connection
         commit = connection._commit
-        label = f"db {connection.alias} COMMIT"
+        label = f"{connection.alias} COMMIT"
         lent.patch("_commit", lambda: self.effects.perform("db", label, commit))
 
     def _give_back(self, lent: _Lent) -> None:
@@ -236,15 +235,10 @@ class WorkerConnections:
         def wrapper(
             execute: Callable[..., Any], sql: str, params: Any, many: bool, ctx: Any
         ) -> Any:
-            verb = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
-            counted = (
-                effects.execution is not None
-                and verb in WRITES
-                and (each == "statements" or not connection.in_atomic_block)
-            )
-            if not counted:
+            written = written_table(sql) if effects.execution is not None else None
+            if written is None or (each == "commits" and connection.in_atomic_block):
                 return execute(sql, params, many, ctx)
-            label = f"db {connection.alias} {_statement_label(verb, sql)}"
+            label = f"{connection.alias} {written}"
             return effects.perform("db", label, lambda: execute(sql, params, many, ctx))
 
         return wrapper
@@ -269,18 +263,6 @@ class WorkerConnections:
             if wrapper in connection.execute_wrappers:
                 connection.execute_wrappers.remove(wrapper)
         self._wrappers.clear()
-
-
-def _statement_label(verb: str, sql: str) -> str:
-    """``INSERT shop_order``: the verb and the table, from Django's generated SQL."""
-    words = sql.replace('"', " ").replace("`", " ").split()
-    keyword = {"INSERT": "INTO", "DELETE": "FROM", "REPLACE": "INTO"}.get(verb)
-    if keyword is not None and keyword in (word.upper() for word in words):
-        index = [word.upper() for word in words].index(keyword)
-        table = words[index + 1] if index + 1 < len(words) else "?"
-    else:
-        table = words[1] if len(words) > 1 else "?"
-    return f"{verb} {table}"
 
 
 def worker_connections(

@@ -33,7 +33,7 @@ def test_a_crash_inside_atomic_rolls_back_and_the_redelivery_commits_once(
             Order.objects.create()
             assert Order.objects.count() == 2
             labels = [str(effect) for effect in celery_faults.effects]
-            assert labels[:2] == ["db db default INSERT djshop_payment"] * 2
+            assert labels[:2] == ["db default INSERT djshop_payment"] * 2
 
         def test_crash_right_after_the_commit_keeps_it_and_loses_the_hook(db, celery_faults, orm):
             orm.count_writes("commits")
