@@ -156,8 +156,10 @@ class TrackedRequestsMock(responses.RequestsMock):
         label = f"{request.method} {request.url}"
         detail = {"timeout": kwargs.get("timeout")}
         parent = super()._on_request
-        return self.effect_log.perform(
-            "http", label, lambda: parent(adapter, request, **kwargs), detail=detail
+        from .attempts import perform_attempt  # a request that raised was still attempted
+
+        return perform_attempt(
+            self.effect_log, "http", label, lambda: parent(adapter, request, **kwargs), detail
         )
 
 

@@ -129,6 +129,7 @@ class CeleryFaults:
         self._patches: list[Patch] = []
         self._on_stop: list[Callable[[], None]] = []
         self.tracked: list[str] = []  # the dotted targets tracked, for real-broker mode
+        self._calls: dict[str, int] = {}  # tracked label -> calls seen, over every scenario
         #: Called after each run() with the signature, its specs and the emulated outcome.
         self.after_run: list[Callable[[Any, tuple[str | FaultSpec, ...], Outcome], None]] = []
         self.suite_wide: list[str | FaultSpec] = []
@@ -177,6 +178,13 @@ class CeleryFaults:
         if not self.active:
             return
         self.active = False
+        for label, calls in self._calls.items():
+            if not calls:
+                self._warn(
+                    f"track({label!r}) counted no call: nothing in the test called it, so it "
+                    f"proved nothing (does the code reach the same work another way, e.g. "
+                    f"Session.begin() rather than Session.commit()?)"
+                )
         try:
             signals.task_prerun.disconnect(self._on_prerun)
             self.checks.stop()
@@ -378,6 +386,7 @@ class CeleryFaults:
         self._patches.append(
             Patch(owner, attribute, tracking_wrapper(self.effects, owner, attribute, label))
         )
+        self._calls.setdefault(label, 0)
         return label
 
     def _publish_through(self, label: str, publish: Callable[[], Any]) -> Any:
@@ -537,6 +546,8 @@ class CeleryFaults:
         self._note(record.task_id, f"FAULT {step}{after}", depth=1)
 
     def _on_effect(self, effect: Effect) -> None:
+        if effect.kind == "call" and effect.label in self._calls:
+            self._calls[effect.label] += 1
         if effect.task_id is not None:
             self._note(effect.task_id, lambda: f"side effect {effect.index}: {effect}", depth=1)
 

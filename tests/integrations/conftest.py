@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+# pytester's in-process runs drop the modules first imported inside them, and
+# classes from two imports of one module then meet (redis-py's DriverInfo, for
+# one). Import the libraries the in-process runs use here, once.
+import smtplib  # noqa: F401
 import textwrap
 from collections.abc import Callable
 
+import fakeredis  # noqa: F401
+import httpx  # noqa: F401
 import pytest
+import respx  # noqa: F401
+import sqlalchemy  # noqa: F401
 
 SETTINGS = """
 SECRET_KEY = "tests"
@@ -98,6 +106,19 @@ def orm(celery_faults):
 
     return worker_connections(celery_faults)
 """
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> Callable[..., pytest.Pytester]:
+    """Make a project in pytester's directory: a conftest and the named modules."""
+
+    def make(conftest: str, **modules: str) -> pytest.Pytester:
+        pytester.makepyfile(**modules)
+        pytester.makeconftest(conftest)
+        pytester.makeini("[pytest]\naddopts = -p no:randomly\n")
+        return pytester
+
+    return make
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 MODELS = """
@@ -107,11 +109,8 @@ def workers(celery_faults, db):
 
 
 @pytest.fixture
-def store(pytester: pytest.Pytester) -> pytest.Pytester:
-    pytester.makepyfile(sastore=MODELS)
-    pytester.makeconftest(CONFTEST)
-    pytester.makeini("[pytest]\naddopts = -p no:randomly\n")
-    return pytester
+def store(project: Callable[..., pytest.Pytester]) -> pytest.Pytester:
+    return project(CONFTEST, sastore=MODELS)
 
 
 def test_commits_are_counted_in_every_style_and_a_crash_between_duplicates(
