@@ -35,6 +35,33 @@ def test_current_app_resolves_to_the_app_behind_the_proxy(pytester: pytest.Pytes
     result.assert_outcomes(passed=1)
 
 
+def test_the_readme_recipe_an_app_of_the_tests_own(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(sharedlib=LIBRARY)
+    pytester.makeconftest(
+        """
+        import pytest
+        from celery import Celery
+
+        @pytest.fixture
+        def celery_faults_app():
+            return Celery("mylib-tests", set_as_current=True)
+        """
+    )
+    pytester.makeini("[pytest]\naddopts = -p no:randomly\ntimeout = 30\n")
+    pytester.makepyfile(
+        """
+        import sharedlib
+
+        def test_add_is_redelivered(celery_faults):
+            assert celery_faults.app.main == "mylib-tests"
+            outcome = celery_faults.run(sharedlib.add.s(2, 3), "redeliver")
+            assert (outcome.result, outcome.executions) == (5, 2)
+        """
+    )
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+
+
 def test_something_else_is_refused_in_one_line(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(sharedlib="from celery import shared_task as app\n")
     pytester.makeini("[pytest]\ncelery_faults_app = sharedlib:app\n")
