@@ -74,7 +74,6 @@ class _Lent:
 
     connection: Any
     nested: bool  # the test's transaction is open: the execution's transactions are savepoints
-    shared_with_thread: bool
     state: dict[str, Any] = field(default_factory=dict)
     stacks: dict[str, list[Any]] = field(default_factory=dict)
     outer: str | None = None  # the savepoint standing for the execution's open transaction
@@ -123,14 +122,15 @@ class WorkerConnections:
             self._give_back(lent)
 
     def _lend(self, alias: str, connection: Any) -> _Lent:
-        shared = connections[alias] is not connection
-        if shared:  # another thread runs the body: it uses the test's connection
-            connection.inc_thread_sharing()
+        if connections[alias] is not connection:  # another thread runs the body
             connections[alias] = connection
+        # Shared for as long as the execution holds it: the body's thread may differ from
+        # the test's, and the harness may give it back from a third (after a kill).
+        connection.inc_thread_sharing()
         # Not open yet: opening it gives a fresh autocommit connection anyway.
         opened = connection.connection is not None
         nested = opened and (connection.in_atomic_block or not connection.autocommit)
-        lent = _Lent(connection=connection, nested=nested, shared_with_thread=shared)
+        lent = _Lent(connection=connection, nested=nested)
         if opened:
             lent.state = {name: getattr(connection, name) for name in _STATE}
             lent.stacks = {name: getattr(connection, name) for name in _STACKS}
@@ -206,8 +206,7 @@ class WorkerConnections:
                     setattr(connection, name, value)
                 for name in _STACKS:
                     setattr(connection, name, [])
-            if lent.shared_with_thread:
-                connection.dec_thread_sharing()
+            connection.dec_thread_sharing()
 
     # -- counting writes --------------------------------------------------------
 

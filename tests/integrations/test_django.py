@@ -105,7 +105,7 @@ def test_a_frozen_execution_is_rolled_back_from_outside_on_any_thread(
         class Frozen:
             task_id, task_name, delivery, effect_count, dead = "t1", "djshop.pay", 1, 0, False
 
-        @pytest.mark.parametrize("where", ["test thread", "own thread"])
+        @pytest.mark.parametrize("where", ["test thread", "own thread", "pooled thread"])
         def test_killed_mid_atomic(transactional, where, celery_faults, orm):
             assert connection.in_atomic_block is not transactional
             Order.objects.create(status="kept")
@@ -124,13 +124,21 @@ def test_a_frozen_execution_is_rolled_back_from_outside_on_any_thread(
                 thread = threading.Thread(target=body)
                 thread.start()
                 thread.join()
+            elif where == "pooled thread":  # a thread that already ran an execution
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    first = Frozen()
+                    pool.submit(orm.started, first).result()
+                    orm.ended(first, "returned")
+                    pool.submit(body).result()
             else:
                 body()
             orm.ended(execution, "child killed")  # from the harness's side
             assert sorted(Order.objects.values_list("status", flat=True)) == ["committed", "kept"]
             assert state() == before
         """,
-        passed=4,
+        passed=6,
     )
 
 
