@@ -15,6 +15,7 @@ virtual clock; on exit every change is undone.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
@@ -43,7 +44,7 @@ from .effects import (
     resolve_target,
     tracking_wrapper,
 )
-from .errors import DrainError, UnfiredFaultError
+from .errors import DrainError, TimeLimitPassed, UnfiredFaultError
 from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .idempotency import Scenario, SweepReport
 from .outcome import Outcome, Timeline, TimelineEntry
@@ -88,6 +89,8 @@ class CeleryFaults:
         self.seed = seed
         self.max_executions = max_executions
         self.check_unfired = check_unfired
+        #: A ``time.monotonic()`` instant (the test's time limit) past which drains stop.
+        self.deadline: float | None = None
         self.active = False
 
     # -- life cycle -------------------------------------------------------------
@@ -311,6 +314,7 @@ class CeleryFaults:
         first_delivery = len(self.ledger)
         executions = 0
         while True:
+            self._check_deadline()
             live = self._live_workers()
             self._fill(live)
             for worker in live:
@@ -332,6 +336,13 @@ class CeleryFaults:
                     f"(more than {DEFAULT_HORIZON:.0f}s); something is scheduled forever"
                 )
             self.clock.advance_to(due)
+
+    def _check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeLimitPassed(
+                "celery_faults: the test's time limit passed while drain() was running; "
+                "stopped (the code under test may have swallowed the limit's own exception)"
+            )
 
     def _drain_for_result(self) -> None:
         self._require_active()

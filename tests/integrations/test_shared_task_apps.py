@@ -88,3 +88,50 @@ def test_the_harness_resolves_a_proxy_passed_to_it() -> None:
     finally:
         previous.set_current()
         app.close()
+
+
+def test_no_drain_outlives_the_time_limit_when_the_task_swallows_it(
+    pytester: pytest.Pytester,
+) -> None:
+    # The task swallows pytest-timeout's exception (as a RecursionError raised inside
+    # the limit's handler once did) and then fails slowly, retrying forever: the
+    # drain would go on for its 1000 executions well past the limit. It stops there.
+    pytester.makepyfile(
+        """
+        import pytest
+        from celery import Celery
+
+        app = Celery("spin", set_as_current=False)
+        state = {"spun": False}
+
+        @app.task(shared=False, autoretry_for=(RuntimeError,), max_retries=None,
+                  default_retry_delay=0)
+        def spin():
+            if not state["spun"]:
+                state["spun"] = True
+                try:
+                    while True:
+                        pass
+                except BaseException:
+                    pass
+            sum(range(300_000))  # a slow failure
+            raise RuntimeError("again")
+
+        @pytest.fixture
+        def celery_faults_app():
+            return app
+
+        @pytest.mark.timeout(1)
+        def test_spins(celery_faults):
+            celery_faults.run(spin.s())
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E * pytest_celery_faults.errors.TimeLimitPassed: celery_faults: the test's time "
+            "limit passed while drain() was running; stopped (the code under test may have "
+            "swallowed the limit's own exception)",
+        ]
+    )
