@@ -8,24 +8,54 @@ first test of this directory that needs the database (pytest-django's
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import django
 import pytest
 from celery import Celery
 from django.conf import settings
+from django.utils.functional import empty
 
 
 @pytest.fixture(scope="session")
 def django_configured() -> None:
-    if not settings.configured:
+    if not settings.configured:  # not configured again on a second use: that is enough
         from djangoshop import settings as shop_settings
 
         settings.configure(
             **{name: getattr(shop_settings, name) for name in dir(shop_settings) if name.isupper()}
         )
         django.setup()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def django_only_here(django_configured: None) -> Iterator[None]:
+    """After this module, the rest of the suite sees Django unconfigured again.
+
+    pytest-django (and the pytest runs the plugin's own tests start in this
+    process) set up Django's test environment whenever settings are configured;
+    other suites must not find them. A real project needs none of this.
+    """
+    _show_settings()
+    yield
+    _hidden.append(settings._wrapped)
+    settings._wrapped = empty
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None) -> Iterator[None]:
+    """pytest-django's test database, torn down with the settings visible again."""
+    yield
+    _show_settings()
+
+
+_hidden: list[Any] = []  # Django's settings while the rest of the suite runs
+
+
+def _show_settings() -> None:
+    if _hidden:
+        settings._wrapped = _hidden.pop()
 
 
 @pytest.fixture(scope="session")
