@@ -140,6 +140,9 @@ def test_commits_are_counted_in_every_style_and_a_crash_between_duplicates(
 def test_a_killed_transaction_is_rolled_back_and_statements_count(store: pytest.Pytester) -> None:
     store.makepyfile(
         """
+        import threading
+
+        import pytest
         import sastore
 
         def test_crash_after_the_flush(celery_faults, workers, db):
@@ -151,29 +154,40 @@ def test_a_killed_transaction_is_rolled_back_and_statements_count(store: pytest.
             assert labels[0] == "db store.sqlite3 INSERT payments"
             assert db.pool.checkedout() == 0  # the killed execution's connection went back
 
-        def test_a_frozen_session_is_rolled_back_from_outside(celery_faults, workers, db):
+        @pytest.mark.parametrize("where", ["test thread", "own thread"])
+        def test_a_frozen_session_is_rolled_back_from_outside(where, celery_faults, workers, db):
             class Frozen:
                 task_id, task_name, delivery, effect_count, dead = "t", "pay", 1, 0, False
 
             execution = Frozen()
-            celery_faults.effects.execution = execution
-            try:
+
+            def body():
                 workers.started(execution)
                 session = sastore.Sessions()  # never closed, never rolled back: frozen
                 session.add(sastore.Payment(order_id=1))
                 session.flush()
+                frozen.append(session)
+
+            frozen = []
+            celery_faults.effects.execution = execution
+            try:
+                if where == "own thread":
+                    thread = threading.Thread(target=body)
+                    thread.start()
+                    thread.join()
+                else:
+                    body()
             finally:
                 celery_faults.effects.execution = None
-            workers.ended(execution, "child killed")
+            workers.ended(execution, "child killed")  # from the harness's side
             assert sastore.count_payments() == 0
             assert db.pool.checkedout() == 0
 
         def test_a_bad_count_is_refused(workers):
-            import pytest
             expected = r"count_writes\\(each='rows'\\): expected one of commits, statements"
             with pytest.raises(ValueError, match=expected):
                 workers.count_writes("rows")
         """
     )
     result = store.runpytest_subprocess("-v")
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=4)
