@@ -105,6 +105,14 @@ class WorkerConnections:
 
     def started(self, execution: Execution) -> None:
         """On the execution's stack, before the body: lend each connection, made fresh."""
+        if self._lent:
+            # Interleaved executions (several workers, concurrency) would share the test's
+            # one connection and transaction; real worker processes never do.
+            raise RuntimeError(
+                f"celery_faults: {execution.task_name}[{execution.task_id}] started while "
+                f"another execution holds the test's Django connection; the Django "
+                f"integration needs executions that do not interleave"
+            )
         self._lent[id(execution)] = [
             self._lend(alias, connection) for alias, connection in self.connections.items()
         ]

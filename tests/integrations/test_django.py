@@ -137,8 +137,21 @@ def test_a_frozen_execution_is_rolled_back_from_outside_on_any_thread(
             orm.ended(execution, "child killed")  # from the harness's side
             assert sorted(Order.objects.values_list("status", flat=True)) == ["committed", "kept"]
             assert state() == before
+
+        def test_interleaved_executions_are_refused(db, celery_faults, orm):
+            first, second = Frozen(), Frozen()
+            second.task_id = "t2"
+            orm.started(first)
+            with pytest.raises(RuntimeError) as refused:
+                orm.started(second)
+            orm.ended(first, "returned")
+            assert str(refused.value) == (
+                "celery_faults: djshop.pay[t2] started while another execution holds the "
+                "test's Django connection; the Django integration needs executions that do "
+                "not interleave"
+            )
         """,
-        passed=6,
+        passed=7,
     )
 
 
