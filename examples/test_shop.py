@@ -102,8 +102,10 @@ def test_reject_on_worker_lost_requeues_it(celery_faults: Any, world: World) -> 
     assert services.query("SELECT status FROM orders WHERE id = 3") == [("imported",)]
 
 
-def test_retry_with_backoff_runs_on_the_virtual_clock(celery_faults: Any, world: World) -> None:
+def test_retry_with_backoff_runs_on_the_virtual_clock(celery_faults: Any, database: Any) -> None:
+    world = World()  # the task writes nothing: only the payment service is faked
     world.payment_failures_left = 2
+    celery_faults.http.add_callback("POST", services.PAYMENTS, callback=world.payments)
     outcome = celery_faults.run(tasks.charge_with_retries.s(1))
     assert (outcome.state, outcome.retries) == ("SUCCESS", 2)
     assert celery_faults.clock.elapsed == pytest.approx(2 + 4)  # backoff 2 s, then 4 s

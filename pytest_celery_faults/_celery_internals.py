@@ -36,6 +36,7 @@ __all__ = [
     "SoftTimeLimitExceeded",
     "TimeLimitExceeded",
     "WorkerLostError",
+    "app_behind_proxy",
     "child_death_info",
     "code_summaries_cached",
     "in_worker_child",
@@ -135,6 +136,19 @@ def request_class_for(task: Any, pool: Any, hostname: str, app: Celery) -> type[
 
     base = symbol_by_name(task.Request)
     return create_request_cls(base, task, pool, hostname, None, app=app)  # type: ignore[no-any-return]
+
+
+def app_behind_proxy(value: Any) -> Any:
+    """The object behind ``celery.current_app`` (a ``celery.local.Proxy``), else ``value``.
+
+    A proxy passes ``isinstance(value, Celery)``; made the current app, it would
+    point at itself and every lookup would recurse forever.
+    """
+    from celery.local import Proxy
+
+    if issubclass(type(value), Proxy):  # type(), not isinstance(): a proxy fakes __class__
+        return value._get_current_object()
+    return value
 
 
 #: The node name of the execution running on this thread (its worker's).

@@ -1,4 +1,10 @@
-"""Finding the Celery app under test from its dotted name."""
+"""Finding the Celery app under test from its dotted name, or behind a proxy.
+
+A library built only with ``@shared_task`` has no app of its own: its tasks
+join every app when it finalizes. ``celery:current_app`` names the proxy to
+whichever app is current; the harness needs the app itself (a proxy made the
+current app would point at itself), so :func:`real_app` resolves it once.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import importlib
 from typing import Any
 
 from celery import Celery
+
+from . import _celery_internals as internals
 
 
 def load_app(dotted: str) -> Celery:
@@ -21,6 +29,13 @@ def load_app(dotted: str) -> Celery:
         raise ValueError(
             f"{dotted!r}: cannot load it ({exc}); expected 'module:attribute'"
         ) from None
+    return real_app(found, dotted)
+
+
+def real_app(value: Any, name: str | None = None) -> Celery:
+    """``value`` itself when it is a Celery app, the app behind it when it is a proxy."""
+    found = internals.app_behind_proxy(value)
     if not isinstance(found, Celery):
-        raise ValueError(f"{dotted!r} is a {type(found).__name__}, not a Celery app")
+        what = repr(name) if name is not None else repr(value)
+        raise ValueError(f"{what} is a {type(found).__name__}, not a Celery app")
     return found

@@ -68,6 +68,10 @@ class ExecutionWatcher(Protocol):
     cut off, from the harness's side, while the killed stack stays frozen and
     runs nothing more (a database integration rolls back its open
     transaction there, as the database does for a dead process's connection).
+    A watcher may also have ``discarded(execution)``: called on the frozen
+    execution's own stack when the scenario ends and it is made to unwind
+    (see :mod:`.scheduler`), so it can take away what the dead process no
+    longer has (its database connection) before ``finally`` code runs.
     """
 
     def started(self, execution: Execution) -> None: ...
@@ -116,6 +120,13 @@ class EffectLog:
     def execution_ended(self, execution: Execution, how: str) -> None:
         for watcher in self.watchers:
             watcher.ended(execution, how)
+
+    def execution_discarded(self, execution: Execution) -> None:
+        """On a frozen execution's own stack, as the scenario's end makes it unwind."""
+        for watcher in self.watchers:
+            discarded = getattr(watcher, "discarded", None)
+            if discarded is not None:
+                discarded(execution)
 
     def perform(
         self,
@@ -186,8 +197,10 @@ class TrackedRequestsMock(responses.RequestsMock):
         label = f"{request.method} {request.url}"
         detail = {"timeout": kwargs.get("timeout")}
         parent = super()._on_request
-        return self.effect_log.perform(
-            "http", label, lambda: parent(adapter, request, **kwargs), detail=detail
+        from .attempts import perform_attempt  # a request that raised was still attempted
+
+        return perform_attempt(
+            self.effect_log, "http", label, lambda: parent(adapter, request, **kwargs), detail
         )
 
 

@@ -19,5 +19,14 @@ class UnfiredFaultError(CeleryFaultsError, AssertionError):
     """A fault the test asked for never fired, so the test proved nothing about it."""
 
 
+class TimeLimitPassed(BaseException):
+    """The test's time limit passed while the harness was draining: the drain stops.
+
+    A ``BaseException``, so no ``except Exception`` in the code under test can keep
+    the engine going after the time limit's own exception was swallowed or turned
+    into another (a ``RecursionError`` raised inside pytest-timeout's handler).
+    """
+
+
 class CeleryFaultsWarning(UserWarning):
     """A problem noticed in the code under test; an error under ``--celery-faults-strict``."""

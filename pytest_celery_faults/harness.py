@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from time import monotonic as real_monotonic
 from types import TracebackType
 from typing import Any
 
@@ -44,7 +45,7 @@ from .effects import (
     resolve_target,
     tracking_wrapper,
 )
-from .errors import DrainError, UnfiredFaultError
+from .errors import DrainError, TimeLimitPassed, UnfiredFaultError
 from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .history import LOSSES, NOT_IDEMPOTENT, History
 from .idempotency import Scenario, SweepReport
@@ -73,6 +74,7 @@ class CeleryFaults:
         check_unfired: bool = True,
         stack_suite_wide: bool = False,
     ) -> None:
+        app = internals.app_behind_proxy(app)  # celery.current_app: the app behind it
         if not isinstance(app, Celery):
             raise TypeError(f"CeleryFaults(app={app!r}): expected a Celery app")
         for name, value in (("workers", workers), ("max_executions", max_executions)):
@@ -89,6 +91,8 @@ class CeleryFaults:
         self.check_unfired = check_unfired
         #: Whether specs the test arms itself run with the suite-wide ones or replace them.
         self.stack_suite_wide = stack_suite_wide
+        #: A ``time.monotonic()`` instant (the test's time limit) past which drains stop.
+        self.deadline: float | None = None
         self.active = False
 
     # -- life cycle -------------------------------------------------------------
@@ -124,7 +128,9 @@ class CeleryFaults:
         self.scheduler = Scheduler(self.random)
         self.body_time = TimeInBodies(self.clock, self.effects.sleep)
         self._patches: list[Patch] = []
+        self._on_stop: list[Callable[[], None]] = []
         self.tracked: list[str] = []  # the dotted targets tracked, for real-broker mode
+        self._calls: dict[str, int] = {}  # tracked label -> calls seen, over every scenario
         #: Called after each run() with the signature, its specs and the emulated outcome.
         self.after_run: list[Callable[[Any, tuple[str | FaultSpec, ...], Outcome], None]] = []
         self.suite_wide: list[str | FaultSpec] = []
@@ -194,6 +200,13 @@ class CeleryFaults:
         if not self.active:
             return
         self.active = False
+        for label, calls in self._calls.items():
+            if not calls:
+                self._warn(
+                    f"track({label!r}) counted no call: nothing in the test called it, so it "
+                    f"proved nothing (does the code reach the same work another way, e.g. "
+                    f"Session.begin() rather than Session.commit()?)"
+                )
         try:
             self._discard_frozen()
             signals.task_prerun.disconnect(self._on_prerun)
@@ -202,6 +215,9 @@ class CeleryFaults:
             self.http.stop(allow_assert=False)
             self.http.reset()
         finally:
+            for undo in reversed(self._on_stop):
+                undo()
+            self._on_stop.clear()
             for patch in reversed(self._patches):
                 patch.undo()
             self._patches.clear()
@@ -217,6 +233,11 @@ class CeleryFaults:
             self._installed.__exit__(None, None, None)
             self.body_time.close()
             self.broker.close()
+
+    def on_stop(self, undo: Callable[[], None]) -> None:
+        """Call ``undo`` when the harness stops (integrations put back what they changed)."""
+        self._require_active()
+        self._on_stop.append(undo)
 
     def reset(self, *, suite_wide: bool = True) -> None:
         """Start a fresh scenario in place: empty broker, results, effects, plan and clock.
@@ -370,6 +391,7 @@ class CeleryFaults:
         first_delivery = len(self.ledger)
         executions = 0
         while True:
+            self._check_deadline()
             live = self._live_workers()
             self._fill(live)
             for worker in live:
@@ -403,6 +425,14 @@ class CeleryFaults:
             if stack is not None:
                 interruption.add_note(where_it_hung(stack.owner.execution, self.effects))
             raise
+
+    def _check_deadline(self) -> None:
+        # The real clock: time.monotonic reads the virtual one while the worker side runs.
+        if self.deadline is not None and real_monotonic() > self.deadline:
+            raise TimeLimitPassed(
+                "celery_faults: the test's time limit passed while drain() was running; "
+                "stopped (the code under test may have swallowed the limit's own exception)"
+            )
 
     def _drain_for_result(self) -> None:
         self._require_active()
@@ -471,6 +501,7 @@ class CeleryFaults:
             self.tracked.append(target)
         wrapper = tracking_wrapper(self.effects, owner, attribute, label, float(duration))
         self._patches.append(Patch(owner, attribute, wrapper))
+        self._calls.setdefault(label, 0)
         return label
 
     def _publish_through(self, label: str, publish: Callable[[], Any]) -> Any:
@@ -630,6 +661,8 @@ class CeleryFaults:
         self.history.fired(record, step)
 
     def _on_effect(self, effect: Effect) -> None:
+        if effect.kind == "call" and effect.label in self._calls:
+            self._calls[effect.label] += 1
         self.history.on_effect(effect)
 
     def _on_ledger_event(self, event: BrokerEvent) -> None:

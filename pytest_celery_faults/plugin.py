@@ -368,6 +368,26 @@ def limit_hung_tasks(config: pytest.Config, items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT))
 
 
+def _deadline(item: pytest.Item) -> float | None:
+    """When the test's time limit (pytest-timeout's, as it reads it) runs out, on ``monotonic``."""
+    import time
+
+    marker = item.get_closest_marker("timeout")
+    value: Any = None
+    if marker is not None:
+        value = marker.kwargs.get("timeout", marker.args[0] if marker.args else None)
+    if value is None:
+        config = item.config
+        value = config.getoption("timeout", default=None) or os.environ.get("PYTEST_TIMEOUT")
+        if value is None and config.pluginmanager.hasplugin("timeout"):
+            value = config.getini("timeout")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return time.monotonic() + seconds if seconds > 0 else None
+
+
 # -- fixtures --------------------------------------------------------------------
 
 
@@ -510,6 +530,7 @@ def celery_faults(
         seed=settings.seed if settings.seed is not None else _seed(config),
         check_unfired=not settings.allow_unfired,
     )
+    harness.deadline = _deadline(request.node)
     specs = list(settings.specs)
     if _celery_faults_sweep_case is not None:
         specs.append(_celery_faults_sweep_case)

@@ -66,8 +66,10 @@ class Stack:
         owner: Any,
         on_done: Callable[[Stack], None],
         on_frozen: Callable[[Stack], None],
+        before_discard: Callable[[], None] | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.before_discard = before_discard
         self.body = body
         self.label = label  # what a schedule string names it by (its delivery number)
         self.owner = owner  # the worker whose child runs it
@@ -107,6 +109,8 @@ class Stack:
         self.scheduler._back.release()
         self._go.acquire()
         if self.discarding:
+            if self.before_discard is not None:
+                self.before_discard()
             raise ExecutionDiscarded()
         pending, self.pending = self.pending, None
         if pending is not None:
@@ -169,9 +173,16 @@ class Scheduler:
         owner: Any,
         on_done: Callable[[Stack], None],
         on_frozen: Callable[[Stack], None],
+        before_discard: Callable[[], None] | None = None,
     ) -> Stack:
         stack = Stack(
-            self, body, label=label, owner=owner, on_done=on_done, on_frozen=on_frozen
+            self,
+            body,
+            label=label,
+            owner=owner,
+            on_done=on_done,
+            on_frozen=on_frozen,
+            before_discard=before_discard,
         )
         self.stacks.append(stack)
         stack.thread.start()

@@ -281,6 +281,7 @@ class InProcessPool:
                 owner=job,
                 on_done=lambda stack: self._finish(job, *stack.result),
                 on_frozen=lambda stack: self._frozen(job, stack.frozen_by),
+                before_discard=lambda: worker.effects.execution_discarded(execution),
             )
         else:
             self._finish(job, *self._run_child(job))
@@ -368,7 +369,8 @@ class InProcessPool:
         self._settled(job)
         record.ended = _FROZEN_ENDING[kind]
         worker.on_record(record)
-        worker.effects.execution_ended(job.execution, record.ended)
+        if job.execution.started:  # watchers hear of the executions they saw start
+            worker.effects.execution_ended(job.execution, record.ended)
         worker.replace_child()
         if kind == "timeout":
             # billiard's TimeoutHandler.on_hard_timeout: error first, then the timeout.
@@ -707,7 +709,8 @@ class EmulatedWorker:
             job.execution.dead = True
             job.execution.record.ended = ending
             self.on_record(job.execution.record)
-            self.effects.execution_ended(job.execution, ending)
+            if job.execution.started:
+                self.effects.execution_ended(job.execution, ending)
         self.die(graceful=graceful)
 
     def channel_lost(self) -> None:

@@ -1,0 +1,1 @@
+"""A small SQLAlchemy shop whose stock task runs through Celery (the SQLAlchemy example)."""
