@@ -242,8 +242,9 @@ class InProcessPool:
         elif success:
             self._safely(callback, value)
         else:
-            if isinstance(value.exception, SystemExit):
+            if issubclass(value.type, SystemExit):  # .exception is billiard's wrapper
                 worker.replace_child()
+                value = internals.billiard_reports_exit_as(value, job)
             self._safely(error_callback, value)
         return _AppliedJob(job)
 
