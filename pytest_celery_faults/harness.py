@@ -172,27 +172,42 @@ class CeleryFaults:
         self.active = True
 
     def stop(self) -> None:
+        """Undo everything ``start()`` did, in the reverse order.
+
+        Every step runs even when another fails, so a failure never leaves the
+        app on the dead in-memory broker or billiard patched. Then the failure
+        is raised; several are raised together as an exception group.
+        """
         if not self.active:
             return
         self.active = False
-        try:
-            signals.task_prerun.disconnect(self._on_prerun)
-            self.checks.stop()
-            self.http.stop(allow_assert=False)
-            self.http.reset()
-        finally:
-            for patch in reversed(self._patches):
-                patch.undo()
-            self._patches.clear()
-            request_ids: set[str] = set()
-            for worker in self.workers:
-                request_ids |= worker.request_ids
-                worker.close()
-            internals.forget_worker_state(request_ids)
-            self._code_summaries.__exit__(None, None, None)
-            self._tracers.__exit__(None, None, None)
-            self._installed.__exit__(None, None, None)
-            self.broker.close()
+        request_ids: set[str] = set().union(*(worker.request_ids for worker in self.workers))
+        steps: list[Callable[[], object]] = [
+            lambda: signals.task_prerun.disconnect(self._on_prerun),
+            self.checks.stop,
+            lambda: self.http.stop(allow_assert=False),
+            self.http.reset,
+            *(patch.undo for patch in reversed(self._patches)),
+            self._patches.clear,
+            *(worker.close for worker in self.workers),
+            lambda: internals.forget_worker_state(request_ids),
+            lambda: self._code_summaries.__exit__(None, None, None),
+            lambda: self._tracers.__exit__(None, None, None),
+            lambda: self._installed.__exit__(None, None, None),
+            self.broker.close,
+        ]
+        failures: list[BaseException] = []
+        for step in steps:
+            try:
+                step()
+            except BaseException as failure:  # the next steps run all the same
+                failures.append(failure)
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            raise BaseExceptionGroup(
+                f"celery_faults: {len(failures)} steps of restoring the app failed", failures
+            )
 
     def reset(self, *, suite_wide: bool = True) -> None:
         """Start a fresh scenario in place: empty broker, results, effects, plan and clock.

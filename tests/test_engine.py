@@ -212,6 +212,40 @@ def test_app_configuration_is_restored(app: Celery) -> None:
     assert app.backend is backend_before
 
 
+def test_stop_runs_every_restore_step_when_some_fail(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = make_task(app, acks_late=True)
+    app.finalize()
+    before = dict(app.conf.changes)
+    backend_before = app.backend
+    untracked = side_effect
+    faults = CeleryFaults(app)
+    faults.start()
+    faults.track(f"{__name__}.side_effect")
+    assert faults.run(task.s(1)).state == "SUCCESS"
+
+    def failing(step: Any, text: str) -> Any:
+        def run(*args: Any, **kwargs: Any) -> None:
+            step(*args, **kwargs)  # it does its work (nothing leaks), then fails
+            raise RuntimeError(text)
+
+        return run
+
+    # The first two steps to run: all those after them must still run.
+    monkeypatch.setattr(faults.checks, "stop", failing(faults.checks.stop, "checks"))
+    monkeypatch.setattr(faults.http, "stop", failing(faults.http.stop, "http"))
+    with pytest.raises(BaseExceptionGroup) as raised:
+        faults.stop()
+    assert [str(failure) for failure in raised.value.exceptions] == ["checks", "http"]
+    assert side_effect is untracked
+    assert dict(app.conf.changes) == before
+    assert app.backend is backend_before
+    assert not faults.active
+    task.apply(args=(2,))  # the app runs eagerly again, off the in-memory broker
+    assert calls[-1] == ("second", 2)
+
+
 def test_memory_mode_opens_no_socket(app: Celery, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError(f"a socket was opened: {args}")
