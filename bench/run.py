@@ -138,7 +138,7 @@ def floor_pipeline() -> Callable[[], object]:
             decoded=False,
             utc=utc,
         )
-        with internals.current_app_set_to(app):  # as in a worker's child
+        with internals.in_worker_child(app, "celery@floor"):  # as in a worker's child
             request.execute_using_pool(pool)
         meta = backend.get_task_meta(sent.id, cache=False)
         if meta["result"] != 3:
@@ -457,7 +457,10 @@ def count_instructions(argv: list[str]) -> int:
             "--counting",
             str(phases_file),
         ]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        # The base interpreter does not run the venv's .pth hooks (an editable install's
+        # finder among them): give it the project's root and this sys.path instead.
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *sys.path])}
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             sys.stderr.write(done.stderr[-4000:])

@@ -37,6 +37,8 @@ __all__ = [
     "TimeLimitExceeded",
     "WorkerLostError",
     "app_behind_proxy",
+    "billiard_reports_exit_as",
+    "cancel_active_requests",
     "child_death_info",
     "code_summaries_cached",
     "in_worker_child",
@@ -54,12 +56,46 @@ __all__ = [
 TRACE_TARGET = trace_task_ret
 
 
-def child_death_info(signum: int, job: int) -> ExceptionInfo:
-    """What billiard's ``Pool.mark_as_worker_lost`` reports for a child killed by ``signum``."""
+def _worker_lost_info(exitcode: int, job: int) -> ExceptionInfo:
+    """What billiard's ``Pool.mark_as_worker_lost`` reports for a job whose child is gone."""
     try:
-        raise WorkerLostError(f"Worker exited prematurely: {human_status(-signum)} Job: {job}.")
+        raise WorkerLostError(f"Worker exited prematurely: {human_status(exitcode)} Job: {job}.")
     except WorkerLostError:
         return ExceptionInfo()
+
+
+def child_death_info(signum: int, job: int) -> ExceptionInfo:
+    """What billiard's pool reports for a child killed by ``signum``."""
+    return _worker_lost_info(-signum, job)
+
+
+def _exit_reported_as_itself(info: ExceptionInfo, job: int) -> ExceptionInfo:
+    """billiard 4.3: the workloop catches the job's own ``SystemExit``, sends it as the
+    job's result, then re-raises it to leave (``exit_exc`` in ``Worker.workloop``)."""
+    return info
+
+
+def _exit_reported_as_worker_lost(info: ExceptionInfo, job: int) -> ExceptionInfo:
+    """billiard 4.2: the workloop catches only ``Exception``; the ``SystemExit`` ends the
+    child with its code (``Worker.__call__``'s ``exit`` hook, then ``os._exit``) and no
+    result, and the pool finds the job's process gone: ``mark_as_worker_lost``."""
+    code = info.exception.exc.code  # ExceptionInfo.exception is an ExceptionWithTraceback
+    exitcode = 0 if code is None else code if isinstance(code, int) else 1
+    return _worker_lost_info(exitcode & 0xFF, job)
+
+
+def _workloop_reports_exit() -> bool:
+    from billiard.pool import Worker
+
+    return "exit_exc" in Worker.workloop.__code__.co_varnames
+
+
+#: What the pool hands Celery for a child whose task called ``sys.exit``, given the
+#: ``ExceptionInfo`` of that ``SystemExit`` and the job number; read from the
+#: installed billiard's ``Worker.workloop``.
+billiard_reports_exit_as: Callable[[ExceptionInfo, int], ExceptionInfo] = (
+    _exit_reported_as_itself if _workloop_reports_exit() else _exit_reported_as_worker_lost
+)
 
 
 def time_limit_info(timeout: float | None) -> ExceptionInfo:
@@ -222,6 +258,15 @@ def jitter_drawn_from(rng: Any) -> Iterator[None]:
         celery_time.random = previous
 
 
+#: The worker-global sets of request objects the installed Celery keeps
+#: (``scheduled_requests`` is Celery 5.7's).
+_REQUEST_SETS = tuple(
+    name
+    for name in ("reserved_requests", "active_requests", "scheduled_requests")
+    if hasattr(worker_state, name)
+)
+
+
 def forget_worker_state(request_ids: Iterable[str]) -> None:
     """Drop what Celery's worker-global bookkeeping still holds of these requests.
 
@@ -238,11 +283,8 @@ def forget_worker_state(request_ids: Iterable[str]) -> None:
             worker_state.successful_requests.discard(task_id)
         with contextlib.suppress(KeyError):
             worker_state.revoked.discard(task_id)
-    for bucket in (
-        worker_state.reserved_requests,
-        worker_state.active_requests,
-        worker_state.scheduled_requests,
-    ):
+    for name in _REQUEST_SETS:
+        bucket = getattr(worker_state, name)
         for request in list(bucket):
             if request.id in ids:
                 bucket.discard(request)
@@ -454,18 +496,43 @@ def fresh_tracers(app: Celery) -> Iterator[None]:
             task.__trace__ = saved.get(name)
 
 
-def cancel_active_requests(pool: Any) -> None:
-    """What a worker's consumer does to its running tasks on a cold shutdown.
+def _consumer_cancels(method: Callable[[Any], None]) -> Callable[[Any], None]:
+    def cancel(pool: Any) -> None:
+        from types import SimpleNamespace
 
-    Celery's own ``Consumer.cancel_active_requests`` decides which requests to
-    cancel and whether to store RETRY; it reads the worker-global
-    ``active_requests`` and calls ``request.cancel(pool, ...)``.
+        method(SimpleNamespace(pool=pool))
+
+    cancel.__doc__ = f"Celery's own ``Consumer.{method.__name__}``: it picks the requests."
+    return cancel
+
+
+def _pool_terminated_only(pool: Any) -> None:
+    """Celery 5.3 and 5.4: a cold shutdown is ``WorkController.terminate()``.
+
+    ``state.should_terminate`` makes the consumer raise ``WorkerTerminate``; the
+    blueprint stops with ``terminate=True`` and the pool kills its children with
+    its result handler already stopped. The consumer has no step that cancels
+    requests, so no ``Request`` method runs for the running task: it is neither
+    acked nor rejected nor stored; the broker settles its message when the
+    connection closes.
     """
-    from types import SimpleNamespace
 
+
+def _cold_shutdown_cancel() -> Callable[[Any], None]:
     from celery.worker.consumer.consumer import Consumer
 
-    Consumer.cancel_active_requests(SimpleNamespace(pool=pool))
+    for name in ("cancel_active_requests", "cancel_all_unacked_requests"):  # 5.6+, 5.5
+        method = getattr(Consumer, name, None)
+        if method is not None:
+            return _consumer_cancels(method)
+    return _pool_terminated_only
+
+
+#: What a worker's consumer does to its running tasks on a cold shutdown, with the
+#: pool running them: Celery 5.6's ``cancel_active_requests`` (5.5's
+#: ``cancel_all_unacked_requests``) decides which requests to cancel and whether to
+#: store RETRY; Celery 5.3 and 5.4 cancel none.
+cancel_active_requests: Callable[[Any], None] = _cold_shutdown_cancel()
 
 
 def rate_per_second(limit: Any) -> float:

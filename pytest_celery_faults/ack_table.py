@@ -3,8 +3,10 @@
     python -m pytest_celery_faults.ack_table
 
 prints, as Markdown, what happens to a message under each task configuration
-and each way a task can end: Celery's own ``Request`` decides every cell. The
-README's table is this output (a test keeps them equal).
+and each way a task can end, for the installed Celery and billiard: Celery's own
+``Request`` decides every cell. The output is kept for each supported Celery
+minor release in ``tests/ack_tables/`` (a test on each release keeps its copy
+equal), and the README shows the newest.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import sys
 from typing import Any
 
+import billiard
 import celery
 from celery import Celery
 from celery.exceptions import Ignore, Reject
@@ -91,6 +94,11 @@ def cell(app: Celery, config: tuple[bool, bool, bool], ending: str) -> str:
     return f"{fate}, {then}"
 
 
+def _minor(release: str) -> str:
+    """``5.4`` for ``5.4.0``: the table is kept per minor release."""
+    return ".".join(release.split(".")[:2])
+
+
 def table() -> str:
     """The whole table as Markdown."""
     logging.getLogger("celery").setLevel(logging.CRITICAL)
@@ -102,8 +110,9 @@ def table() -> str:
     ]
     header = ["acks_late / reject_on_worker_lost / acks_on_failure_or_timeout", *ENDINGS]
     lines = [
-        f"Celery {celery.__version__}: the first thing that happens to the message, then how "
-        "the task ends up (`lost`: gone without finishing; `runs again`: delivered again).",
+        f"Celery {_minor(celery.__version__)} (billiard {_minor(billiard.__version__)}): the "
+        "first thing that happens to the message, then how the task ends up (`lost`: gone "
+        "without finishing; `runs again`: delivered again).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

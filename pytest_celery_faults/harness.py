@@ -197,6 +197,12 @@ class CeleryFaults:
         self.active = True
 
     def stop(self) -> None:
+        """Undo everything ``start()`` did, in the reverse order.
+
+        Every step runs even when another fails, so a failure never leaves the
+        app on the dead in-memory broker or billiard patched. Then the failure
+        is raised; several are raised together as an exception group.
+        """
         if not self.active:
             return
         self.active = False
@@ -207,32 +213,39 @@ class CeleryFaults:
                     f"proved nothing (does the code reach the same work another way, e.g. "
                     f"Session.begin() rather than Session.commit()?)"
                 )
-        try:
-            self._discard_frozen()
-            signals.task_prerun.disconnect(self._on_prerun)
-            signals.task_postrun.disconnect(self._on_postrun)
-            self.checks.stop()
-            self.http.stop(allow_assert=False)
-            self.http.reset()
-        finally:
-            for undo in reversed(self._on_stop):
-                undo()
-            self._on_stop.clear()
-            for patch in reversed(self._patches):
-                patch.undo()
-            self._patches.clear()
-            request_ids: set[str] = set()
-            for worker in self.workers:
-                request_ids |= worker.request_ids
-                worker.close()
-            internals.forget_worker_state(request_ids)
-            for cache in reversed(self._caches):
-                cache.__exit__(None, None, None)
-            self._code_summaries.__exit__(None, None, None)
-            self._tracers.__exit__(None, None, None)
-            self._installed.__exit__(None, None, None)
-            self.body_time.close()
-            self.broker.close()
+        request_ids: set[str] = set().union(*(worker.request_ids for worker in self.workers))
+        steps: list[Callable[[], object]] = [
+            self._discard_frozen,
+            lambda: signals.task_prerun.disconnect(self._on_prerun),
+            lambda: signals.task_postrun.disconnect(self._on_postrun),
+            self.checks.stop,
+            lambda: self.http.stop(allow_assert=False),
+            self.http.reset,
+            *reversed(self._on_stop),
+            self._on_stop.clear,
+            *(patch.undo for patch in reversed(self._patches)),
+            self._patches.clear,
+            *(worker.close for worker in self.workers),
+            lambda: internals.forget_worker_state(request_ids),
+            *(_exiter(cache) for cache in reversed(self._caches)),
+            _exiter(self._code_summaries),
+            _exiter(self._tracers),
+            _exiter(self._installed),
+            self.body_time.close,
+            self.broker.close,
+        ]
+        failures: list[BaseException] = []
+        for step in steps:
+            try:
+                step()
+            except BaseException as failure:  # the next steps run all the same
+                failures.append(failure)
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            raise BaseExceptionGroup(
+                f"celery_faults: {len(failures)} steps of restoring the app failed", failures
+            )
 
     def on_stop(self, undo: Callable[[], None]) -> None:
         """Call ``undo`` when the harness stops (integrations put back what they changed)."""
@@ -694,3 +707,7 @@ def refuse_foreign(app: Celery, signature: Any) -> None:
             f"(build it from this app's task, or with app.signature(name))"
         )
 
+
+def _exiter(context: Any) -> Callable[[], object]:
+    """A step that leaves ``context`` (a context manager entered by ``start()``)."""
+    return lambda: context.__exit__(None, None, None)

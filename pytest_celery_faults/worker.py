@@ -353,8 +353,10 @@ class InProcessPool:
         elif success:
             self._safely(job.callback, value)
         else:
-            if isinstance(value.exception, SystemExit):
+            if issubclass(value.type, CHILD_LEAVES):  # .exception is billiard's wrapper
                 worker.replace_child()
+            if issubclass(value.type, SystemExit):
+                value = internals.billiard_reports_exit_as(value, job.number)
             self._safely(job.error_callback, value)
         worker.job_ended(job)
 

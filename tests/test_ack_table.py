@@ -1,4 +1,4 @@
-"""The ack table, pinned for Celery 5.7.
+"""The ack table, pinned for each supported Celery minor release.
 
 Every cell is decided by Celery's own ``Request`` driven through the plugin's
 pool; the table below was derived independently, by reading Celery 5.7.0's
@@ -8,30 +8,48 @@ and billiard 4.3's ``pool.py``, and then checked against the engine. A change
 in the pool, the broker or the fault machinery that alters what Celery decides
 fails here, row by row.
 
-Pinned for Celery 5.7 only. The plugin supports Celery 5.3 to 5.7, but only
-5.7's code was read for this table (``retry_on_worker_lost`` and the split
-``acks_on_failure`` / ``acks_on_timeout`` do not exist before it), so on
-another Celery the parametrization is restricted to a single skipped case that
-says so. Pinning another version means adding its table, not loosening this one.
+Celery 5.3 to 5.6 (with billiard 4.2, the pool they were released with) are
+pinned as the rows that differ from 5.7, each read from that release's
+``request.py`` (``OLDER``). ``retry_on_worker_lost`` and the split
+``acks_on_failure`` / ``acks_on_timeout`` exist only in 5.7: before it their
+parametrization is a single skipped case that says so. On a pair of releases
+not pinned here (Celery 5.5 with billiard 4.3, say) the tables are skipped with
+a reason; pinning it means adding its rows, not loosening these.
+
+The Markdown table ``python -m pytest_celery_faults.ack_table`` prints is kept
+per release in ``tests/ack_tables/``; ``test_the_generated_table_is_pinned``
+compares the engine's output with the copy for the installed releases.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import billiard
 import celery
 import pytest
 from celery import Celery
 from celery.exceptions import Ignore, Reject
+from releases import BILLIARD, CELERY
 
 from pytest_celery_faults import CeleryFaults, Outcome
+from pytest_celery_faults.ack_table import table as generated_table
 from pytest_celery_faults.broker import BrokerEvent
 
-PINNED = (5, 7)
-INSTALLED = (int(celery.VERSION[0]), int(celery.VERSION[1]))
-NOT_PINNED = f"the ack table is pinned for Celery 5.7 only; this is Celery {celery.__version__}"
+#: Celery minor release -> the billiard minor release its table was read with.
+PINNED = {(5, 3): (4, 2), (5, 4): (4, 2), (5, 5): (4, 2), (5, 6): (4, 2), (5, 7): (4, 3)}
+IS_PINNED = PINNED.get(CELERY) == BILLIARD
+NOT_PINNED = (
+    f"no ack table is pinned for Celery {celery.__version__} with billiard "
+    f"{billiard.__version__}; pinned: "
+    + ", ".join(f"{c[0]}.{c[1]} with {b[0]}.{b[1]}" for c, b in PINNED.items())
+)
+ONLY_57 = f"Celery 5.7's own options; this is Celery {celery.__version__}"
+ACK_TABLES = Path(__file__).resolve().parent / "ack_tables"
 
 
 def effect() -> None:
@@ -132,7 +150,12 @@ EXCEPTIONS = {
     "reject_drop": ("Reject", r"\('never', False\)"),
     "soft_timeout@1": ("SoftTimeLimitExceeded", r"SoftTimeLimitExceeded\(\)"),
     "timeout@1": ("TimeLimitExceeded", r"TimeLimitExceeded\(30,\)"),  # the task's time_limit
-    "exit(3)@1": ("WorkerLostError", LOST + r"exitcode 3\."),
+    # billiard 4.2: no SystemExit reaches Celery; the child dies with exit code 3 and
+    # Pool.mark_as_worker_lost reports it, naming the job.
+    "exit(3)@1": (
+        "WorkerLostError",
+        LOST + r"exitcode 3" + (r"\." if BILLIARD >= (4, 3) else r" Job: \d+\."),
+    ),
     "sigkill@1": ("WorkerLostError", LOST + r"signal 9 \(SIGKILL\) Job: \d+\."),
     "sigterm@1": ("WorkerLostError", LOST + r"signal 15 \(SIGTERM\) Job: \d+\."),
 }
@@ -289,6 +312,60 @@ TABLE: dict[Config, dict[str, Fate]] = {
     (True, True, True): LATE_REQUEUE_LOST,
     (True, True, False): LATE_REQUEUE_LOST_NO_ACK_ON_FAILURE,
 }
+
+# -- Celery 5.3 to 5.6 -----------------------------------------------------------
+#
+# The rows that differ before 5.7, applied over the tables above: (the Celery minor
+# releases, the configurations (acks_late, reject_on_worker_lost,
+# acks_on_failure_or_timeout) they apply to, rows). Every other row is the same in
+# their request.py: with billiard 4.2 a child's sys.exit reaches on_failure as the
+# pool's WorkerLostError, as a signal's does.
+BEFORE_57 = {(5, 3), (5, 4), (5, 5), (5, 6)}
+OLDER: list[
+    tuple[set[tuple[int, int]], Callable[[tuple[bool, bool, bool]], bool], dict[str, Fate]]
+] = [
+    # on_failure before 5.7: `elif isinstance(exc, Reject): return self.reject(requeue=
+    # exc.requeue)`, nothing stored (Celery #4222 is fixed in 5.7): the task stays PENDING.
+    (
+        BEFORE_57,
+        lambda config: not config[0],
+        rows("""
+reject_drop       acked       -            PENDING  PENDING  1  1  yes    -         no    0
+"""),
+    ),
+    (
+        BEFORE_57,
+        lambda config: config[0],
+        rows("""
+reject_drop       dropped     -            PENDING  PENDING  1  1  no     drop      no    0
+"""),
+    ),
+    # on_failure in 5.3 and 5.4 rejects with requeue only for `reject_on_worker_lost and
+    # is_worker_lost`; a hard time limit with acks_on_failure_or_timeout=False falls to
+    # `else: self.reject(requeue=False)` and is stored FAILURE (5.5 added the
+    # `isinstance(exc, TimeLimitExceeded) and not acks_on_failure_or_timeout` requeue).
+    (
+        {(5, 3), (5, 4)},
+        lambda config: config[0] and not config[2],
+        rows("""
+timeout@1         dropped     -            FAILURE  FAILURE  1  1  no     drop      yes   0
+"""),
+    ),
+]
+
+
+def installed_table() -> dict[Config, dict[str, Fate]]:
+    """The pinned table for the installed Celery: 5.7's with the older rows applied."""
+    tables = {config: dict(fates) for config, fates in TABLE.items()}
+    for releases, applies, changed in OLDER:
+        if CELERY in releases:
+            for config, fates in tables.items():
+                if applies(config):
+                    fates.update(changed)
+    return tables
+
+
+INSTALLED_TABLE = installed_table()
 
 # -- Celery 5.7's additions ------------------------------------------------------
 #
@@ -529,12 +606,13 @@ def config_id(config: Config) -> str:
     return f"acks_late={late}-reject_on_worker_lost={reject}-acks_on_failure_or_timeout={acks}"
 
 
-def pinned(cases: list[Any]) -> list[Any]:
-    """The cases on Celery 5.7; a single skipped case saying why anywhere else."""
-    if INSTALLED == PINNED:
+def pinned(cases: list[Any], *, only_57: bool = False) -> list[Any]:
+    """The cases on a pinned pair of releases; a single skipped case saying why elsewhere."""
+    reason = NOT_PINNED if not IS_PINNED else ONLY_57 if only_57 and CELERY != (5, 7) else ""
+    if not reason:
         return cases
     arity = len(cases[0].values)
-    skip = pytest.mark.skip(reason=NOT_PINNED)
+    skip = pytest.mark.skip(reason=reason)
     return [pytest.param(*[None] * arity, marks=skip, id="celery-version-not-pinned")]
 
 
@@ -555,7 +633,7 @@ def test_ack_table(app: Celery, config: Config, kind: str) -> None:
         "reject_on_worker_lost": reject_on_worker_lost,
         "acks_on_failure_or_timeout": acks_on_failure_or_timeout,
     }
-    check(run_row(app, kind, options), TABLE[config][kind], kind)
+    check(run_row(app, kind, options), INSTALLED_TABLE[config][kind], kind)
 
 
 EXTRA_CASES = pinned(
@@ -563,7 +641,8 @@ EXTRA_CASES = pinned(
         pytest.param(options, settings, kind, expected, id=f"{name}-{kind}")
         for name, (options, settings, table_rows) in EXTRA.items()
         for kind, expected in table_rows.items()
-    ]
+    ],
+    only_57=True,
 )
 
 
@@ -595,7 +674,7 @@ def dedup_run(app: Celery, deduplicate: bool) -> tuple[Outcome, list[int], list[
     return outcome, per_delivery, seen
 
 
-@pytest.mark.skipif(INSTALLED != PINNED, reason=NOT_PINNED)
+@pytest.mark.skipif(not IS_PINNED, reason=NOT_PINNED)
 @pytest.mark.parametrize(
     ("deduplicate", "bodies", "effects"), [(True, [False], [1, 0]), (False, [False, True], [1, 1])]
 )
@@ -611,3 +690,17 @@ def test_deduplicate_successful_tasks_skips_the_body_of_a_redelivered_success(
     assert (outcome.acked, outcome.rejected, outcome.lost) == (True, None, False)
     assert seen == bodies
     assert per_delivery == effects
+
+
+# -- the generated Markdown table ------------------------------------------------
+
+
+@pytest.mark.skipif(not IS_PINNED, reason=NOT_PINNED)
+def test_the_generated_table_is_pinned() -> None:
+    pinned_copy = ACK_TABLES / (
+        f"celery-{CELERY[0]}.{CELERY[1]}-billiard-{BILLIARD[0]}.{BILLIARD[1]}.md"
+    )
+    assert generated_table() == pinned_copy.read_text(encoding="utf-8"), (
+        f"`python -m pytest_celery_faults.ack_table` differs from tests/ack_tables/"
+        f"{pinned_copy.name}: a change altered what Celery decides"
+    )

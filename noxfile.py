@@ -1,0 +1,124 @@
+"""The support matrix: every supported Celery minor release on every supported Python.
+
+    nox                                        # the whole matrix, then its table
+    nox -s "tests-3.12(celery='5.4')"          # one cell
+    nox -s real                                # real-broker conformance, oldest and newest Celery
+
+Each ``tests`` session installs the project with ``celery==X.Y.*`` and the
+billiard that release is tested with into its own virtualenv and runs the suite
+but ``tests/real``; ``real`` runs ``tests/real`` (RabbitMQ and Redis on
+loopback: ``bash .ci/brokers``). Every session leaves a JUnit report in
+``.nox/results``; ``matrix`` (last) prints one line per Celery release and
+Python with its counts, and fails unless every cell that ran passed.
+Virtualenvs are reused between local runs; a Python the machine lacks is skipped
+and the table says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import nox
+
+nox.options.reuse_venv = "yes"
+nox.options.download_python = "never"
+nox.options.error_on_missing_interpreters = False
+nox.options.sessions = ["tests", "real", "matrix"]
+
+PYTHONS = ["3.11", "3.12", "3.13"]
+#: Celery minor release -> the billiard minor release it is tested with: the pool it was
+#: released with (Celery 5.3 to 5.6 allow billiard 4.3, whose reporting of a child's
+#: sys.exit only Celery 5.7 handles; 5.7 requires billiard 4.3).
+CELERY = {"5.3": "4.2", "5.4": "4.2", "5.5": "4.2", "5.6": "4.2", "5.7": "4.3"}
+#: The real-broker conformance suite runs on the oldest and the newest.
+REAL = [min(CELERY), max(CELERY)]
+RESULTS = Path(__file__).resolve().parent / ".nox" / "results"
+
+VERSIONS = (
+    "import json, platform; from importlib.metadata import version; "
+    "print(json.dumps({name: version(name) for name in ('celery', 'billiard', 'kombu')} "
+    "| {'python': platform.python_version()}))"
+)
+
+
+def run_suite(session: nox.Session, celery: str, name: str, *pytest_args: str) -> None:
+    session.install("-e", ".[test]", f"celery=={celery}.*", f"billiard=={CELERY[celery]}.*")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = RESULTS / f"{name}.xml"
+    report.unlink(missing_ok=True)
+    versions = session.run("python", "-c", VERSIONS, silent=True)
+    assert isinstance(versions, str)
+    (RESULTS / f"{name}.json").write_text(versions.strip().splitlines()[-1], encoding="utf-8")
+    session.run("pytest", *pytest_args, f"--junitxml={report}", *session.posargs)
+
+
+@nox.session(python=PYTHONS)
+@nox.parametrize("celery", list(CELERY))
+def tests(session: nox.Session, celery: str) -> None:
+    """The suite but the real-broker tests, on one Celery release and one Python."""
+    run_suite(session, celery, f"tests-{celery}-py{session.python}", "--ignore=tests/real")
+
+
+@nox.session(python=PYTHONS[0])
+@nox.parametrize("celery", REAL)
+def real(session: nox.Session, celery: str) -> None:
+    """The real-broker conformance suite (tests/real) on one Celery release."""
+    session.env["CELERY_FAULTS_REQUIRE_BROKERS"] = os.environ.get(
+        "CELERY_FAULTS_REQUIRE_BROKERS", "0"
+    )
+    run_suite(session, celery, f"real-{celery}", "tests/real")
+
+
+def counts(report: Path) -> dict[str, int]:
+    """pytest's counts from its JUnit report."""
+    suite = ElementTree.parse(report).getroot()
+    if suite.tag == "testsuites":
+        suite = suite[0]
+    total, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
+    failed, errors = int(suite.get("failures", 0)), int(suite.get("errors", 0))
+    return {
+        "passed": total - skipped - failed - errors,
+        "failed": failed,
+        "errors": errors,
+        "skipped": skipped,
+    }
+
+
+@nox.session(python=False)
+def matrix(session: nox.Session) -> None:
+    """One line per Celery release and Python with its counts; fails unless all passed."""
+    cells = [(f"tests-{c}-py{p}", c, p, "suite") for c in CELERY for p in PYTHONS]
+    cells += [(f"real-{c}", c, PYTHONS[0], "tests/real") for c in REAL]
+    problems: list[str] = []
+    pythons_run: set[str] = set()
+    passed = failed = 0
+    for name, celery, python, suite in cells:
+        report, versions_file = RESULTS / f"{name}.xml", RESULTS / f"{name}.json"
+        if not versions_file.exists():
+            print(f"celery {celery} on python {python}, {suite}: not run", flush=True)
+            continue
+        versions = json.loads(versions_file.read_text(encoding="utf-8"))
+        pythons_run.add(versions["python"])
+        label = (
+            f"celery {versions['celery']} (billiard {versions['billiard']}, kombu "
+            f"{versions['kombu']}) on python {versions['python']}, {suite}"
+        )
+        found = counts(report) if report.exists() else {"passed": 0, "failed": 0, "errors": 1}
+        passed += found["passed"]
+        failed += found["failed"] + found["errors"]
+        line = f"{label}: " + ", ".join(f"{value} {key}" for key, value in found.items())
+        print(line, flush=True)
+        if found["failed"] or found["errors"] or not found["passed"]:
+            problems.append(line)
+    absent = [p for p in PYTHONS if not any(run.startswith(f"{p}.") for run in pythons_run)]
+    print(
+        f"pythons run: {', '.join(sorted(pythons_run)) or 'none'}"
+        + (f"; not run: {', '.join(absent)}" if absent else ""),
+        flush=True,
+    )
+    print(f"matrix: {passed} passed, {failed} failed", flush=True)
+    if problems or not passed:
+        session.error("not every cell of the matrix passed")
