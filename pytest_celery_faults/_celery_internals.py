@@ -37,7 +37,6 @@ __all__ = [
     "TimeLimitExceeded",
     "WorkerLostError",
     "app_behind_proxy",
-    "billiard_reports_exit_as",
     "cancel_active_requests",
     "child_death_info",
     "code_summaries_cached",
@@ -69,33 +68,16 @@ def child_death_info(signum: int, job: int) -> ExceptionInfo:
     return _worker_lost_info(-signum, job)
 
 
-def _exit_reported_as_itself(info: ExceptionInfo, job: int) -> ExceptionInfo:
-    """billiard 4.3: the workloop catches the job's own ``SystemExit``, sends it as the
-    job's result, then re-raises it to leave (``exit_exc`` in ``Worker.workloop``)."""
-    return info
-
-
-def _exit_reported_as_worker_lost(info: ExceptionInfo, job: int) -> ExceptionInfo:
-    """billiard 4.2: the workloop catches only ``Exception``; the ``SystemExit`` ends the
-    child with its code (``Worker.__call__``'s ``exit`` hook, then ``os._exit``) and no
-    result, and the pool finds the job's process gone: ``mark_as_worker_lost``."""
-    code = info.exception.exc.code  # ExceptionInfo.exception is an ExceptionWithTraceback
-    exitcode = 0 if code is None else code if isinstance(code, int) else 1
-    return _worker_lost_info(exitcode & 0xFF, job)
-
-
 def _workloop_reports_exit() -> bool:
     from billiard.pool import Worker
 
     return "exit_exc" in Worker.workloop.__code__.co_varnames
 
 
-#: What the pool hands Celery for a child whose task called ``sys.exit``, given the
-#: ``ExceptionInfo`` of that ``SystemExit`` and the job number; read from the
-#: installed billiard's ``Worker.workloop``.
-billiard_reports_exit_as: Callable[[ExceptionInfo, int], ExceptionInfo] = (
-    _exit_reported_as_itself if _workloop_reports_exit() else _exit_reported_as_worker_lost
-)
+#: billiard 4.3's ``Worker.workloop`` catches what a job raises past ``Exception``
+#: (``exit_exc``), sends it as the job's result, then leaves; billiard 4.2's catches
+#: only ``Exception``. Read from the installed billiard.
+_WORKLOOP_REPORTS_BASE_EXCEPTIONS = _workloop_reports_exit()
 
 
 def time_limit_info(timeout: float | None) -> ExceptionInfo:
@@ -106,13 +88,22 @@ def time_limit_info(timeout: float | None) -> ExceptionInfo:
         return ExceptionInfo()
 
 
-def job_error_info(exc: BaseException) -> ExceptionInfo:
-    """What billiard's child sends the parent for ``exc``, the exception being handled.
+def job_error_info(exc: BaseException, job: int) -> ExceptionInfo:
+    """What the pool reports to the parent for job ``job``, whose task raised ``exc``.
 
-    Its ``ExceptionInfo``, pickled through the result pipe; when the exception
-    does not pickle (pytest's outcomes are classes pickle cannot find), the
-    child sends ``MaybeEncodingError`` instead, as ``Worker.workloop`` does.
+    billiard 4.2: an exception past ``Exception`` (``sys.exit``, ``KeyboardInterrupt``,
+    ``GeneratorExit``, a pytest outcome) escapes the workloop; the child exits
+    with ``sys.exit``'s code, else 0 (``Worker.__call__``'s ``exit`` hook and
+    ``_do_exit``), and sends no result: the pool's ``mark_as_worker_lost``.
+    Otherwise (and always on billiard 4.3) the ``ExceptionInfo`` pickled
+    through the result pipe; when the exception does not pickle (pytest's
+    outcomes are classes pickle cannot find), the child sends
+    ``MaybeEncodingError`` instead, as ``Worker.workloop`` does.
     """
+    if not isinstance(exc, Exception) and not _WORKLOOP_REPORTS_BASE_EXCEPTIONS:
+        code = exc.code if isinstance(exc, SystemExit) else 0
+        exitcode = 0 if code is None else code if isinstance(code, int) else 1
+        return _worker_lost_info(exitcode & 0xFF, job)
     info = ExceptionInfo()
     try:
         pickle.dumps(exc)

@@ -261,6 +261,11 @@ class InProcessPool:
         if execution is None:  # pragma: no cover - only the worker submits jobs
             raise RuntimeError("InProcessPool.apply_async called outside the emulated worker")
         worker.preparing = None
+        # billiard's Pool.apply_async: a job without limits gets the pool's, which the
+        # worker sets from task_soft_time_limit / task_time_limit.
+        conf = worker.app.conf
+        soft_timeout = soft_timeout or conf.task_soft_time_limit
+        timeout = timeout or conf.task_time_limit
         if args:  # the child gets its own copy of the request dict, as if pickled
             args = (args[0], args[1], dict(args[2]), *args[3:])
         job = Job(
@@ -334,7 +339,7 @@ class InProcessPool:
                     if stops_the_test_run(exc):
                         raise
                     how = record.ended = "exit" if isinstance(exc, CHILD_LEAVES) else "raised"
-                    return False, internals.job_error_info(exc), None
+                    return False, internals.job_error_info(exc, job.number), None
             how = record.ended = "returned"
             return True, value, None
         finally:
@@ -353,10 +358,8 @@ class InProcessPool:
         elif success:
             self._safely(job.callback, value)
         else:
-            if issubclass(value.type, CHILD_LEAVES):  # .exception is billiard's wrapper
-                worker.replace_child()
-            if issubclass(value.type, SystemExit):
-                value = internals.billiard_reports_exit_as(value, job.number)
+            if issubclass(value.type, (*CHILD_LEAVES, internals.WorkerLostError)):
+                worker.replace_child()  # the child left (.exception is billiard's wrapper)
             self._safely(job.error_callback, value)
         worker.job_ended(job)
 
