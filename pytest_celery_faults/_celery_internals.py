@@ -700,3 +700,10 @@ def lose_ack_on_a_virtual_transport(message: Any) -> None:
     from kombu.transport import virtual
 
     virtual.QoS.ack(message.channel.qos, message.delivery_tag)
+
+
+def soft_time_limit_signal() -> int | None:
+    """The signal billiard's parent sends a child whose soft time limit passed."""
+    from billiard.pool import SIG_SOFT_TIMEOUT
+
+    return SIG_SOFT_TIMEOUT  # type: ignore[no-any-return]

@@ -24,6 +24,7 @@ from typing import Any
 from celery import signals
 from celery.exceptions import SoftTimeLimitExceeded
 
+from .. import _celery_internals as internals
 from ..effects import Patch, resolve_target
 from ..faults import Step
 from .plan import LONGEST_TIME_LIMIT, PLAN_ENV, Bindings, Plan, append_record, read_records
@@ -224,13 +225,23 @@ class ChildFaults:
         for ``soft_timeout``; for the others it is swallowed, as a body stuck
         where it cannot be interrupted would.
         """
-        deadline = time.monotonic() + KILL_WAIT_SECONDS
-        while time.monotonic() < deadline:  # not polls(): the signal must land in this try
-            try:
-                time.sleep(0.05)
-            except SoftTimeLimitExceeded:
-                if soft_ends_it:
-                    raise
+        soft = internals.soft_time_limit_signal()
+        ignored = not soft_ends_it and soft is not None
+        previous = signal.signal(soft, signal.SIG_IGN) if ignored and soft else None
+        # Stuck where no signal lands: the soft limit's signal does nothing here (it could
+        # otherwise raise between two lines, outside the try below); the hard limit's
+        # SIGKILL ends the child.
+        try:
+            deadline = time.monotonic() + KILL_WAIT_SECONDS
+            while time.monotonic() < deadline:  # not polls(): the signal must land in the try
+                try:
+                    time.sleep(0.05)
+                except SoftTimeLimitExceeded:
+                    if soft_ends_it:
+                        raise
+        finally:
+            if ignored and soft:
+                signal.signal(soft, previous)
 
 
 def install() -> ChildFaults | None:
