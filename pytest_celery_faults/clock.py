@@ -111,7 +111,7 @@ class TimeInBodies:
     import style follows). time-machine leaves ``time.monotonic`` and
     ``time.sleep`` alone, so those two module attributes are replaced here:
     ``monotonic`` is the real value at the harness's start plus the virtual
-    seconds elapsed, and ``sleep`` calls ``sleep(seconds)`` given here, which
+    seconds elapsed, and ``sleep`` calls the ``sleep`` given here (virtual), which
     returns ``False`` when the caller is not a task body (the real sleep runs).
     Entered and left once per drain, re-entrant.
     """
@@ -138,9 +138,9 @@ class TimeInBodies:
             def virtual_monotonic() -> float:
                 return base + clock.elapsed
 
-            def virtual_sleep(seconds: float) -> None:
-                if not sleep(seconds):
-                    real_sleep(seconds)
+            def virtual_sleep(seconds: float) -> None:  # virtual: the clock's, in a body
+                if not sleep(seconds):  # virtual
+                    real_sleep(seconds)  # virtual only in bodies: this is the caller's own
 
             time.monotonic = virtual_monotonic
             time.sleep = virtual_sleep  # type: ignore[assignment]

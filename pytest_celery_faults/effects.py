@@ -55,7 +55,7 @@ class Execution(Protocol):
 
     def after_effect(self, effect: Effect) -> None: ...
 
-    def sleep(self, seconds: float) -> None: ...
+    def sleep(self, seconds: float) -> None: ...  # virtual
 
 
 class ExecutionWatcher(Protocol):
@@ -102,7 +102,7 @@ class EffectLog:
     def execution(self, execution: Execution | None) -> None:
         self._here.execution = execution
 
-    def sleep(self, seconds: float) -> bool:
+    def sleep(self, seconds: float) -> bool:  # virtual
         """``time.sleep`` while the worker side runs: a task body waits on the virtual clock.
 
         ``False`` when no task body runs on this thread (the real sleep applies).
@@ -110,7 +110,7 @@ class EffectLog:
         execution = self.execution
         if execution is None:
             return False
-        execution.sleep(seconds)
+        execution.sleep(seconds)  # virtual
         return True
 
     def execution_started(self, execution: Execution) -> None:
@@ -144,7 +144,7 @@ class EffectLog:
             return result
         execution.before_effect(kind, label)
         if duration:
-            execution.sleep(duration)
+            execution.sleep(duration)  # virtual
         result = call()
         execution.effect_count += 1
         effect = Effect(

@@ -137,7 +137,7 @@ class ChildExecution:
         if step is not None and step.kind != "raise" and step.at == self.effect_count:
             self._fire(step)
 
-    def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float) -> None:  # virtual
         """``time.sleep`` in the body: wait on the virtual clock; a time limit may hit."""
         if seconds < 0:
             raise ValueError("sleep length must be non-negative")

@@ -170,7 +170,7 @@ def test_sigterm_and_exit_still_unwind(app: Celery, fault: str) -> None:
 # -- time inside bodies -----------------------------------------------------------
 
 
-def test_a_declared_soft_time_limit_fires_during_a_long_sleep(app: Celery) -> None:
+def test_a_declared_soft_time_limit_fires_during_a_long_sleep(app: Celery) -> None:  # virtual
     @app.task(name="reports.slow", shared=False, soft_time_limit=2)
     def slow() -> str:
         time.sleep(5)  # virtual: the clock moves, the test does not wait

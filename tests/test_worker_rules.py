@@ -305,7 +305,7 @@ def generator_exit():
 
 @app.task(name="proj.skips", shared=False)
 def skips():
-    pytest.skip("from the task")
+    pytest.skip(reason="from the task")
 
 
 @app.task(name="proj.fails", shared=False)
