@@ -528,9 +528,7 @@ cancel_active_requests: Callable[[Any], None] = _cold_shutdown_cancel()
 
 def rate_per_second(limit: Any) -> float:
     """A task's ``rate_limit`` (``"10/m"``, a number per second, or ``None``) in starts/second."""
-    from celery.utils.time import rate
-
-    return float(rate(limit) or 0.0)
+    return float(celery_time.rate(limit) or 0.0)
 
 
 # -- caches a harness holds while it runs (each undone on exit) ----------------------
