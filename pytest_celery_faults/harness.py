@@ -216,6 +216,7 @@ class CeleryFaults:
         request_ids: set[str] = set().union(*(worker.request_ids for worker in self.workers))
         steps: list[Callable[[], object]] = [
             self._discard_frozen,
+            self.scheduler.close,
             lambda: signals.task_prerun.disconnect(self._on_prerun),
             lambda: signals.task_postrun.disconnect(self._on_postrun),
             self.checks.stop,

@@ -9,6 +9,15 @@ takes time). Which stack runs next is the scheduler's choice alone: an explicit
 schedule (a replay string), else the seed. So a run is deterministic, and every
 interleaving of two small executions can be enumerated.
 
+A stack's thread is a carrier from the scheduler's pool. When its execution
+ends (returned or raised), the carrier waits for the next one, as a worker
+child runs task after task and keeps its thread-locals: a thread costs several
+times a hand-over to start and join, and with a hard time limit every
+execution runs on a stack. A killed execution's carrier ends once discarded,
+as the killed child's process did: the next execution gets a fresh thread, so
+nothing the killed one left in a thread-local (a ``scoped_session``, a cached
+client) reaches it. The pool's threads end when the harness stops.
+
 Why threads, not greenlets: threads are in the standard library (no C
 extension to install on every Python and Celery the plugin supports), and what
 a worker process keeps per process is per thread for free: Celery's current app
@@ -83,14 +92,11 @@ class Stack:
         self.escaped: BaseException | None = None  # not the task's: re-raised by the harness
         self.discarding = False
         self._go = threading.Semaphore(0)
-        self.thread = threading.Thread(
-            target=self._main, name=f"celery-faults {label}", daemon=True
-        )
+        self.carrier: _Carrier | None = None  # the thread it runs on, from the scheduler's pool
 
     # -- on the stack's own thread ---------------------------------------------
 
     def _main(self) -> None:
-        _here.stack = self
         self._go.acquire()
         try:
             if self.discarding:
@@ -102,6 +108,8 @@ class Stack:
             self.escaped = escaped
         finally:
             self.state = "done"
+            if self.carrier is not None:
+                self.scheduler._idle(self.carrier, reusable=not self.discarding)
             self.scheduler._back.release()
 
     def _park(self) -> None:
@@ -141,6 +149,11 @@ class Stack:
 
     # -- from the harness's side -----------------------------------------------
 
+    @property
+    def ended(self) -> bool:
+        """Its body returned or unwound (set on its own thread, so read it fresh)."""
+        return self.state == "done"
+
     def interrupt(self, exc: BaseException) -> None:
         """Raise ``exc`` in the stack where it parked (a signal such as a soft time limit)."""
         self.pending = exc
@@ -150,6 +163,41 @@ class Stack:
 
     def __repr__(self) -> str:
         return f"<Stack {self.label} {self.state}>"
+
+
+class _Carrier:
+    """A pooled thread: runs one stack at a time, then waits for the next."""
+
+    def __init__(self) -> None:
+        self.stack: Stack | None = None
+        self._assigned = threading.Semaphore(0)
+        self.thread = threading.Thread(target=self._loop, name="celery-faults idle", daemon=True)
+        self.thread.start()
+
+    def carry(self, stack: Stack) -> None:
+        stack.carrier = self
+        self.stack = stack
+        self.thread.name = f"celery-faults {stack.label}"
+        self._assigned.release()
+
+    def end(self) -> None:
+        self.stack = None
+        self._assigned.release()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                self._assigned.acquire()
+                stack = self.stack
+                if stack is None:
+                    return
+                _here.stack = stack
+                try:
+                    stack._main()
+                finally:
+                    _here.stack = None
+        except ExecutionDiscarded:
+            pass  # raised into a stack cut off mid-run, arriving after it ended
 
 
 class Scheduler:
@@ -164,6 +212,8 @@ class Scheduler:
         self.running: Stack | None = None
         self.interrupted: Stack | None = None  # running when the test run was stopped
         self._back = threading.Semaphore(0)
+        self._carriers: list[_Carrier] = []  # idle, ready to carry a stack
+        self._carriers_lock = threading.Lock()
 
     def spawn(
         self,
@@ -185,8 +235,28 @@ class Scheduler:
             before_discard=before_discard,
         )
         self.stacks.append(stack)
-        stack.thread.start()
+        with self._carriers_lock:
+            carrier = self._carriers.pop() if self._carriers else None
+        (carrier or _Carrier()).carry(stack)
         return stack
+
+    def _idle(self, carrier: _Carrier, *, reusable: bool) -> None:
+        """On the carrier's thread, its stack done: back to the pool, or ended."""
+        carrier.thread.name = "celery-faults idle"
+        with self._carriers_lock:
+            if reusable:
+                self._carriers.append(carrier)
+            else:
+                carrier.end()
+
+    def close(self) -> None:
+        """End the pool's idle threads (the harness stops); a hung stack's is a daemon."""
+        with self._carriers_lock:
+            idle, self._carriers = self._carriers, []
+        for carrier in idle:
+            carrier.end()
+        for carrier in idle:
+            carrier.thread.join(timeout=DISCARD_SECONDS)
 
     def follow(self, schedule: Iterable[str]) -> None:
         """Make the next choices these labels, in order (a replayed interleaving).
@@ -222,7 +292,6 @@ class Scheduler:
         self._resume(stack)
         if stack.state == "done":
             self.stacks.remove(stack)
-            stack.thread.join()
             if stack.escaped is not None:
                 raise stack.escaped
             stack.on_done(stack)
@@ -281,20 +350,20 @@ class Scheduler:
         hung = []
         for stack in self.stacks:
             stack.discarding = True
-            if stack.state == "running" and stack.thread.ident is not None:
+            carrier = stack.carrier
+            if carrier is None or stack.state == "done":
+                continue
+            if stack.state == "running" and carrier.thread.ident is not None:
                 # Cut off mid-run (the test run was stopped in it): it would never
                 # reach a boundary if it spins, so raise in it wherever it is.
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(stack.thread.ident), ctypes.py_object(ExecutionDiscarded)
+                    ctypes.c_ulong(carrier.thread.ident), ctypes.py_object(ExecutionDiscarded)
                 )
-            if stack.thread.is_alive():
-                back = self._back
-                stack._go.release()
-                if not back.acquire(timeout=DISCARD_SECONDS):
-                    hung.append(stack)
-                    continue
-            stack.thread.join(timeout=DISCARD_SECONDS)
-            if stack.thread.is_alive():
+            back = self._back
+            stack._go.release()
+            if back.acquire(timeout=DISCARD_SECONDS) and stack.ended:
+                carrier.thread.join(timeout=DISCARD_SECONDS)  # it ends: a discarded child's
+            if carrier.thread.is_alive():
                 hung.append(stack)
         self._back = threading.Semaphore(0)
         self.forget()

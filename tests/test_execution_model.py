@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -44,6 +45,7 @@ def charge(order: Any) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_world() -> None:
+    vars(per_child).clear()
     locks.clear()
     charges.clear()
     cleanups.clear()
@@ -155,6 +157,49 @@ def test_reset_discards_frozen_stacks_before_the_next_scenario(app: Celery) -> N
         locks.clear()
         outcome = faults.run(task.s(1))
     assert outcome.result == "charged"
+
+
+#: What a worker child keeps per process, kept per thread here: a scoped_session, a client.
+per_child = threading.local()
+
+
+def child_state_task(app: Celery, **options: Any) -> Any:
+    """A task with a hard limit (every execution runs on a stack) reading its child's state."""
+
+    @app.task(name="orders.child_state", shared=False, time_limit=60, **options)
+    def child_state() -> tuple[int, str]:
+        found = getattr(per_child, "session", "none")
+        per_child.session = "opened"
+        charge(threading.get_ident())
+        return threading.get_ident(), found
+
+    return child_state
+
+
+def test_an_execution_that_ends_hands_its_thread_to_the_next_as_a_child_does(
+    app: Celery,
+) -> None:
+    task = child_state_task(app)
+    with tracked(app) as faults:
+        seen = []
+        for _ in range(3):
+            faults.reset()
+            seen.append(faults.run(task.s()).result)
+        carriers = [t for t in threading.enumerate() if t.name.startswith("celery-faults")]
+    assert {ident for ident, _ in seen} != {threading.get_ident()}
+    assert len({ident for ident, _ in seen}) == 1  # one child thread, reused
+    assert [found for _, found in seen] == ["none", "opened", "opened"]
+    assert len(carriers) == 1
+
+
+def test_a_killed_execution_s_thread_state_reaches_no_later_execution(app: Celery) -> None:
+    task = child_state_task(app, acks_late=True)  # a kill acks it: no redelivery
+    with tracked(app) as faults:
+        killed = faults.run(task.s(), "sigkill@1")
+        faults.reset()  # discards the frozen stack: its thread ends with it
+        after = faults.run(task.s())
+    assert (killed.deliveries, killed.ended) == (1, "child killed")
+    assert after.result[1] == "none"  # a fresh child: the killed one's session is gone
 
 
 @pytest.mark.parametrize("fault", ["sigterm@2", "exit(1)@2"])
