@@ -104,7 +104,7 @@ class Delivery:
     timer: Any = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BrokerEvent:
     """One line of the ledger."""
 

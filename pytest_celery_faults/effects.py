@@ -23,7 +23,7 @@ from .clock import VirtualClock
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Effect:
     """One side effect that completed."""
 

@@ -206,14 +206,16 @@ class History:
 
     def on_effect(self, effect: Effect) -> None:
         if effect.task_id is not None:
-            self.note(effect.task_id, lambda: f"side effect {effect.index}: {effect}", depth=1)
+            self.timeline.add(
+                TimelineEntry(self.elapsed(), _effect_text, effect.task_id, 1, effect)
+            )
 
     def on_ledger_event(self, event: BrokerEvent) -> None:
         self.timeline.add(
-            TimelineEntry(event.time - self.start(), lambda: _ledger_text(event), event.task_id)
+            TimelineEntry(event.time - self.start(), _ledger_text, event.task_id, 0, event)
         )
 
-    def note(self, task_id: str, text: str | Callable[[], str], depth: int) -> None:
+    def note(self, task_id: str, text: str, depth: int) -> None:
         self.timeline.add(TimelineEntry(self.elapsed(), text, task_id, depth))
 
     # -- what it adds up to -----------------------------------------------------
@@ -311,6 +313,10 @@ def classify(baseline: Evidence, faulted: Evidence) -> tuple[str, str]:
             f"{shown} where the fault-free run {baseline.outcome.ended}"
         )
     return OK, f"ok: {runs}; the world and the task's fate match the fault-free run"
+
+
+def _effect_text(effect: Effect) -> str:
+    return f"side effect {effect.index}: {effect}"
 
 
 def _ledger_text(event: BrokerEvent) -> str:

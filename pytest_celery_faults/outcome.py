@@ -11,19 +11,23 @@ from typing import Any
 class TimelineEntry:
     """One line of a story: when (virtual seconds since the harness began), what, how deep.
 
-    ``text`` may be given as a callable, rendered when first read: most
-    timelines are never printed, and scenarios are many.
+    ``render`` may be a function of ``subject`` (an effect, a ledger event),
+    called when the text is first read: most timelines are never printed, and
+    a sweep keeps thousands. A module-level function and the subject cost
+    less to keep than a closure per line.
     """
 
     time: float
-    render: str | Callable[[], str]
+    render: str | Callable[[Any], str]
     task_id: str | None = None
     depth: int = 0
+    subject: Any = None
 
     @property
     def text(self) -> str:
         if callable(self.render):
-            object.__setattr__(self, "render", self.render())
+            object.__setattr__(self, "render", self.render(self.subject))
+            object.__setattr__(self, "subject", None)
         return self.render  # type: ignore[return-value]
 
     def __str__(self) -> str:
