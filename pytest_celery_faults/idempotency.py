@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from .faults import ArmedSpec, FaultSpec, parse_spec
 from .history import CLASSES, LOSSES, NOT_IDEMPOTENT, OK, Evidence, History
-from .outcome import Outcome
+from .outcome import Outcome, Timeline, TimelineEntry
 from .scheduler import Scheduler, every_schedule
 
 #: The kinds a sweep tries at every boundary, unless told otherwise. A hard
@@ -212,6 +212,19 @@ def _diff(expected: Any, actual: Any) -> str:
     return "\n".join(list(lines)[2:])
 
 
+#: The one line a scenario that found nothing keeps of its timeline.
+NOT_KEPT = "(timeline not kept: this scenario found nothing; run() its spec to see it)"
+
+
+def _forget_timeline(outcome: Outcome) -> None:
+    """A scenario that found nothing keeps its outcome but not its story.
+
+    A sweep runs thousands of scenarios; keeping every timeline made its
+    memory grow with each. The spec replays the story exactly.
+    """
+    outcome.timeline = Timeline([TimelineEntry(0.0, NOT_KEPT, outcome.task_id)])
+
+
 class Idempotency:
     """Runs scenarios on an active harness, resetting it in place between them."""
 
@@ -250,9 +263,13 @@ class Idempotency:
         outcome = self.harness.run(self.signature.clone(), text)
         observed = copy.deepcopy(self.observe())
         if self.harness.unfired():
+            _forget_timeline(outcome)
             return Scenario(text, outcome, observed, UNFIRED, "the fault never fired")
         judged = self.history.judge(text, baseline, self.history.evidence(outcome, observed))
-        diff = _diff(baseline.observed, observed) if judged.verdict != OK else ""
+        if judged.verdict == OK:
+            _forget_timeline(outcome)
+            return Scenario(text, outcome, observed, OK, judged.problem)
+        diff = _diff(baseline.observed, observed)
         return Scenario(text, outcome, observed, judged.verdict, judged.problem, diff)
 
     def interleavings(self, baseline: Evidence) -> list[Scenario]:

@@ -395,6 +395,27 @@ def test_sweep_orders_failures_simplest_first_and_replays_them(store: pytest.Pyt
     store.runpytest("-p", "no:randomly").assert_outcomes(passed=2)
 
 
+def test_a_sweep_keeps_the_timelines_of_its_findings_only(store: pytest.Pytester) -> None:
+    store.makepyfile(
+        test_sweep="""
+        from pytest_celery_faults.idempotency import NOT_KEPT
+        import store
+
+        def test_sweep(tracked):
+            report = tracked.sweep(store.email_first.s(1), store.observe, store.reset)
+            found, passed = report.failures[0], report.of_class("ok")[0]
+            assert any("side effect 1" in line for line in found.outcome.timeline.texts())
+            assert "timeline:" in found.describe(report.baseline)
+            assert passed.outcome.timeline.texts() == [NOT_KEPT]
+            assert passed.outcome.deliveries >= 1  # the rest of its outcome stays
+            tracked.reset(); store.reset()
+            replayed = tracked.run(store.email_first.s(1), passed.replay)
+            assert any("side effect 1" in line for line in replayed.timeline.texts())
+        """
+    )
+    store.runpytest("-p", "no:randomly").assert_outcomes(passed=1)
+
+
 def test_sweep_reports_every_class(store: pytest.Pytester) -> None:
     store.makepyfile(
         test_sweep="""
