@@ -190,8 +190,7 @@ def _node_name() -> str:
 _real_gethostname = celery_trace.gethostname
 
 
-@contextlib.contextmanager
-def worker_process_state() -> Iterator[None]:
+class worker_process_state:  # noqa: N801 - a context manager, entered on every drain
     """What Celery sets up process-wide in a prefork child, while the worker side runs.
 
     ``task_join_will_block`` is on, so ``AsyncResult.get()`` inside a task
@@ -200,37 +199,47 @@ def worker_process_state() -> Iterator[None]:
     name (``fast_trace_task`` reads it from the child's ``_localized``; the
     ``trace_task_ret`` the emulated worker runs asks ``gethostname()``, which
     answers the node name of the execution on the asking thread). Re-entrant.
+    A class rather than a generator: it is entered on every drain.
     """
-    previous_blocks = celery_state.task_join_will_block()
-    previous_gethostname = celery_trace.gethostname
-    celery_state._set_task_join_will_block(True)
-    celery_trace.gethostname = _node_name
-    try:
-        yield
-    finally:
-        celery_trace.gethostname = previous_gethostname
-        celery_state._set_task_join_will_block(previous_blocks)
+
+    __slots__ = ("previous_blocks", "previous_gethostname")
+
+    def __enter__(self) -> None:
+        self.previous_blocks = celery_state.task_join_will_block()
+        self.previous_gethostname = celery_trace.gethostname
+        celery_state._set_task_join_will_block(True)
+        celery_trace.gethostname = _node_name
+
+    def __exit__(self, *exc_info: object) -> None:
+        celery_trace.gethostname = self.previous_gethostname
+        celery_state._set_task_join_will_block(self.previous_blocks)
 
 
-@contextlib.contextmanager
-def in_worker_child(app: Celery, hostname: str) -> Iterator[None]:
+class in_worker_child:  # noqa: N801 - a context manager, entered on every execution
     """One execution's child: ``app`` is the current app and ``hostname`` the node name.
 
     Both are per thread (Celery keeps the current app in a thread-local), so
     executions on stacks of their own, and the harness's thread, never see
     each other's.
     """
-    previous_app = get_current_app()
-    previous_hostname = getattr(_child, "hostname", None)
-    if previous_app is not app:
-        _set_current_app(app)
-    _child.hostname = hostname
-    try:
-        yield
-    finally:
-        _child.hostname = previous_hostname
-        if previous_app is not app:
-            _set_current_app(previous_app)
+
+    __slots__ = ("app", "hostname", "previous_app", "previous_hostname")
+
+    def __init__(self, app: Celery, hostname: str) -> None:
+        self.app = app
+        self.hostname = hostname
+
+    def __enter__(self) -> None:
+        self.previous_app = get_current_app()
+        self.previous_hostname = getattr(_child, "hostname", None)
+        if self.previous_app is not self.app:
+            _set_current_app(self.app)
+        _child.hostname = self.hostname
+
+    def __exit__(self, *exc_info: object) -> None:
+        _child.hostname = self.previous_hostname
+        if self.previous_app is not self.app:
+            _set_current_app(self.previous_app)
 
 
 @contextlib.contextmanager
@@ -270,15 +279,15 @@ def forget_worker_state(request_ids: Iterable[str]) -> None:
         return
     for task_id in ids:
         worker_state.requests.pop(task_id, None)
-        with contextlib.suppress(KeyError):
-            worker_state.successful_requests.discard(task_id)
-        with contextlib.suppress(KeyError):
-            worker_state.revoked.discard(task_id)
+        for limited in (worker_state.successful_requests, worker_state.revoked):
+            if task_id in limited:  # a LimitedSet: discard() would refresh its heap anyway
+                limited.discard(task_id)
     for name in _REQUEST_SETS:
         bucket = getattr(worker_state, name)
-        for request in list(bucket):
-            if request.id in ids:
-                bucket.discard(request)
+        if bucket:  # weak sets, empty once every request ended: iterating costs
+            for request in list(bucket):
+                if request.id in ids:
+                    bucket.discard(request)
 
 
 #: ``app.amqp`` cached properties that hold a broker connection or settings.

@@ -14,9 +14,8 @@ virtual clock; on exit every change is undone.
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from time import monotonic as real_monotonic
 from types import TracebackType
 from typing import Any
@@ -312,7 +311,7 @@ class CeleryFaults:
         if not self.scheduler.stacks:
             self.scheduler.forget()
             return
-        with self._worker_side():
+        with self.body_time, internals.worker_process_state():  # the worker side, as in _drain
             hung = self.scheduler.discard_all()
         if hung:
             names = ", ".join(repr(stack.owner.execution.task_name) for stack in hung)
@@ -386,14 +385,9 @@ class CeleryFaults:
         return [self.outcome(task_id) for task_id in touched]
 
     def _drain(self) -> None:
-        with self._worker_side():
-            self._run_until_quiet()
-
-    @contextlib.contextmanager
-    def _worker_side(self) -> Iterator[None]:
-        """What holds process-wide while the worker side runs: virtual time, a child's state."""
+        # What holds process-wide while the worker side runs: virtual time, a child's state.
         with self.body_time, internals.worker_process_state():
-            yield
+            self._run_until_quiet()
 
     def _run_until_quiet(self) -> None:
         """Start deliveries on free children, let the scheduler run stacks, move the clock.

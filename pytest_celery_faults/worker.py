@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -416,6 +416,35 @@ class _Scheduled:
     request: Any = field(compare=False)
 
 
+class ChildRunning:
+    """The context of a child running one execution (a class: entered on every execution)."""
+
+    __slots__ = ("effects", "execution", "child", "previous")
+
+    def __init__(self, worker: EmulatedWorker, execution: ChildExecution) -> None:
+        self.effects = worker.effects
+        self.execution = execution
+        self.child = internals.in_worker_child(worker.app, worker.hostname)
+
+    def __enter__(self) -> None:
+        self.previous = self.effects.execution
+        self.effects.execution = self.execution
+        self.child.__enter__()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, raised: BaseException | None, _: object
+    ) -> None:
+        self.child.__exit__()
+        if raised is not None and not isinstance(
+            raised, (ExecutionDiscarded, Exception, SystemExit)
+        ):
+            # Not the task's: the test run itself is being stopped (pytest-timeout's
+            # time limit, Ctrl-C). A real child would not see it; let it through,
+            # saying where the task was.
+            raised.add_note(where_it_hung(self.execution, self.effects))
+        self.effects.execution = self.previous
+
+
 class EmulatedWorker:
     """One Celery worker with ``worker_concurrency`` children, consuming from an in-memory broker.
 
@@ -666,24 +695,9 @@ class EmulatedWorker:
         elif self.broken_connection:
             self.reconnect()
 
-    @contextlib.contextmanager
-    def running(self, execution: ChildExecution) -> Iterator[None]:
+    def running(self, execution: ChildExecution) -> ChildRunning:
         """The child's context while it runs a task: its execution, the current app."""
-        previous = self.effects.execution
-        self.effects.execution = execution
-        try:
-            with internals.in_worker_child(self.app, self.hostname):
-                yield
-        except (ExecutionDiscarded, Exception, SystemExit):
-            raise
-        except BaseException as interruption:
-            # Not the task's: the test run itself is being stopped (pytest-timeout's
-            # time limit, Ctrl-C). A real child would not see it; let it through,
-            # saying where the task was.
-            interruption.add_note(where_it_hung(execution, self.effects))
-            raise
-        finally:
-            self.effects.execution = previous
+        return ChildRunning(self, execution)
 
     def note(self, execution: ChildExecution, text: str) -> None:
         self.on_note(execution.task_id, text)
