@@ -125,25 +125,25 @@ class TimeInBodies:
         self._monotonic_base = time.monotonic() - clock.elapsed
         self._saved: tuple[Any, Any] | None = None
         clock.on_move.append(self._moved)
+        base = self._monotonic_base
+
+        def virtual_monotonic() -> float:
+            return base + clock.elapsed
+
+        def virtual_sleep(seconds: float) -> None:  # virtual: the clock's, in a body
+            if not sleep(seconds):  # virtual
+                real_sleep = self._saved[0] if self._saved is not None else time.sleep
+                real_sleep(seconds)  # virtual only in bodies: this is the caller's own
+
+        self._virtual = (virtual_sleep, virtual_monotonic)
 
     def __enter__(self) -> TimeInBodies:
         self._depth += 1
         if self._depth == 1:
             self._travel = time_machine.travel(self.clock.time(), tick=False)
             self._traveller = self._travel.start()
-            real_sleep, real_monotonic = time.sleep, time.monotonic
-            self._saved = (real_sleep, real_monotonic)
-            clock, base, sleep = self.clock, self._monotonic_base, self.sleep
-
-            def virtual_monotonic() -> float:
-                return base + clock.elapsed
-
-            def virtual_sleep(seconds: float) -> None:  # virtual: the clock's, in a body
-                if not sleep(seconds):  # virtual
-                    real_sleep(seconds)  # virtual only in bodies: this is the caller's own
-
-            time.monotonic = virtual_monotonic
-            time.sleep = virtual_sleep  # type: ignore[assignment]
+            self._saved = (time.sleep, time.monotonic)
+            time.sleep, time.monotonic = self._virtual  # type: ignore[assignment]
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -275,7 +275,8 @@ class CeleryFaults:
         self.plan.clear()
         self.history.clear()
         self.http.calls.reset()
-        self.jitter.seed(self._jitter_seed)  # a scenario's retry delays replay exactly
+        if self.seed is not None:
+            self.jitter.seed(self._jitter_seed)  # a scenario's retry delays replay exactly
         if suite_wide:
             for spec in self.suite_wide:
                 self.plan.arm(spec, explicit=False)
