@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import pprint
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -72,7 +73,13 @@ class Scenario:
     observed: Any
     verdict: str  # a class of .history.CLASSES, or "unfired"
     problem: str = ""
-    diff: str = ""
+    #: What ``observe()`` returned in the fault-free run.
+    baseline_observed: Any = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def diff(self) -> str:
+        """How ``observe()`` differs from the fault-free run, for a finding (made when read)."""
+        return _diff(self.baseline_observed, self.observed) if self.failed else ""
 
     @property
     def failed(self) -> bool:
@@ -269,8 +276,7 @@ class Idempotency:
         if judged.verdict == OK:
             _forget_timeline(outcome)
             return Scenario(text, outcome, observed, OK, judged.problem)
-        diff = _diff(baseline.observed, observed)
-        return Scenario(text, outcome, observed, judged.verdict, judged.problem, diff)
+        return Scenario(text, outcome, observed, judged.verdict, judged.problem, baseline.observed)
 
     def interleavings(self, baseline: Evidence) -> list[Scenario]:
         """A scenario per interleaving of two overlapping copies, each with its replay spec."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,40 +34,53 @@ class TimelineEntry:
         return f"+{self.time:8.3f}s  {'  ' * self.depth}{self.text}"
 
 
-@dataclass
 class Timeline:
-    """Entries in the order they happened; ``str()`` reads as a story."""
+    """Entries in the order they happened; ``str()`` reads as a story.
 
-    entries: list[TimelineEntry] = field(default_factory=list)
-    #: Entries by task id, built when first asked for (outcomes keep a timeline each).
-    _by_task: dict[str | None, list[TimelineEntry]] | None = field(default=None, repr=False)
+    A task's timeline (:meth:`for_task`) is picked out of the whole one when
+    first read: every outcome carries one, and most are never read.
+    """
+
+    __slots__ = ("_entries", "_picking")
+
+    def __init__(self, entries: list[TimelineEntry] | None = None) -> None:
+        self._entries = entries if entries is not None else []
+        #: (every entry, at the time of asking; the task id) while not picked out yet.
+        self._picking: tuple[list[TimelineEntry], str] | None = None
+
+    @property
+    def entries(self) -> list[TimelineEntry]:
+        if self._picking is not None:
+            every, task_id = self._picking
+            self._entries = [entry for entry in every if entry.task_id == task_id]
+            self._picking = None
+        return self._entries
 
     def add(self, entry: TimelineEntry) -> None:
-        self.entries.append(entry)
-        if self._by_task is not None:
-            self._by_task.setdefault(entry.task_id, []).append(entry)
+        (self._entries if self._picking is None else self.entries).append(entry)
 
     def clear(self) -> None:
         self.entries.clear()
-        self._by_task = None
 
     def for_task(self, task_id: str) -> Timeline:
-        """The entries about ``task_id``, in order."""
-        by_task = self._by_task
-        if by_task is None:
-            by_task = self._by_task = {}
-            for entry in self.entries:
-                by_task.setdefault(entry.task_id, []).append(entry)
-        return Timeline(list(by_task.get(task_id, ())))
+        """The entries about ``task_id``, in order (as they stand now)."""
+        picked = Timeline()
+        picked._picking = (list(self.entries), task_id)
+        return picked
 
     def texts(self) -> list[str]:
         return [entry.text for entry in self.entries]
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[TimelineEntry]:
         return iter(self.entries)
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Timeline) and self.entries == other.entries
+
+    __hash__ = None  # type: ignore[assignment]
 
     def __str__(self) -> str:
         return "\n".join(str(entry) for entry in self.entries)

@@ -407,6 +407,9 @@ def test_a_sweep_keeps_the_timelines_of_its_findings_only(store: pytest.Pytester
             assert any("side effect 1" in line for line in found.outcome.timeline.texts())
             assert "timeline:" in found.describe(report.baseline)
             assert passed.outcome.timeline.texts() == [NOT_KEPT]
+            assert passed.diff == ""
+            assert "-" in found.diff and "+" in found.diff  # made from both observations
+            assert "observe() differs" in found.describe(report.baseline)
             assert passed.outcome.deliveries >= 1  # the rest of its outcome stays
             tracked.reset(); store.reset()
             replayed = tracked.run(store.email_first.s(1), passed.replay)
