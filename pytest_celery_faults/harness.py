@@ -49,6 +49,7 @@ from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .history import LOSSES, NOT_IDEMPOTENT, History
 from .idempotency import Scenario, SweepReport
 from .outcome import Outcome, Timeline
+from .replay import PublishedMessage
 from .results import InMemoryResultBackend
 from .scheduler import Scheduler, current_stack
 from .worker import EmulatedWorker, ExecutionRecord, where_it_hung, worker_concurrency
@@ -355,12 +356,7 @@ class CeleryFaults:
         refuse_foreign(self.app, signature)
         frozen = signature.freeze()
         plain = getattr(signature, "subtask_type", None) is None
-        if specs:
-            self._own_specs()
-        for spec in specs:
-            parsed = parse_spec(spec)
-            bind_here = plain and not parsed.redeliver and parsed.task in (None, signature.task)
-            self.plan.arm(parsed, task_id=frozen.id if bind_here else None)
+        self._arm_for(frozen.id if plain else None, signature.task, specs)
         original = signature.clone() if self.after_run else signature
         signature.apply_async()
         self._drain()
@@ -370,6 +366,34 @@ class CeleryFaults:
         for hook in self.after_run:
             hook(original, specs, outcome)
         return outcome
+
+    def _run_copy(self, published: PublishedMessage, *specs: str | FaultSpec) -> Outcome:
+        """``run()`` of the signature ``published`` was recorded from, sending a copy of it.
+
+        What sweeps and ``assert_idempotent`` do after the fault-free run (see
+        :mod:`.replay`): the same message under a fresh task id, through the
+        same publish signals, broker and worker.
+        """
+        self._require_active()
+        if self.after_run:
+            raise RuntimeError("a copy cannot stand in for run() with after-run hooks")
+        task_id = published.task_id_for_copy()
+        self._arm_for(task_id, published.task_name, specs)
+        published.publish_copy(task_id)
+        self._drain()
+        return self.outcome(task_id)
+
+    def _arm_for(
+        self, task_id: str | None, task_name: str, specs: Sequence[str | FaultSpec]
+    ) -> None:
+        """Arm ``specs`` for a run: bound to ``task_id`` (a plain signature's), where they can."""
+        if specs:
+            self._own_specs()
+        for spec in specs:
+            parsed = parse_spec(spec)
+            bind_here = task_id is not None and not parsed.redeliver
+            bind_here = bind_here and parsed.task in (None, task_name)
+            self.plan.arm(parsed, task_id=task_id if bind_here else None)
 
     def drain(self) -> list[Outcome]:
         """Run the workers until nothing is ready or pending, moving the virtual clock.

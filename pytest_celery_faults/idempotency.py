@@ -19,9 +19,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from celery import Celery
+
+from . import replay
 from .faults import ArmedSpec, FaultSpec, parse_spec
 from .history import CLASSES, LOSSES, NOT_IDEMPOTENT, OK, Evidence, History
 from .outcome import Outcome, Timeline, TimelineEntry
+from .replay import PublishedMessage
 from .scheduler import Scheduler, every_schedule
 
 #: The kinds a sweep tries at every boundary, unless told otherwise. A hard
@@ -40,12 +44,16 @@ UNFIRED = "unfired"
 class Runs(Protocol):
     """What scenarios need of the harness: reset it, run a signature, read the history."""
 
+    app: Celery
     history: History
     scheduler: Scheduler
+    after_run: list[Any]
 
     def reset(self, *, suite_wide: bool = True) -> None: ...
 
     def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome: ...
+
+    def _run_copy(self, published: PublishedMessage, *specs: str | FaultSpec) -> Outcome: ...
 
     def unfired(self, *, explicit_only: bool = True) -> list[ArmedSpec]: ...
 
@@ -247,6 +255,8 @@ class Idempotency:
         self.signature = signature
         self.observe = observe
         self.reset_world = reset
+        #: The fault-free run's message, when scenarios can publish copies of it (.replay).
+        self.published: PublishedMessage | None = None
 
     def _fresh(self, *, final: bool = False) -> None:
         self.harness.reset(suite_wide=final)
@@ -256,7 +266,11 @@ class Idempotency:
     def baseline(self) -> tuple[Evidence, int]:
         """The fault-free run's evidence, and its side-effect count."""
         self._fresh()
-        outcome = self.harness.run(self.signature.clone())
+        signature = self.signature.clone()
+        with replay.recording(self.harness.app) as sent:
+            outcome = self.harness.run(signature)
+        if not self.harness.after_run:  # real-broker mode publishes each scenario itself
+            self.published = replay.replayable(self.harness.app, signature, sent, outcome.task_id)
         observed = copy.deepcopy(self.observe())  # a snapshot, whatever observe() shares
         records = self.history.records
         boundaries = self.history.reached(outcome.task_id)
@@ -267,7 +281,10 @@ class Idempotency:
     def scenario(self, spec: str | FaultSpec, baseline: Evidence) -> Scenario:
         text = str(parse_spec(spec))
         self._fresh()
-        outcome = self.harness.run(self.signature.clone(), text)
+        if self.published is not None:
+            outcome = self.harness._run_copy(self.published, text)
+        else:
+            outcome = self.harness.run(self.signature.clone(), text)
         observed = copy.deepcopy(self.observe())
         if self.harness.unfired():
             _forget_timeline(outcome)
