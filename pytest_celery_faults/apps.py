@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 
 from . import _celery_internals as internals
 
@@ -37,5 +37,10 @@ def real_app(value: Any, name: str | None = None) -> Celery:
     found = internals.app_behind_proxy(value)
     if not isinstance(found, Celery):
         what = repr(name) if name is not None else repr(value)
+        if isinstance(found, Task):  # its class is generated, named after the function
+            raise ValueError(
+                f"{what} is the Celery task {found.name!r}, not a Celery app: name the app "
+                f"its module defines (such as proj.celery:app)"
+            )
         raise ValueError(f"{what} is a {type(found).__name__}, not a Celery app")
     return found

@@ -305,16 +305,17 @@ def pytest_collection_modifyitems(
 def check_app_setting(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A missing or bad ``celery_faults_app`` is one usage error, not an ERROR per test.
 
-    Checked after collection (the app's module may live beside the tests) and
-    only when a collected test uses this plugin's ``celery_faults_app`` fixture
-    rather than a conftest's override.
+    Checked after collection (the app's module may live beside the tests). A
+    value given is always checked, whether or not a test uses it (a suite
+    that runs only through the eager gate would carry a typo unseen); a
+    missing one is an error only when a collected test uses this plugin's
+    ``celery_faults_app`` fixture rather than a conftest's override.
     """
-    if not any(_uses_ini_app(item) for item in items):
-        return
     value = config.getini(APP_INI)
-    if not value:
+    if value:
+        load_app(str(value))
+    elif any(_uses_ini_app(item) for item in items):
         raise pytest.UsageError(_MISSING_APP)
-    load_app(str(value))
 
 
 def _uses_ini_app(item: pytest.Item) -> bool:

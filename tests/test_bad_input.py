@@ -70,6 +70,11 @@ def assert_one_usage_error(result: pytest.RunResult, line: str) -> None:
             "celery_faults_app = 'badinput_proj:not_an_app' is a int, not a Celery app",
         ),
         (
+            "badinput_proj:noop",
+            "celery_faults_app = 'badinput_proj:noop' is the Celery task 'badinput.noop', not a "
+            "Celery app: name the app its module defines (such as proj.celery:app)",
+        ),
+        (
             "badinput_broken:app",
             "celery_faults_app = 'badinput_broken:app': importing it raised "
             "RuntimeError: the settings module is missing",
@@ -86,6 +91,22 @@ def test_a_bad_app_setting_is_one_usage_error_for_the_whole_run(
     )
     pytester.makeini(f"[pytest]\ncelery_faults_app = {value}\n")
     assert_one_usage_error(pytester.runpytest("-p", "no:randomly"), line)
+
+
+@pytest.mark.parametrize("options", [(), ("--celery-faults=redeliver*1",)])
+def test_a_bad_app_setting_is_refused_when_no_test_uses_the_fixture(
+    pytester: pytest.Pytester, options: tuple[str, ...]
+) -> None:
+    pytester.makepyfile(
+        badinput_proj=APP_MODULE,
+        test_it="import badinput_proj\n\ndef test_eager():\n    badinput_proj.noop.delay()\n",
+    )
+    pytester.makeini("[pytest]\ncelery_faults_app = badinput_proj:nope\n")
+    assert_one_usage_error(
+        pytester.runpytest("-p", "no:randomly", *options),
+        "celery_faults_app = 'badinput_proj:nope': cannot load it (module "
+        "'badinput_proj' has no attribute 'nope'); expected 'module:attribute'",
+    )
 
 
 def test_a_missing_app_setting_is_one_usage_error(pytester: pytest.Pytester) -> None:
