@@ -341,8 +341,8 @@ class InMemoryBroker:
     def ack(self, tag: str) -> None:
         on_lost = self._dropped_acks.pop(tag, None)
         if on_lost is not None:
-            self.lose_ack(tag)
             on_lost()
+            self.lose_ack(tag)
             return
         delivery = self._settle(tag, "ack")
         if delivery is not None:

@@ -634,9 +634,7 @@ class EmulatedWorker:
             broker_delivery=delivery,
         )
         if step is not None and step.kind == "ack_lost":
-            self.broker.drop_ack(delivery.tag, self._ack_lost)
-            self.on_fired(record, step)
-            record.fired = step
+            self.broker.drop_ack(delivery.tag, lambda: self._ack_lost(record, step))
         if delivery.tag in self._overlap_copies:
             self._overlap_copies.discard(delivery.tag)
             execution.label = "2"
@@ -704,7 +702,10 @@ class EmulatedWorker:
 
     # -- dying and reconnecting -------------------------------------------------
 
-    def _ack_lost(self) -> None:
+    def _ack_lost(self, record: ExecutionRecord, step: Step) -> None:
+        """The ack was sent and lost (the fault fires then: before the body for an early ack)."""
+        self.on_fired(record, step)
+        record.fired = step
         self.broken_connection = True
 
     def request_stop(self) -> None:

@@ -186,6 +186,29 @@ def test_unfired_spec_fails_with_a_reason(app: Celery) -> None:
         faults.run(task.s(1), "sigkill@5")
 
 
+@pytest.mark.parametrize(("acks_late", "fault_line"), [(True, 3), (False, 1)])
+def test_a_lost_ack_fires_when_the_ack_is_sent(
+    app: Celery, acks_late: bool, fault_line: int
+) -> None:
+    task = make_task(app, acks_late=acks_late)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1), "ack_lost")
+    first_delivery = outcome.timeline.texts()[1:5]
+    assert first_delivery[fault_line].startswith("FAULT ack_lost"), first_delivery
+    assert outcome.deliveries == 2
+
+
+def test_a_lost_ack_never_fires_on_a_message_that_is_never_acked(app: Celery) -> None:
+    @app.task(name="tests.refused", shared=False, acks_late=True, acks_on_failure_or_timeout=False)
+    def refused() -> None:
+        raise ValueError("no")
+
+    unfired = pytest.raises(UnfiredFaultError, match=r"ack_lost \(delivery 1\) never fired")
+    with unfired, CeleryFaults(app) as faults:
+        faults.run(refused.s(), "ack_lost")
+
+
 def test_redeliver_delivers_each_message_again_marked_redelivered(app: Celery) -> None:
     seen: list[bool] = []
 
