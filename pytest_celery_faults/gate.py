@@ -29,6 +29,7 @@ from celery.result import EagerResult
 from .effects import Patch
 from .harness import CeleryFaults
 from .history import Tally
+from .outcome import Outcome
 
 #: What ``Task.apply`` takes that ``apply_async`` does not.
 _APPLY_ONLY = ("retries", "throw", "logfile", "loglevel")
@@ -42,6 +43,8 @@ class GateTally:
     work: Tally = field(default_factory=Tally)
     fired: set[str] = field(default_factory=set)  # specs that fired in some call
     warnings: list[str] = field(default_factory=list)
+    #: The fate of every task id each call published (the report's and a failure's story).
+    outcomes: list[Outcome] = field(default_factory=list)
 
 
 class EagerGate:
@@ -145,6 +148,11 @@ class EagerGate:
         tally.work.add(harness.history.totals())
         tally.fired |= {spec for spec, spec_armed in armed.items() if spec_armed.has_fired}
         tally.warnings.extend(w for w in harness.warnings if w not in tally.warnings)
+        tally.outcomes.extend(harness.outcomes())
+
+    def story(self) -> str:
+        """What the emulated worker did with each task the test ran eagerly, in order."""
+        return "\n\n".join(str(outcome) for outcome in self.tally.outcomes)
 
 
 def _plain(value: Any) -> Any:

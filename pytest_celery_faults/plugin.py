@@ -583,6 +583,8 @@ def pytest_runtest_makereport(
         from .report import record_gate
 
         item.config.stash[report_key].add(record_gate(item.nodeid, gate, report.outcome))
+        if report.failed:  # the test's own assertion failed: say what the worker did
+            report.sections.append(("celery-faults: what the eager gate ran", gate.story()))
     case = getattr(getattr(item, "callspec", None), "params", {}).get(SWEEP_FIXTURE)
     harness = item.stash.get(harness_key, None)
     if case is not None and harness is not None and report.passed and harness.unfired():

@@ -127,8 +127,9 @@ def count(record: TestRecord, harness: CeleryFaults) -> None:
 def record_gate(nodeid: str, gate: EagerGate, verdict: str) -> TestRecord:
     """What the eager gate ran in one test that did not use the harness."""
     tally = gate.tally
+    outcomes = [outcome_json(outcome) for outcome in tally.outcomes]
     record = TestRecord(
-        nodeid, [], list(gate.specs), [], [], gate.unfired, list(tally.warnings), verdict
+        nodeid, [], list(gate.specs), outcomes, [], gate.unfired, list(tally.warnings), verdict
     )
     record.tasks = sorted(tally.work.tasks)
     record.messages = tally.work.messages

@@ -98,6 +98,10 @@ def test_the_gate_catches_the_eager_non_idempotent_task(eshop: pytest.Pytester) 
         [
             "*def test_take_one_with_delay():*",
             "E       assert 8 == 9",
+            "*- celery-faults: what the eager gate ran -*",
+            "eshop.take_one*: returned, state=SUCCESS (9), acked, deliveries=2, "
+            "executions=2, retries=0",
+            "*FAULT redeliver: the broker delivers it again",
             "*def test_take_one_with_apply():*",
             "E       AssertionError: assert 8 == 9",
             "*= celery-faults =*",
@@ -120,6 +124,10 @@ def test_the_gate_catches_the_eager_non_idempotent_task(eshop: pytest.Pytester) 
         "passed",
     )
     assert "test_suite.py::test_not_a_task" not in document["tests"]
+    failed = document["tests"]["test_suite.py::test_take_one_with_delay"]
+    assert [(o["name"], o["deliveries"], o["faults"]) for o in failed["outcomes"]] == [
+        ("eshop.take_one", 2, ["redeliver"])
+    ]
 
 
 def test_a_gated_test_with_specs_of_its_own_runs_under_those(eshop: pytest.Pytester) -> None:
