@@ -44,6 +44,8 @@ from typing import Any, Literal
 
 #: How long (real seconds) a discarded stack may take to unwind before it is abandoned.
 DISCARD_SECONDS = 5.0
+#: How often (real seconds) the harness's thread wakes while a stack runs, for signals.
+SIGNAL_POLL_SECONDS = 0.05
 
 State = Literal["runnable", "running", "sleeping", "frozen", "done"]
 
@@ -323,7 +325,11 @@ class Scheduler:
         stack.state = "running"
         stack._go.release()
         try:
-            self._back.acquire()
+            # Woken now and then: a signal for the test (pytest-timeout's SIGALRM,
+            # Ctrl-C) may land on the stack's thread, and Python runs its handler only
+            # when this, the main thread, runs again.
+            while not self._back.acquire(timeout=SIGNAL_POLL_SECONDS):
+                pass
         except BaseException:
             # The test run itself is being stopped (pytest-timeout, Ctrl-C) while the
             # stack runs: it can be told to stop at its next boundary, no sooner.
