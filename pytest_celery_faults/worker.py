@@ -241,7 +241,6 @@ class InProcessPool:
         self._jobs = itertools.count()
         self.limit = worker.concurrency
         self.running: dict[int, Job] = {}
-        self.terminated: list[tuple[int, int | None]] = []
 
     def apply_async(
         self,
@@ -405,8 +404,12 @@ class InProcessPool:
 
     # The pool API Celery's requests may call.
     def terminate_job(self, pid: int, signum: int | None = None) -> None:
-        """Celery asks to kill the child ``pid`` (a cold shutdown's ``Request.cancel``)."""
-        self.terminated.append((pid, signum))
+        """Celery asks to kill the child ``pid``: a cold shutdown's ``Request.cancel``.
+
+        It comes from :meth:`EmulatedWorker.lose_power`, which has frozen the
+        child's stack already (the emulated worker takes no remote-control
+        revoke): nothing is left to do, and nothing to keep.
+        """
 
 
 @dataclass(order=True)
