@@ -18,7 +18,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from kombu.connection import Connection
 from kombu.messaging import Producer
@@ -104,9 +104,8 @@ class Delivery:
     timer: Any = None
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerEvent:
-    """One line of the ledger."""
+class BrokerEvent(NamedTuple):
+    """One line of the ledger (immutable; a tuple, built several times per delivery)."""
 
     time: float
     kind: str

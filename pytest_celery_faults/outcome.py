@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TimelineEntry:
     """One line of a story: when (virtual seconds since the harness began), what, how deep.
 
@@ -26,9 +26,9 @@ class TimelineEntry:
     @property
     def text(self) -> str:
         if callable(self.render):
-            object.__setattr__(self, "render", self.render(self.subject))
-            object.__setattr__(self, "subject", None)
-        return self.render  # type: ignore[return-value]
+            self.render = self.render(self.subject)
+            self.subject = None
+        return self.render
 
     def __str__(self) -> str:
         return f"+{self.time:8.3f}s  {'  ' * self.depth}{self.text}"
