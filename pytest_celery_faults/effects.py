@@ -265,9 +265,7 @@ def tracking_wrapper(
 
         @functools.wraps(function)
         def wrapped_raw(*args: Any, **kwargs: Any) -> Any:
-            return log.perform(
-                "call", name, lambda: function(*args, **kwargs), duration=duration
-            )
+            return log.perform("call", name, lambda: function(*args, **kwargs), duration=duration)
 
         return type(raw)(wrapped_raw)
     original = getattr(owner, attribute)
