@@ -783,3 +783,33 @@ def task_message_for(message: Any, task_id: str) -> Any:
         if sent_event.get("root_id") == old_id:
             sent_event["root_id"] = task_id
     return type(message)(headers, properties, copy.deepcopy(message.body), sent_event)
+
+
+def redis_restore_cadence(options: dict[str, Any]) -> tuple[float, int]:
+    """kombu's Redis restore sweeps: (seconds between calls, calls per scan), as installed.
+
+    A consumer calls ``QoS.restore_visible`` when its connection comes up and
+    then every interval; one call in ``throttle`` scans. kombu 5.7 reads both
+    from the transport options (``unacked_restore_interval``, 10, and
+    ``unacked_restore_throttle``, 10); earlier releases fix them at 10 and 10.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    channel = kombu_redis.Channel
+    default_interval = getattr(channel, "unacked_restore_interval", None)
+    if default_interval is None:  # before the options existed
+        return 10.0, 10
+    interval = options.get("unacked_restore_interval", default_interval)
+    throttle = options.get("unacked_restore_throttle", channel.unacked_restore_throttle)
+    for name, value in (
+        ("unacked_restore_interval", interval),
+        ("unacked_restore_throttle", throttle),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise ValueError(
+                f"broker_transport_options[{name!r}]={value!r}: expected a number of "
+                f"{'seconds' if name.endswith('interval') else 'calls'}"
+            )
+    if interval <= 0:  # kombu falls back to its default
+        interval = default_interval
+    return float(interval), max(int(throttle), 1)  # a throttle of 0 scans on every call

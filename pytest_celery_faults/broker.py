@@ -14,6 +14,7 @@ those when a consumer's connection drops (the profile).
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -24,12 +25,13 @@ from kombu.connection import Connection
 from kombu.messaging import Producer
 from kombu.transport import TRANSPORT_ALIASES, virtual
 
+from ._celery_internals import redis_restore_cadence
 from .clock import VirtualClock
 
 SCHEME = "celery-faults"
 TRANSPORT_OPTION = "celery_faults_broker"
 
-RestorePolicy = Literal["on_disconnect", "after_visibility_timeout"]
+RestorePolicy = Literal["on_disconnect", "after_visibility_timeout", "in_restore_sweeps"]
 #: RabbitMQ's default ``consumer_timeout`` (since 3.8.15), in seconds.
 RABBITMQ_CONSUMER_TIMEOUT = 1800.0
 
@@ -39,14 +41,19 @@ class BrokerProfile:
     """How a broker treats unacked messages.
 
     ``rabbitmq`` returns a consumer's unacked messages to the queue as soon as
-    its connection drops, and closes the channel of a consumer that holds a
-    delivery unacked longer than ``consumer_timeout`` (RabbitMQ's default, 30
-    minutes): its unacked messages come back and its late ack is refused.
-    ``redis`` and ``sqs`` keep them invisible until ``visibility_timeout``
-    seconds after their delivery, whatever the consumer does, so a message
-    held longer than that (an ETA, a long task) is delivered again. On Redis a
-    restored message keeps its delivery tag (kombu restores the payload as it
-    was), so whichever copy acks first settles the message.
+    its connection drops, each at its original place in the queue, and closes
+    the channel of a consumer that holds a delivery unacked longer than
+    ``consumer_timeout`` (RabbitMQ's default, 30 minutes): its unacked messages
+    come back and its late ack is refused. ``sqs`` makes a message visible
+    again ``visibility_timeout`` seconds after its delivery, whatever the
+    consumer does, so a message held longer than that (an ETA, a long task) is
+    delivered again. ``redis`` has no timer of its own: kombu's consumers
+    restore the messages whose ``visibility_timeout`` has passed in *restore
+    sweeps*, one when a consumer's connection comes up and then one every
+    ``restore_sweep_period`` seconds (``unacked_restore_interval`` times
+    ``unacked_restore_throttle``: 100 s by default). A restored message keeps
+    its delivery tag there (kombu restores the payload as it was), so whichever
+    copy acks first settles the message.
     """
 
     name: str
@@ -54,18 +61,26 @@ class BrokerProfile:
     visibility_timeout: float | None = None
     consumer_timeout: float | None = None
     tags_survive_restore: bool = False
+    restore_sweep_period: float | None = None
 
     @classmethod
     def named(cls, name: str, transport_options: dict[str, Any] | None = None) -> BrokerProfile:
         options = transport_options or {}
         if name == "rabbitmq":
             return cls(name, "on_disconnect", consumer_timeout=RABBITMQ_CONSUMER_TIMEOUT)
-        if name in ("redis", "sqs"):
-            default = 3600.0 if name == "redis" else 1800.0
-            timeout = float(options.get("visibility_timeout", default))
+        if name == "redis":
+            timeout = float(options.get("visibility_timeout", 3600.0))
+            interval, throttle = redis_restore_cadence(options)
             return cls(
-                name, "after_visibility_timeout", timeout, tags_survive_restore=name == "redis"
+                name,
+                "in_restore_sweeps",
+                timeout,
+                tags_survive_restore=True,
+                restore_sweep_period=interval * throttle,
             )
+        if name == "sqs":
+            timeout = float(options.get("visibility_timeout", 1800.0))
+            return cls(name, "after_visibility_timeout", timeout)
         raise ValueError(
             f"unknown broker profile {name!r}; expected one of 'rabbitmq', 'redis', 'sqs'"
         )
@@ -176,6 +191,10 @@ class InMemoryBroker:
         self.closed = False
         #: Told the consumer tag whose channel the broker closed (``consumer_timeout``).
         self.channel_closed: list[Callable[[str], None]] = []
+        #: Redis: consumer -> the instant its restore sweeps count from (its connection's start).
+        self._sweepers: dict[str, float] = {}
+        self._swept_at: float | None = None
+        self._sweep_timer: Any = None
         InMemoryBroker._registry[self.name] = self
 
     @property
@@ -308,7 +327,10 @@ class InMemoryBroker:
             "delivered", message, delivery, detail="redelivered=True" if redelivered else ""
         )
         timeout = self.profile.visibility_timeout
-        if self.profile.restore == "after_visibility_timeout" and timeout is not None:
+        if self.profile.restore == "in_restore_sweeps":
+            if self._sweep_timer is None:
+                self._schedule_sweep()
+        elif self.profile.restore == "after_visibility_timeout" and timeout is not None:
             delivery.timer = self.clock.call_at(
                 delivery.delivered_at + timeout,
                 lambda: self._visibility_expired(delivery),
@@ -353,7 +375,7 @@ class InMemoryBroker:
             return
         if requeue:
             self._record("rejected", delivery.message, delivery, detail="requeue")
-            self._restore(delivery.message, reason="requeued")
+            self._restore(delivery.message, reason="requeued", last=self.profile.name == "redis")
         else:
             self._record("rejected", delivery.message, delivery, detail="drop")
 
@@ -372,8 +394,10 @@ class InMemoryBroker:
 
         RabbitMQ returns them at once. Redis returns them at once only on a
         graceful close (kombu's ``restore_at_shutdown``); after a crash they
-        wait out the visibility timeout since their delivery.
+        wait out the visibility timeout since their delivery, and then a
+        restore sweep of a consumer still (or again) connected.
         """
+        self._sweepers.pop(consumer, None)
         held = [d for d in self.unacked.values() if d.consumer == consumer]
         immediate = graceful or self.profile.restore == "on_disconnect"
         for delivery in held:
@@ -388,6 +412,56 @@ class InMemoryBroker:
                     delivery,
                     detail=f"waits for visibility_timeout={self.profile.visibility_timeout:g}s",
                 )
+        if self.profile.restore == "in_restore_sweeps":
+            self._schedule_sweep()
+
+    def consumer_started(self, consumer: str) -> None:
+        """``consumer``'s connection is up. On Redis, kombu sweeps at once, then periodically."""
+        if self.profile.restore != "in_restore_sweeps":
+            return
+        self._sweepers[consumer] = self.clock.time()
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """kombu's ``QoS.restore_visible``: restore what was delivered a visibility timeout ago.
+
+        Newest delivery first, each pushed where the consumer takes next, so the
+        oldest is delivered first again.
+        """
+        self._sweep_timer = None
+        now = self._swept_at = self.clock.time()
+        timeout = self.profile.visibility_timeout or 0.0
+        visible = [d for d in self.unacked.values() if d.delivered_at + timeout <= now]
+        visible.sort(key=lambda delivery: delivery.delivered_at)  # ties: in delivery order
+        for delivery in reversed(visible):
+            self._settle(delivery.tag, "restore")
+            self._restore(
+                delivery.message,
+                reason=f"visibility_timeout={timeout:g}s passed, restore sweep",
+                delivery=delivery,
+            )
+        self._schedule_sweep()
+
+    def _schedule_sweep(self) -> None:
+        """Set the one timer for the next sweep that will find something to restore."""
+        if self._sweep_timer is not None:
+            self.clock.cancel(self._sweep_timer)
+            self._sweep_timer = None
+        period = self.profile.restore_sweep_period
+        if not self._sweepers or not self.unacked or not period:
+            return
+        timeout = self.profile.visibility_timeout or 0.0
+        visible_at = min(d.delivered_at for d in self.unacked.values()) + timeout
+        now = self.clock.time()
+        earliest = max(visible_at, now)
+        due: float | None = None
+        for started in self._sweepers.values():
+            moment = started + math.ceil(max(earliest - started, 0.0) / period) * period
+            if moment <= now and self._swept_at == now:
+                moment += period  # this instant's sweep has run
+            due = moment if due is None else min(due, moment)
+        if due is not None:
+            self._sweep_timer = self.clock.call_at(due, self._sweep)
 
     def _consumer_timed_out(self, delivery: Delivery) -> None:
         """RabbitMQ closes the channel of a consumer that held a delivery too long."""
@@ -425,6 +499,9 @@ class InMemoryBroker:
         self._hold(delivery.message.task_id, -1)
         if delivery.timer is not None:
             self.clock.cancel(delivery.timer)
+        if self._sweep_timer is not None and not self.unacked:
+            self.clock.cancel(self._sweep_timer)
+            self._sweep_timer = None
         return delivery
 
     def _record_stale(self, tag: str, how: str) -> None:
@@ -439,9 +516,30 @@ class InMemoryBroker:
         )
 
     def _restore(
-        self, message: StoredMessage, *, reason: str, delivery: Delivery | None = None
+        self,
+        message: StoredMessage,
+        *,
+        reason: str,
+        delivery: Delivery | None = None,
+        last: bool = False,
     ) -> None:
-        self.queues.setdefault(message.queue, deque()).appendleft(message)
+        """Put ``message`` back in its queue: where the broker puts a message it takes back.
+
+        RabbitMQ: at its original place among the messages waiting. Redis and
+        SQS: next in line (kombu pushes it to the end the consumer pops from),
+        or ``last`` for a Redis reject with requeue (kombu pushes it to the other end).
+        """
+        ready = self.queues.setdefault(message.queue, deque())
+        if last:
+            ready.append(message)
+        elif self.profile.restore == "on_disconnect":
+            place = next(
+                (i for i, waiting in enumerate(ready) if waiting.number > message.number),
+                len(ready),
+            )
+            ready.insert(place, message)
+        else:
+            ready.appendleft(message)
         self._hold(message.task_id, 1)
         self._record("restored", message, delivery, detail=reason)
 
@@ -475,6 +573,9 @@ class InMemoryBroker:
         self.ledger.clear()
         self._held.clear()
         self._dropped_acks.clear()
+        # The clock goes back to its start with the workers' connections.
+        self._sweepers = dict.fromkeys(self._sweepers, self.clock.start)
+        self._swept_at = self._sweep_timer = None
 
     def close(self) -> None:
         self.closed = True

@@ -510,6 +510,7 @@ class EmulatedWorker:
         self.rate_limits_disabled = bool(app.conf.worker_disable_rate_limits)
         self._token_back_at: dict[str, float] = {}  # task name -> when its bucket refills
         self._overlap_copies: set[str] = set()  # delivery tags of duplicate copies
+        broker.consumer_started(self.consumer)
 
     def _next_pid(self) -> int:
         return 10_000 * self.index + 100 * self.generation + next(self._children)
@@ -745,6 +746,7 @@ class EmulatedWorker:
         self._drop_held()
         self.generation += 1
         self.consumer = f"{self.hostname}#{self.generation}"
+        self.broker.consumer_started(self.consumer)
 
     def reconnect(self) -> None:
         """The connection dropped (a lost ack): the broker takes back what we held."""
@@ -753,6 +755,7 @@ class EmulatedWorker:
         self.broker.connection_lost(self.consumer)
         self.generation += 1
         self.consumer = f"{self.hostname}#{self.generation}"
+        self.broker.consumer_started(self.consumer)
 
     def restart(self) -> None:
         """The supervisor starts the worker again: a new process with a new connection.
@@ -770,6 +773,7 @@ class EmulatedWorker:
         self._token_back_at.clear()
         self._overlap_copies.clear()
         self._drop_held()
+        self.broker.consumer_started(self.consumer)
 
     def die(self, *, graceful: bool = False) -> None:
         """The worker and its children are gone; its connection drops (closed, if graceful)."""

@@ -5,6 +5,10 @@ Redis and SQS keep a delivered message invisible for ``visibility_timeout``
 seconds after its delivery, whatever the consumer does: a dead worker's messages
 come back only then, and a message held longer than that (an ETA or countdown
 waiting in the worker) is delivered a second time while the first copy waits.
+SQS makes it visible at that instant; on Redis a consumer's restore sweep does
+it, and kombu sweeps when a connection comes up and then every
+``unacked_restore_interval`` x ``unacked_restore_throttle`` seconds (100 s by
+default), so the message comes back at the first sweep after the timeout.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ def since_start(faults: CeleryFaults, event: BrokerEvent) -> float:
     return event.time - faults.clock.start
 
 
+#: kombu's Redis transport options that make every restore call a sweep, once a second.
+SWEEP_EVERY_SECOND = {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
+
+
 # -- a worker that loses power ---------------------------------------------------
 
 
@@ -63,26 +71,33 @@ def test_rabbitmq_restores_at_once_when_the_connection_drops(app: Celery) -> Non
     assert (outcome.deliveries, outcome.state, outcome.lost) == (2, "SUCCESS", False)
 
 
-@pytest.mark.parametrize(("profile", "timeout"), [("redis", 45.0), ("sqs", 90.0)])
+@pytest.mark.parametrize(
+    ("profile", "timeout", "back_at", "how"),
+    [
+        ("sqs", 90.0, 90.0, "passed"),  # visible again at the instant
+        ("redis", 45.0, 100.0, "passed, restore sweep"),  # the first sweep after it
+        ("redis", 200.0, 200.0, "passed, restore sweep"),  # sweeps at 0, 100, 200, ...
+    ],
+)
 def test_visibility_timeout_profiles_restore_only_after_it(
-    app: Celery, profile: str, timeout: float
+    app: Celery, profile: str, timeout: float, back_at: float, how: str
 ) -> None:
     app.conf.broker_transport_options = {"visibility_timeout": timeout}
     task = make_task(app, acks_late=True)
     with CeleryFaults(app, profile=profile) as faults:
         faults.track(f"{__name__}.effect")
         outcome = faults.run(task.s(1), "power_loss@1")
-        assert faults.clock.elapsed == timeout  # moved by exactly the visibility timeout
+        assert faults.clock.elapsed == back_at
         kinds = events(faults, outcome.task_id, "delivered", "orphaned", "restored", "acked")
-    # unacked on the dead connection at t=0, back in the queue at t=timeout, not before
+    # unacked on the dead connection at t=0, back in the queue at back_at, not before
     assert [(e.kind, since_start(faults, e)) for e in kinds] == [
         ("delivered", 0.0),
         ("orphaned", 0.0),
-        ("restored", timeout),
-        ("delivered", timeout),
-        ("acked", timeout),
+        ("restored", back_at),
+        ("delivered", back_at),
+        ("acked", back_at),
     ]
-    assert kinds[2].detail == f"visibility_timeout={timeout:g}s passed"
+    assert kinds[2].detail == f"visibility_timeout={timeout:g}s {how}"
     assert seen == [(1, False), (1, True)]
     assert (outcome.deliveries, outcome.state) == (2, "SUCCESS")
 
@@ -100,11 +115,14 @@ def test_without_the_option_the_transports_default_visibility_timeout_applies(
         assert faults.clock.elapsed == default
 
 
-@pytest.mark.parametrize(("profile", "elapsed"), [("rabbitmq", 0.0), ("redis", 20.0)])
+@pytest.mark.parametrize(
+    ("profile", "sweeps", "elapsed"),
+    [("rabbitmq", {}, 0.0), ("redis", {}, 100.0), ("redis", SWEEP_EVERY_SECOND, 20.0)],
+)
 def test_a_lost_ack_redelivers_at_once_on_rabbitmq_and_after_the_timeout_on_redis(
-    app: Celery, profile: str, elapsed: float
+    app: Celery, profile: str, sweeps: dict[str, int], elapsed: float
 ) -> None:
-    app.conf.broker_transport_options = {"visibility_timeout": 20}
+    app.conf.broker_transport_options = {"visibility_timeout": 20, **sweeps}
     task = make_task(app, acks_late=True)
     with CeleryFaults(app, profile=profile) as faults:
         faults.track(f"{__name__}.effect")
@@ -131,8 +149,9 @@ def test_redis_runs_an_eta_held_beyond_the_visibility_timeout_again(
 ) -> None:
     # The worker holds an ETA message unacked until it is due (even with early ack: that
     # ack comes when the pool accepts it). Each visibility timeout that passes meanwhile
-    # restores it, and the worker receives one more copy.
-    app.conf.broker_transport_options = {"visibility_timeout": 10}
+    # restores it (Redis: in a sweep, here one a second), and the worker receives one
+    # more copy.
+    app.conf.broker_transport_options = {"visibility_timeout": 10, **SWEEP_EVERY_SECOND}
     task = make_task(app, acks_late=acks_late)
     with CeleryFaults(app, profile=profile) as faults:
         result = task.apply_async((7,), countdown=countdown)
@@ -144,6 +163,44 @@ def test_redis_runs_an_eta_held_beyond_the_visibility_timeout_again(
     assert [since_start(faults, e) for e in restored] == [10.0, 20.0][: len(runs) - 1]
     assert outcome.deliveries == outcome.executions == len(runs)
     assert outcome.state == "SUCCESS"
+
+
+@pytest.mark.parametrize(
+    ("countdown", "runs", "restored_at"),
+    [(12, [(7, False)], []), (150, [(7, False), (7, True)], [100.0])],
+    ids=["before-the-next-sweep", "past-one-sweep"],
+)
+def test_redis_restores_an_eta_only_in_its_sweeps_by_default(
+    app: Celery, countdown: int, runs: list[tuple[int, bool]], restored_at: list[float]
+) -> None:
+    # Measured on a real worker (kombu 5.7, default sweeps): a 12 s countdown under a
+    # 5 s visibility timeout runs once; the first sweep after the start is at 100 s.
+    app.conf.broker_transport_options = {"visibility_timeout": 5}
+    task = make_task(app, acks_late=True)
+    with CeleryFaults(app, profile="redis") as faults:
+        result = task.apply_async((7,), countdown=countdown)
+        faults.drain()
+        outcome = faults.outcome(result.id)
+        restored = events(faults, result.id, "restored")
+        assert faults.clock.elapsed == pytest.approx(countdown, abs=1e-3)
+    assert [since_start(faults, e) for e in restored] == restored_at
+    assert seen == runs
+    assert outcome.deliveries == outcome.executions == len(runs)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"unacked_restore_interval": "often"}, "'unacked_restore_interval'"),
+        ({"unacked_restore_throttle": None}, "'unacked_restore_throttle'"),
+    ],
+)
+def test_a_restore_cadence_that_is_not_a_number_is_refused(
+    app: Celery, options: dict[str, Any], message: str
+) -> None:
+    app.conf.broker_transport_options = options
+    with pytest.raises(ValueError, match=message):
+        CeleryFaults(app, profile="redis").start()
 
 
 def test_rabbitmq_holds_an_eta_without_duplicating_it(app: Celery) -> None:
@@ -161,7 +218,7 @@ def test_rabbitmq_holds_an_eta_without_duplicating_it(app: Celery) -> None:
 # -- several workers -------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("profile", "elapsed"), [("rabbitmq", 0.0), ("redis", 30.0)])
+@pytest.mark.parametrize(("profile", "elapsed"), [("rabbitmq", 0.0), ("redis", 100.0)])
 def test_a_redelivered_message_goes_to_a_live_worker(
     app: Celery, profile: str, elapsed: float
 ) -> None:
@@ -187,7 +244,7 @@ def test_a_redelivered_message_goes_to_a_live_worker(
 # -- prefetched messages ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(("profile", "elapsed"), [("rabbitmq", 0.0), ("redis", 60.0)])
+@pytest.mark.parametrize(("profile", "elapsed"), [("rabbitmq", 0.0), ("redis", 100.0)])
 def test_prefetched_messages_of_a_dead_worker_come_back_redelivered(
     app: Celery, profile: str, elapsed: float
 ) -> None:
@@ -237,3 +294,35 @@ def test_early_acked_message_is_lost_with_power_but_prefetched_ones_are_not(app:
     assert [e.detail for e in kept_deliveries] == ["", "redelivered=True"]
     assert (kept.state, kept.deliveries, kept.executions, kept.lost) == ("SUCCESS", 2, 1, False)
     assert seen == [(2, True)]  # message 1's body never ran: power_loss@0
+
+
+# -- the order requeued messages come back in --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("profile", "spec", "order"),
+    [
+        # RabbitMQ puts requeued messages back at their original places in the queue
+        ("rabbitmq", "power_loss@1", [0, 1, 2, 3]),
+        ("rabbitmq", "warm_shutdown@1", [1, 2, 3]),
+        # kombu's Redis sweep restores the newest expired delivery first, each to
+        # the end the consumer pops from: the oldest is delivered first again
+        ("redis", "power_loss@1", [0, 1, 2, 3]),
+        # a closing channel restores its deliveries oldest first, each to that
+        # same end: the newest is delivered first again
+        ("redis", "warm_shutdown@1", [3, 2, 1]),
+    ],
+)
+def test_requeued_messages_come_back_in_the_order_the_broker_gives(
+    app: Celery, profile: str, spec: str, order: list[int]
+) -> None:
+    app.conf.broker_transport_options = {"visibility_timeout": 60, **SWEEP_EVERY_SECOND}
+    task = make_task(app, acks_late=True)
+    with CeleryFaults(app, profile=profile) as faults:
+        faults.track(f"{__name__}.effect")
+        faults.inject(f"profiles.job:{spec}")
+        for n in range(4):
+            task.delay(n)
+        faults.drain()
+    assert seen[0] == (0, False)
+    assert [n for n, redelivered in seen if redelivered] == order

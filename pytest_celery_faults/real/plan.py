@@ -21,6 +21,10 @@ from typing import Any
 from ..faults import FaultSpec, Step, parse_spec
 
 PLAN_ENV = "CELERY_FAULTS_PLAN"
+#: kombu's Redis transport restores unacked messages in sweeps, about every 100 s
+#: by default; a real run sweeps every second, and an emulation compared with it
+#: must be given the same cadence.
+RESTORE_SWEEP_EVERY_SECOND = {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
 #: The longest time limit a ``timeout``/``soft_timeout`` step may wait for on a real worker.
 LONGEST_TIME_LIMIT = 60.0
 

@@ -29,7 +29,14 @@ from kombu.message import Message
 from .. import _celery_internals as internals
 from ..apps import load_app
 from . import child
-from .plan import PLAN_ENV, Bindings, Plan, append_record, read_records
+from .plan import (
+    PLAN_ENV,
+    RESTORE_SWEEP_EVERY_SECOND,
+    Bindings,
+    Plan,
+    append_record,
+    read_records,
+)
 from .waiting import polls
 
 #: How long an early ack that is to be lost or turned into a redelivery waits for the body's end.
@@ -49,10 +56,7 @@ def main(argv: list[str]) -> None:
     apply_settings(app, settings["settings"])
     options = dict(app.conf.broker_transport_options or {})
     options["visibility_timeout"] = float(settings["visibility_timeout"])
-    # Redis restores unacked messages in a sweep every interval x throttle seconds
-    # (about 100 s by default); the run shortens it with the visibility timeout.
-    options["unacked_restore_interval"] = 1
-    options["unacked_restore_throttle"] = 1
+    options.update(RESTORE_SWEEP_EVERY_SECOND)
     app.conf.update(
         broker_url=settings["broker_url"],
         result_backend=settings["backend_url"],

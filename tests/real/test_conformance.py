@@ -18,6 +18,7 @@ from celery import chain, chord, group
 
 from pytest_celery_faults import CeleryFaults, ack_table
 from pytest_celery_faults.real.compare import RealComparison
+from pytest_celery_faults.real.plan import RESTORE_SWEEP_EVERY_SECOND
 from pytest_celery_faults.real.runner import RealBrokerRunner
 
 pytestmark = pytest.mark.real_broker
@@ -121,7 +122,10 @@ def test_redis_waits_for_the_visibility_timeout_before_redelivering(
 ) -> None:
     real = runner.run("realapp.late", spec="power_loss@1")
     assert (real.executions, real.redelivered, real.state) == (2, [False, True], "SUCCESS")
-    realapp.app.conf.broker_transport_options = {"visibility_timeout": runner.visibility_timeout}
+    realapp.app.conf.broker_transport_options = {
+        "visibility_timeout": runner.visibility_timeout,
+        **RESTORE_SWEEP_EVERY_SECOND,
+    }
     try:
         with CeleryFaults(realapp.app, profile="redis") as faults:
             faults.track("realapp.effect")
