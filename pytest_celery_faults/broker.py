@@ -30,6 +30,14 @@ from .clock import VirtualClock
 
 SCHEME = "celery-faults"
 TRANSPORT_OPTION = "celery_faults_broker"
+#: kombu's mailbox names end so (``%s.pidbox``, ``reply.%s.pidbox``, their queues too).
+CONTROL_SUFFIX = ".pidbox"
+
+
+def is_control(name: str) -> bool:
+    """Whether an exchange or queue carries remote control (kombu's pidbox), not tasks."""
+    return name.endswith(CONTROL_SUFFIX)
+
 
 RestorePolicy = Literal["on_disconnect", "after_visibility_timeout", "in_restore_sweeps"]
 #: RabbitMQ's default ``consumer_timeout`` (since 3.8.15), in seconds.
@@ -195,6 +203,11 @@ class InMemoryBroker:
         self._sweepers: dict[str, float] = {}
         self._swept_at: float | None = None
         self._sweep_timer: Any = None
+        #: Remote control: reply queues, and each live worker's mailbox by node name.
+        self.control_queues: dict[str, deque[dict[str, Any]]] = {}
+        self.mailboxes: dict[str, Callable[[dict[str, Any]], None]] = {}
+        #: Called once every mailbox has handled a broadcast.
+        self.after_broadcast: list[Callable[[], None]] = []
         InMemoryBroker._registry[self.name] = self
 
     @property
@@ -286,6 +299,29 @@ class InMemoryBroker:
     def delete(self, queue: str) -> None:
         self.purge(queue)
         self.queues.pop(queue, None)
+
+    # -- remote control ---------------------------------------------------------
+
+    def broadcast(self, payload: dict[str, Any]) -> None:
+        """A control message to the mailbox exchange: each live worker handles it now.
+
+        No task queue, ledger line or side effect: control travels apart from
+        tasks, as on a real broker. Whatever a worker replies is in the reply
+        queue when this returns, so the client's wait ends without a real second.
+        """
+        if self.closed:
+            raise ConnectionError(f"{self.url} is closed: its harness has ended")
+        for handle in list(self.mailboxes.values()):
+            handle(dict(payload))
+        for after in self.after_broadcast:
+            after()
+
+    def put_control(self, queue: str, payload: dict[str, Any]) -> None:
+        self.control_queues.setdefault(queue, deque()).append(payload)
+
+    def take_control(self, queue: str) -> dict[str, Any] | None:
+        waiting = self.control_queues.get(queue)
+        return waiting.popleft() if waiting else None
 
     # -- consuming --------------------------------------------------------------
 
@@ -573,6 +609,7 @@ class InMemoryBroker:
         self.ledger.clear()
         self._held.clear()
         self._dropped_acks.clear()
+        self.control_queues.clear()
         # The clock goes back to its start with the workers' connections.
         self._sweepers = dict.fromkeys(self._sweepers, self.clock.start)
         self._swept_at = self._sweep_timer = None
@@ -593,6 +630,7 @@ class Channel(virtual.Channel):
 
     body_encoding = None  # type: ignore[assignment]  # bytes stay bytes: no base64 round trip
     do_restore = False
+    supports_fanout = True  # the mailbox's broadcasts: see _put_fanout
 
     def _next_delivery_tag(self) -> str:
         # kombu stamps a uuid4 on each published message; a counter is as unique
@@ -605,28 +643,65 @@ class Channel(virtual.Channel):
         return self.connection.broker  # type: ignore[no-any-return]
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        if is_control(queue):
+            return queue in self.broker.control_queues
         return queue in self.broker.queues
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        self.broker.declare(queue)
+        if is_control(queue):
+            self.broker.control_queues.setdefault(queue, deque())
+        else:
+            self.broker.declare(queue)
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        self.broker.publish(queue, message)
+        if is_control(queue):
+            self.broker.put_control(queue, message)
+        else:
+            self.broker.publish(queue, message)
+
+    def _put_fanout(
+        self, exchange: str, message: dict[str, Any], routing_key: str, **_: Any
+    ) -> None:
+        if is_control(exchange):
+            self.broker.broadcast(message)
+            return
+        bound = self._lookup(exchange, routing_key)  # type: ignore[no-untyped-call]
+        for queue in bound:  # another fanout exchange: each queue bound to it
+            self._put(queue, dict(message))
+
+    def _queue_bind(self, *args: Any) -> None:
+        """Bindings live in kombu's exchange table (shared through the broker's state)."""
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        if is_control(queue):
+            payload = self.broker.take_control(queue)
+            if payload is None:
+                raise virtual.Empty()
+            return payload
         stored = self.broker.take(queue)
         if stored is None:
             raise virtual.Empty()
         return stored.payload
 
     def _size(self, queue: str) -> int:
+        if is_control(queue):
+            return len(self.broker.control_queues.get(queue, ()))
         return self.broker.ready_count(queue)
 
     def _purge(self, queue: str) -> int:
+        if is_control(queue):
+            waiting = self.broker.control_queues.get(queue)
+            count = len(waiting or ())
+            if waiting:
+                waiting.clear()
+            return count
         return self.broker.purge(queue)
 
     def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
-        self.broker.delete(queue)
+        if is_control(queue):
+            self.broker.control_queues.pop(queue, None)
+        else:
+            self.broker.delete(queue)
 
     def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
         if delivery_tag in self.broker.unacked or str(delivery_tag).startswith(self.broker.name):
@@ -711,7 +786,9 @@ class Transport(virtual.Transport):
 
     Channel = Channel
     driver_type = driver_name = SCHEME
-    implements = virtual.Transport.implements.extend(exchange_type=frozenset(["direct", "topic"]))
+    implements = virtual.Transport.implements.extend(
+        exchange_type=frozenset(["direct", "topic", "fanout"])
+    )
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)  # type: ignore[no-untyped-call]
@@ -721,6 +798,21 @@ class Transport(virtual.Transport):
 
     def driver_version(self) -> str:
         return "in-memory"
+
+    def drain_events(self, connection: Any, timeout: Any = None, **kwargs: Any) -> Any:
+        """Deliver one waiting message, or time out at once.
+
+        Only the mailbox's client drains here (``inspect()``, ``ping()``); the
+        workers answered while the broadcast was published, so a reply that is
+        not here now never comes: waiting out ``timeout`` would change nothing.
+        """
+        cycle = self.cycle
+        if cycle is None:
+            raise TimeoutError()
+        try:
+            return cycle.get(self._deliver, timeout=timeout)
+        except virtual.Empty:
+            raise TimeoutError() from None
 
 
 def _transport_class() -> type[Transport]:

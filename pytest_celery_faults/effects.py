@@ -57,6 +57,8 @@ class Execution(Protocol):
 
     def sleep(self, seconds: float) -> None: ...  # virtual
 
+    def take_signal(self) -> None: ...  # a signal remote control sent it lands now
+
 
 class ExecutionWatcher(Protocol):
     """Told when an execution starts and how it ended (integrations use it).

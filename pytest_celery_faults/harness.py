@@ -142,6 +142,7 @@ class CeleryFaults:
             ),
         )
         self.broker.channel_closed.append(self._channel_closed)
+        self.broker.after_broadcast.append(self._signal_after_broadcast)
         self.history = History(
             ledger=self.ledger,
             effects=self.effects,
@@ -267,7 +268,7 @@ class CeleryFaults:
         for worker in self.workers:
             request_ids |= worker.request_ids
             worker.request_ids.clear()
-            worker.restart()
+            worker.restart(fresh_scenario=True)
         internals.forget_worker_state(request_ids)
         self.broker.reset()
         self.clock.reset()
@@ -302,6 +303,12 @@ class CeleryFaults:
             on_note=lambda task_id, text: self.history.note(task_id, text, depth=1),
             after_delivery=self._after_delivery,
         )
+
+    def _signal_after_broadcast(self) -> None:
+        """A task's own revoke(terminate=True) reaches it once the broadcast is out."""
+        execution = self.effects.execution
+        if execution is not None:
+            execution.take_signal()
 
     def _channel_closed(self, consumer: str) -> None:
         for worker in self.workers:

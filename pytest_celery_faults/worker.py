@@ -38,6 +38,7 @@ from celery import Celery
 from . import _celery_internals as internals
 from .broker import Delivery, InMemoryBroker
 from .clock import VirtualClock
+from .control import WorkerMailbox
 from .effects import Effect, EffectLog
 from .faults import FaultPlan, Step
 from .interruptions import stops_the_test_run
@@ -107,6 +108,29 @@ class ChildExecution:
     stack: Stack | None = None
     pending: BaseException | None = None  # an inline execution's interrupt, raised at its wait
     soft_timeout: Callable[[], None] = lambda: None
+    signalled: int | None = None  # a signal ``terminate_job`` sent this very execution
+
+    def take_signal(self) -> None:
+        """The signal a remote-control terminate sent this execution arrives here.
+
+        It was sent while the execution itself broadcast the ``revoke``; it lands
+        once the broadcast is out (every worker has handled it), as a signal
+        lands on the process between two of its instructions.
+        """
+        signum, self.signalled = self.signalled, None
+        if signum is None:
+            return
+        if signum == signal.SIGTERM:
+            raise TerminatedBySignal(Step("sigterm"))
+        if self.stack is None:
+            raise RuntimeError(
+                f"celery_faults: {self.task_name}[{self.task_id}] terminated itself with "
+                f"signal {internals.signal_name(signum)} while running inline; a kill of "
+                f"the running execution needs a stack of its own (worker_concurrency=2, or a "
+                f"task_time_limit, gives it one)"
+            )
+        self.dead = True
+        self.stack.freeze(Step("sigkill"))
 
     def start(self) -> None:
         """The child took the job: a fault at boundary 0 fires now, before the body."""
@@ -230,7 +254,18 @@ class Job:
     timeout_callback: Callable[..., Any] | None
     soft_timeout: float | None
     timeout: float | None
+    child: Child
     timers: list[Any] = field(default_factory=list)
+    terminated_by: int | None = None  # the signal ``terminate_job`` sent its child
+
+
+@dataclass
+class Child:
+    """One pool child: its pid, and how many tasks it has run (billiard's ``completed``)."""
+
+    pid: int
+    tasks: int = 0
+    busy: bool = False
 
 
 class InProcessPool:
@@ -241,6 +276,8 @@ class InProcessPool:
         self._jobs = itertools.count()
         self.limit = worker.concurrency
         self.running: dict[int, Job] = {}
+        self.children: list[Child] = []
+        self.cancelling = False  # a cold shutdown's Request.cancel: the worker handles the kill
 
     def apply_async(
         self,
@@ -267,15 +304,17 @@ class InProcessPool:
         timeout = timeout or conf.task_time_limit
         if args:  # the child gets its own copy of the request dict, as if pickled
             args = (args[0], args[1], dict(args[2]), *args[3:])
+        child = self._free_child()
+        child.busy = True
         job = Job(
             next(self._jobs), worker, execution, target, args, kwargs or {},
-            callback, error_callback, timeout_callback, soft_timeout, timeout,
+            callback, error_callback, timeout_callback, soft_timeout, timeout, child,
         )  # fmt: skip
         execution.soft_timeout = lambda: self._safely(
             timeout_callback, soft=True, timeout=soft_timeout
         )
         if accept_callback is not None:
-            accept_callback(worker.child_pid, time.monotonic())
+            accept_callback(child.pid, time.monotonic())
         self.running[job.number] = job
         self._arm_time_limits(job)
         if worker.needs_own_stack(execution, timeout):
@@ -290,6 +329,19 @@ class InProcessPool:
         else:
             self._finish(job, *self._run_child(job))
         return _AppliedJob(job.number)
+
+    def _free_child(self) -> Child:
+        for child in self.children:
+            if not child.busy:
+                return child
+        child = Child(self.worker.next_pid())
+        self.children.append(child)
+        return child
+
+    def replace_child(self, job: Job) -> None:
+        """The pool starts a fresh child in place of the one that ran ``job``."""
+        job.child.pid = self.worker.next_pid()
+        job.child.tasks = 0
 
     def _arm_time_limits(self, job: Job) -> None:
         clock = self.worker.clock
@@ -352,13 +404,13 @@ class InProcessPool:
         # The child's end comes before the parent's reaction.
         worker.on_record(job.execution.record)
         if killed is not None:
-            worker.replace_child()
+            self.replace_child(job)
             self._died_by(job, signal.SIGTERM)
         elif success:
             self._safely(job.callback, value)
         else:
             if issubclass(value.type, (*CHILD_LEAVES, internals.WorkerLostError)):
-                worker.replace_child()  # the child left (.exception is billiard's wrapper)
+                self.replace_child(job)  # the child left (.exception is billiard's wrapper)
             self._safely(job.error_callback, value)
         worker.job_ended(job)
 
@@ -375,7 +427,7 @@ class InProcessPool:
         worker.on_record(record)
         if job.execution.started:  # watchers hear of the executions they saw start
             worker.effects.execution_ended(job.execution, record.ended)
-        worker.replace_child()
+        self.replace_child(job)
         if kind == "timeout":
             # billiard's TimeoutHandler.on_hard_timeout: error first, then the timeout.
             limit = job.timeout or job.soft_timeout
@@ -386,10 +438,14 @@ class InProcessPool:
         worker.job_ended(job)
 
     def _died_by(self, job: Job, signum: int) -> None:
+        if job.terminated_by is not None:  # billiard: the job's child was terminate_job's
+            self._safely(job.error_callback, internals.terminated_info(job.terminated_by))
+            return
         self._safely(job.error_callback, internals.child_death_info(signum, job.number))
 
     def _settled(self, job: Job) -> None:
         self.running.pop(job.number, None)
+        job.child.busy = False
         for timer in job.timers:
             self.worker.clock.cancel(timer)
 
@@ -404,12 +460,39 @@ class InProcessPool:
 
     # The pool API Celery's requests may call.
     def terminate_job(self, pid: int, signum: int | None = None) -> None:
-        """Celery asks to kill the child ``pid``: a cold shutdown's ``Request.cancel``.
+        """Celery asks to kill the child ``pid`` (``Request.terminate`` or ``.cancel``).
 
-        It comes from :meth:`EmulatedWorker.lose_power`, which has frozen the
-        child's stack already (the emulated worker takes no remote-control
-        revoke): nothing is left to do, and nothing to keep.
+        A cold shutdown's ``Request.cancel`` comes from
+        :meth:`EmulatedWorker.lose_power`, which freezes the children itself.
+        A remote-control ``revoke(terminate=True)`` kills the child running the
+        job, as billiard's ``terminate_job`` does: SIGTERM unwinds it (the
+        child's handler raises ``SystemExit``), any other signal ends it where
+        it stands; the parent then hears billiard's ``Terminated``.
         """
+        if self.cancelling:
+            return
+        job = next((job for job in self.running.values() if job.child.pid == pid), None)
+        if job is None or job.terminated_by is not None:
+            return  # billiard: no such process (it ended meanwhile)
+        signum = internals.signal_number(signum)
+        job.terminated_by = signum
+        execution = job.execution
+        self.worker.note(
+            execution, f"child terminated by remote control ({internals.signal_name(signum)})"
+        )
+        if self.worker.effects.execution is execution:
+            execution.signalled = signum  # the execution revoked itself: see take_signal
+            return
+        stack = execution.stack
+        if stack is None:  # pragma: no cover - another running execution always has a stack
+            raise RuntimeError(f"terminate_job: {execution.task_id} runs without a stack")
+        if signum == signal.SIGTERM:
+            stack.interrupt(TerminatedBySignal(Step("sigterm")))
+            return
+        execution.dead = True
+        self.worker.scheduler.freeze_where(lambda candidate: candidate is stack, None)
+        clock = self.worker.clock  # the parent hears of the death after the handler returned
+        clock.call_at(clock.time(), lambda: self._frozen(job, Step("sigkill")))
 
 
 @dataclass(order=True)
@@ -498,7 +581,6 @@ class EmulatedWorker:
         self.request_ids: set[str] = set()
         self._order = itertools.count()
         self._children = itertools.count(1)
-        self.child_pid = self._next_pid()
         self._request_classes: dict[str, type[Any]] = {}
         self.connection = broker.connection()
         self.channel = self.connection.default_channel
@@ -510,14 +592,16 @@ class EmulatedWorker:
         self.rate_limits_disabled = bool(app.conf.worker_disable_rate_limits)
         self._token_back_at: dict[str, float] = {}  # task name -> when its bucket refills
         self._overlap_copies: set[str] = set()  # delivery tags of duplicate copies
+        self.mailbox = WorkerMailbox(self)
+        self.mailbox.open()
         broker.consumer_started(self.consumer)
 
-    def _next_pid(self) -> int:
+    def next_pid(self) -> int:
         return 10_000 * self.index + 100 * self.generation + next(self._children)
 
-    def replace_child(self) -> None:
-        """The pool starts a fresh child after one died."""
-        self.child_pid = self._next_pid()
+    def held_for_eta(self) -> list[tuple[float, Any]]:
+        """The requests the consumer holds for their ETA, soonest first."""
+        return [(s.eta, s.request) for s in sorted(self.scheduled) if s.request.eta is not None]
 
     def needs_own_stack(self, execution: ChildExecution, hard_limit: float | None) -> bool:
         """Whether the execution could be frozen or overlap another (else it runs inline)."""
@@ -578,12 +662,17 @@ class EmulatedWorker:
             return
         request._celery_faults_delivery = delivery
         self.request_ids.add(request.id)
+        with self.mailbox.holding_revoked():
+            if internals.revoked_at_receipt(request):
+                return
         eta = request.eta
         if eta is not None:
             due = eta.timestamp()
             if due > self.clock.time():
                 heapq.heappush(self.scheduled, _Scheduled(due, next(self._order), request))
+                internals.request_scheduled(request)
                 return
+        internals.request_reserved(request)
         if first:
             self.reserved.appendleft(request)
         else:
@@ -593,7 +682,9 @@ class EmulatedWorker:
         """Move ETA requests whose time has come to the reserved queue."""
         now = self.clock.time()
         while self.scheduled and self.scheduled[0].eta <= now:
-            self.reserved.append(heapq.heappop(self.scheduled).request)
+            request = heapq.heappop(self.scheduled).request
+            internals.request_reserved(request)  # Celery's apply_eta_task
+            self.reserved.append(request)
 
     def next_eta(self) -> float | None:
         return self.scheduled[0].eta if self.scheduled else None
@@ -615,8 +706,9 @@ class EmulatedWorker:
             return False
         request = self.reserved.popleft()
         delivery: Delivery = request._celery_faults_delivery
-        if internals.expire_on_virtual_clock(request, self.clock.time()):
-            return True
+        with self.mailbox.holding_revoked():
+            if internals.expire_on_virtual_clock(request, self.clock.time()):
+                return True
         allowed_at = self._rate_limited_until(request)
         if allowed_at is not None:  # Celery's consumer holds it on its timer until then
             heapq.heappush(self.scheduled, _Scheduled(allowed_at, next(self._order), request))
@@ -646,7 +738,8 @@ class EmulatedWorker:
             self._overlap(delivery, execution, step)
         self.preparing = execution
         try:
-            request.execute_using_pool(self.pool)
+            with self.mailbox.holding_revoked():
+                request.execute_using_pool(self.pool)
         except Exception as exc:  # TaskRevokedError and friends: Celery's own refusal
             self.callback_errors.append(exc)
             self.on_record(record)
@@ -724,7 +817,11 @@ class EmulatedWorker:
         properly; power loss does nothing of the kind.
         """
         if graceful:
-            internals.cancel_active_requests(self.pool)
+            self.pool.cancelling = True
+            try:
+                internals.cancel_active_requests(self.pool)
+            finally:
+                self.pool.cancelling = False
         ending = "cold shutdown" if graceful else "power lost"
         jobs = [cause, *(job for job in self.pool.running.values() if job is not cause)]
         self.scheduler.freeze_where(lambda stack: stack.owner in jobs, cause)
@@ -757,15 +854,19 @@ class EmulatedWorker:
         self.consumer = f"{self.hostname}#{self.generation}"
         self.broker.consumer_started(self.consumer)
 
-    def restart(self) -> None:
+    def restart(self, *, fresh_scenario: bool = False) -> None:
         """The supervisor starts the worker again: a new process with a new connection.
 
         The Python object is reused (its request classes stay valid: they are
-        bound to this worker's pool and hostname), its state starts empty.
+        bound to this worker's pool and hostname), its state starts empty but
+        for the revoked ids ``worker_state_db`` kept (none in a fresh scenario).
         """
         self.generation += 1
         self.consumer = f"{self.hostname}#{self.generation}"
-        self.child_pid = self._next_pid()
+        self.pool.children.clear()
+        self.mailbox.close(clean=False)
+        self.mailbox.fresh_process(keep_saved=not fresh_scenario)
+        self.mailbox.open()
         self.alive = True
         self.stop_requested = self.broken_connection = False
         self.extra_slots = 0
@@ -778,10 +879,13 @@ class EmulatedWorker:
     def die(self, *, graceful: bool = False) -> None:
         """The worker and its children are gone; its connection drops (closed, if graceful)."""
         self.alive = False
+        self.mailbox.close(clean=graceful)
         self._drop_held()
         self.broker.connection_lost(self.consumer, graceful=graceful)
 
     def _drop_held(self) -> None:
+        if self.reserved or self.scheduled:
+            internals.requests_dropped([*self.reserved, *(s.request for s in self.scheduled)])
         self.reserved.clear()
         self.scheduled.clear()
 

@@ -1,0 +1,208 @@
+"""Remote control (``app.control``) answered by the emulated workers, with Celery's handlers."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from pytest_celery_faults import CeleryFaults
+
+
+class World:
+    """What the tasks of these tests change; ``touch`` is tracked as their side effect."""
+
+    def __init__(self) -> None:
+        self.log: list[Any] = []
+
+    def touch(self, value: Any) -> None:
+        self.log.append(value)
+
+
+world = World()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_world() -> None:
+    world.log.clear()
+
+
+@pytest.fixture
+def no_polling_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """kombu's virtual transport sleeps between polls while a client waits for replies."""
+    from kombu.transport.virtual import base
+
+    slept: list[float] = []
+    monkeypatch.setattr(base, "sleep", slept.append)
+    return slept
+
+
+def test_ping_and_inspect_are_answered_by_each_worker_without_waiting(
+    app: Celery, no_polling_sleep: list[float]
+) -> None:
+    with CeleryFaults(app, workers=2):
+        pongs = app.control.ping()
+        inspect = app.control.inspect()
+        answers = (inspect.active(), inspect.reserved(), inspect.scheduled(), inspect.revoked())
+        one = app.control.inspect(destination=["celery@faults-2"]).ping()
+    assert sorted(pongs, key=str) == [
+        {"celery@faults-1": {"ok": "pong"}},
+        {"celery@faults-2": {"ok": "pong"}},
+    ]
+    for answer in answers:
+        assert answer == {"celery@faults-1": [], "celery@faults-2": []}
+    assert one == {"celery@faults-2": {"ok": "pong"}}
+    assert no_polling_sleep == []  # no reply was waited for: each was there already
+
+
+def test_a_task_revoked_before_it_runs_is_skipped_as_revoked(app: Celery) -> None:
+    @app.task(name="tests.charge", shared=False)
+    def charge() -> None:
+        world.touch("charged")
+
+    with CeleryFaults(app) as faults:
+        faults.track((world, "touch"))
+        result = charge.delay()
+        app.control.revoke(result.id)
+        revoked = app.control.inspect().revoked()
+        [outcome] = faults.drain()
+    assert revoked == {"celery@faults-1": [result.id]}
+    assert (outcome.state, outcome.executions, outcome.acked) == ("REVOKED", 0, True)
+    assert repr(outcome.exception) == "TaskRevokedError('revoked')"
+    assert world.log == []
+
+
+def test_inspect_from_a_task_sees_itself_active_and_the_rest_held(app: Celery) -> None:
+    seen: dict[str, Any] = {}
+
+    @app.task(name="tests.guard", bind=True, shared=False)
+    def guard(self: Any) -> None:
+        inspect = app.control.inspect()
+        seen["active"] = [r["id"] for r in inspect.active()["celery@faults-1"]]
+        seen["reserved"] = [r["id"] for r in inspect.reserved()["celery@faults-1"]]
+        seen["scheduled"] = [s["request"]["id"] for s in inspect.scheduled()["celery@faults-1"]]
+
+    @app.task(name="tests.other", shared=False)
+    def other() -> None:
+        pass
+
+    with CeleryFaults(app) as faults:
+        running = guard.delay()
+        waiting = other.delay()
+        later = other.apply_async(countdown=60)
+        faults.drain()
+        after = app.control.inspect().active()
+    assert seen == {"active": [running.id], "reserved": [waiting.id], "scheduled": [later.id]}
+    assert after == {"celery@faults-1": []}
+
+
+def _worker_pair(app: Celery, how: str) -> tuple[Any, Any]:
+    app.conf.worker_concurrency = 2
+
+    @app.task(name="tests.long", shared=False)
+    def long() -> None:
+        try:
+            for step in range(3):
+                world.touch(f"step {step}")
+                time.sleep(10)
+        finally:
+            world.touch("cleanup")
+
+    @app.task(name="tests.stopper", shared=False)
+    def stopper(task_id: str) -> None:
+        time.sleep(5)  # the long task sleeps in its first 10 s meanwhile
+        app.control.revoke(task_id, terminate=True, signal=how)
+
+    return long, stopper
+
+
+@pytest.mark.parametrize(
+    ("how", "log"),
+    [
+        ("SIGKILL", ["step 0"]),  # killed where it stands: nothing more runs
+        ("SIGTERM", ["step 0", "cleanup"]),  # billiard's handler raises SystemExit: it unwinds
+    ],
+)
+def test_revoke_with_terminate_kills_the_child_running_the_task(
+    app: Celery, how: str, log: list[str]
+) -> None:
+    long, stopper = _worker_pair(app, how)
+    with CeleryFaults(app, seed=1) as faults:
+        faults.track((world, "touch"))
+        target = long.delay()
+        stopper.delay(target.id)
+        faults.drain()
+        outcome = faults.outcome(target.id)
+    assert world.log == log
+    assert (outcome.state, outcome.acked, outcome.deliveries) == ("REVOKED", True, 1)
+    assert repr(outcome.exception) == "TaskRevokedError('terminated')"
+    assert f"child terminated by remote control ({how})" in str(outcome.timeline)
+
+
+def test_a_task_that_terminates_itself_unwinds_on_sigterm(app: Celery) -> None:
+    @app.task(name="tests.quitter", bind=True, shared=False)
+    def quitter(self: Any) -> None:
+        try:
+            world.touch("before")
+            app.control.revoke(self.request.id, terminate=True)
+            world.touch("after")  # the signal lands first
+        finally:
+            world.touch("cleanup")
+
+    with CeleryFaults(app) as faults:
+        faults.track((world, "touch"))
+        outcome = faults.run(quitter.s())
+    assert world.log == ["before", "cleanup"]
+    assert (outcome.state, outcome.acked) == ("REVOKED", True)
+
+
+@pytest.mark.parametrize(("state_db", "ran"), [(False, True), (True, False)])
+def test_revoked_ids_live_in_the_worker_memory_unless_worker_state_db_keeps_them(
+    app: Celery, tmp_path: Any, state_db: bool, ran: bool
+) -> None:
+    app.conf.worker_prefetch_multiplier = 1  # the second message stays in the broker
+    if state_db:
+        app.conf.worker_state_db = str(tmp_path / "worker.state")
+
+    @app.task(name="tests.first", shared=False)
+    def first() -> None:
+        world.touch("first")
+
+    @app.task(name="tests.second", shared=False)
+    def second() -> None:
+        world.touch("second")
+
+    with CeleryFaults(app) as faults:
+        faults.track((world, "touch"))
+        faults.inject("tests.first:warm_shutdown@0")  # the worker stops cleanly, then restarts
+        first.delay()
+        result = second.delay()
+        app.control.revoke(result.id)
+        faults.drain()
+        outcome = faults.outcome(result.id)
+    assert ("second" in world.log) is ran
+    assert outcome.state == ("SUCCESS" if ran else "REVOKED")
+
+
+def test_a_revoked_id_is_known_only_to_the_workers_that_got_the_broadcast(app: Celery) -> None:
+    @app.task(name="tests.noop", shared=False)
+    def noop() -> None:
+        world.touch("ran")
+
+    with CeleryFaults(app, workers=2) as faults:
+        faults.track((world, "touch"))
+        faults.workers[1].die()  # celery@faults-2 is down when the revoke goes out
+        app.control.revoke("some-task-id")
+        faults.workers[1].restart()
+        revoked = app.control.inspect().revoked()
+    assert revoked == {"celery@faults-1": ["some-task-id"], "celery@faults-2": []}
+
+
+def test_shutdown_stops_the_worker_warmly(app: Celery) -> None:
+    with CeleryFaults(app) as faults:
+        app.control.shutdown()
+        alive = faults.workers[0].alive
+        pongs = app.control.ping()
+    assert (alive, pongs) == (False, [])
