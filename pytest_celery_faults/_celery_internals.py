@@ -1010,3 +1010,10 @@ def signal_number(signum: int | str | None) -> int:
     from celery.platforms import signals
 
     return int(signals.signum(signum or TERM_SIGNAME))
+
+
+def child_memory_kb() -> int:
+    """The resident memory billiard reads in a child after each task (``mem_rss``), in kB."""
+    from billiard.compat import mem_rss
+
+    return int(mem_rss())

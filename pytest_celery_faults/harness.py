@@ -52,7 +52,13 @@ from .outcome import Outcome, Timeline
 from .replay import PublishedMessage
 from .results import InMemoryResultBackend
 from .scheduler import Scheduler, current_stack
-from .worker import EmulatedWorker, ExecutionRecord, where_it_hung, worker_concurrency
+from .worker import (
+    EmulatedWorker,
+    ExecutionRecord,
+    check_worker_settings,
+    where_it_hung,
+    worker_concurrency,
+)
 
 #: A drain that runs more executions than this has not converged (a task that requeues forever).
 DEFAULT_MAX_EXECUTIONS = 1000
@@ -116,6 +122,7 @@ class CeleryFaults:
             raise RuntimeError("this CeleryFaults harness is already active")
         register_transport()
         app = self.app
+        check_worker_settings(app)  # before anything is changed: a refusal leaves nothing behind
         self.clock = VirtualClock()
         self.profile = BrokerProfile.named(
             self.profile_name, app.conf.broker_transport_options or {}

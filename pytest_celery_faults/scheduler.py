@@ -16,7 +16,9 @@ times a hand-over to start and join, and with a hard time limit every
 execution runs on a stack. A killed execution's carrier ends once discarded,
 as the killed child's process did: the next execution gets a fresh thread, so
 nothing the killed one left in a thread-local (a ``scoped_session``, a cached
-client) reaches it. The pool's threads end when the harness stops.
+client) reaches it. A child that replaced a recycled one (``worker_max_tasks_per_child``)
+has a carrier of its own (:meth:`Scheduler.own_carrier`), never lent to another
+child and ended with it. The pool's threads end when the harness stops.
 
 Why threads, not greenlets: threads are in the standard library (no C
 extension to install on every Python and Celery the plugin supports), and what
@@ -172,6 +174,7 @@ class _Carrier:
 
     def __init__(self) -> None:
         self.stack: Stack | None = None
+        self.owned = False  # a child's own thread: never lent to another child
         self._assigned = threading.Semaphore(0)
         self.thread = threading.Thread(target=self._loop, name="celery-faults idle", daemon=True)
         self.thread.start()
@@ -215,6 +218,7 @@ class Scheduler:
         self.interrupted: Stack | None = None  # running when the test run was stopped
         self._back = threading.Semaphore(0)
         self._carriers: list[_Carrier] = []  # idle, ready to carry a stack
+        self._owned: list[_Carrier] = []  # children's own threads (recycled children)
         self._carriers_lock = threading.Lock()
 
     def spawn(
@@ -226,7 +230,9 @@ class Scheduler:
         on_done: Callable[[Stack], None],
         on_frozen: Callable[[Stack], None],
         before_discard: Callable[[], None] | None = None,
+        carrier: _Carrier | None = None,
     ) -> Stack:
+        """Start ``body`` on a stack: on ``carrier`` (a child's own thread, idle), else pooled."""
         stack = Stack(
             self,
             body,
@@ -237,24 +243,54 @@ class Scheduler:
             before_discard=before_discard,
         )
         self.stacks.append(stack)
-        with self._carriers_lock:
-            carrier = self._carriers.pop() if self._carriers else None
+        if carrier is None:
+            with self._carriers_lock:
+                carrier = self._carriers.pop() if self._carriers else None
         (carrier or _Carrier()).carry(stack)
         return stack
+
+    def own_carrier(self) -> _Carrier:
+        """A fresh thread kept for one child: it carries that child's executions only.
+
+        A recycled worker child is a new process: what the old one kept in
+        thread-locals (a ``scoped_session``, a cached client) is not there.
+        """
+        carrier = _Carrier()
+        carrier.owned = True
+        with self._carriers_lock:
+            self._owned.append(carrier)
+        return carrier
+
+    def retire(self, carrier: _Carrier) -> None:
+        """The child that owned ``carrier`` is gone: its idle thread ends."""
+        with self._carriers_lock:
+            if carrier not in self._owned:
+                return  # already ended (its execution was killed)
+            self._owned.remove(carrier)
+            idle = carrier.stack is None or carrier.stack.state == "done"
+        if idle:
+            carrier.end()
+            carrier.thread.join(timeout=DISCARD_SECONDS)
 
     def _idle(self, carrier: _Carrier, *, reusable: bool) -> None:
         """On the carrier's thread, its stack done: back to the pool, or ended."""
         carrier.thread.name = "celery-faults idle"
         with self._carriers_lock:
+            if reusable and carrier.owned:
+                return  # waits for its child's next execution
             if reusable:
                 self._carriers.append(carrier)
             else:
+                if carrier in self._owned:
+                    self._owned.remove(carrier)
                 carrier.end()
 
     def close(self) -> None:
         """End the pool's idle threads (the harness stops); a hung stack's is a daemon."""
         with self._carriers_lock:
             idle, self._carriers = self._carriers, []
+            idle += [c for c in self._owned if c.stack is None or c.stack.state == "done"]
+            self._owned = []
         for carrier in idle:
             carrier.end()
         for carrier in idle:

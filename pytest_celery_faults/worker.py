@@ -261,11 +261,18 @@ class Job:
 
 @dataclass
 class Child:
-    """One pool child: its pid, and how many tasks it has run (billiard's ``completed``)."""
+    """One pool child: its pid, and how many tasks it has run (billiard's ``completed``).
+
+    ``own_thread``: its executions run on a thread of its own (``carrier``),
+    started fresh for it: so a child that replaced a recycled one starts with
+    no thread-locals, and keeps its own from task to task.
+    """
 
     pid: int
     tasks: int = 0
     busy: bool = False
+    own_thread: bool = False
+    carrier: Any = None
 
 
 class InProcessPool:
@@ -317,7 +324,9 @@ class InProcessPool:
             accept_callback(child.pid, time.monotonic())
         self.running[job.number] = job
         self._arm_time_limits(job)
-        if worker.needs_own_stack(execution, timeout):
+        if child.own_thread and child.carrier is None:
+            child.carrier = worker.scheduler.own_carrier()
+        if child.own_thread or worker.needs_own_stack(execution, timeout):
             execution.stack = worker.scheduler.spawn(
                 lambda: self._run_child(job),
                 label=execution.label or str(execution.delivery),
@@ -325,6 +334,7 @@ class InProcessPool:
                 on_done=lambda stack: self._finish(job, *stack.result),
                 on_frozen=lambda stack: self._frozen(job, stack.frozen_by),
                 before_discard=lambda: worker.effects.execution_discarded(execution),
+                carrier=child.carrier,
             )
         else:
             self._finish(job, *self._run_child(job))
@@ -340,8 +350,41 @@ class InProcessPool:
 
     def replace_child(self, job: Job) -> None:
         """The pool starts a fresh child in place of the one that ran ``job``."""
-        job.child.pid = self.worker.next_pid()
-        job.child.tasks = 0
+        child = job.child
+        child.pid = self.worker.next_pid()
+        child.tasks = 0
+        if child.carrier is not None:
+            self.worker.scheduler.retire(child.carrier)
+            child.carrier = None
+
+    def retire_children(self) -> None:
+        """The worker process is gone, and its children with it."""
+        for child in self.children:
+            if child.carrier is not None:
+                self.worker.scheduler.retire(child.carrier)
+        self.children.clear()
+
+    def _completed(self, job: Job) -> None:
+        """billiard's child workloop after a task: recycle at its limits (``EX_RECYCLE``).
+
+        ``worker_max_tasks_per_child`` counts the tasks the child completed;
+        ``worker_max_memory_per_child`` compares billiard's own reading of the
+        child's resident memory (kB), and the child is this process.
+        """
+        child = job.child
+        child.tasks += 1
+        worker = self.worker
+        why = ""
+        if worker.max_tasks_per_child and child.tasks >= worker.max_tasks_per_child:
+            why = f"worker_max_tasks_per_child={worker.max_tasks_per_child}"
+        elif worker.max_memory_per_child:
+            used = internals.child_memory_kb()
+            if used > worker.max_memory_per_child:
+                why = f"{used} kB > worker_max_memory_per_child={worker.max_memory_per_child}"
+        if why:
+            worker.note(job.execution, f"child recycled after {child.tasks} task(s) ({why})")
+            self.replace_child(job)
+            child.own_thread = True
 
     def _arm_time_limits(self, job: Job) -> None:
         clock = self.worker.clock
@@ -407,10 +450,13 @@ class InProcessPool:
             self.replace_child(job)
             self._died_by(job, signal.SIGTERM)
         elif success:
+            self._completed(job)
             self._safely(job.callback, value)
         else:
             if issubclass(value.type, (*CHILD_LEAVES, internals.WorkerLostError)):
                 self.replace_child(job)  # the child left (.exception is billiard's wrapper)
+            else:
+                self._completed(job)
             self._safely(job.error_callback, value)
         worker.job_ended(job)
 
@@ -572,6 +618,8 @@ class EmulatedWorker:
         self.after_delivery = after_delivery
         self.alive = True
         self.concurrency = worker_concurrency(app)
+        self.max_tasks_per_child = _per_child_limit(app, "worker_max_tasks_per_child")
+        self.max_memory_per_child = _per_child_limit(app, "worker_max_memory_per_child")
         self.extra_slots = 0  # children lent to duplicate copies (``overlap``)
         self.pool = InProcessPool(self)
         self.reserved: deque[Any] = deque()
@@ -863,7 +911,7 @@ class EmulatedWorker:
         """
         self.generation += 1
         self.consumer = f"{self.hostname}#{self.generation}"
-        self.pool.children.clear()
+        self.pool.retire_children()
         self.mailbox.close(clean=False)
         self.mailbox.fresh_process(keep_saved=not fresh_scenario)
         self.mailbox.open()
@@ -906,3 +954,20 @@ def worker_concurrency(app: Celery) -> int:
     if isinstance(configured, bool) or not isinstance(configured, int) or configured < 1:
         raise ValueError(f"worker_concurrency={configured!r}: expected a whole number >= 1")
     return configured
+
+
+def _per_child_limit(app: Celery, name: str) -> int | None:
+    """``worker_max_tasks_per_child`` or ``worker_max_memory_per_child``: None, or a number."""
+    value = app.conf.get(name)
+    if value is None or value == 0:
+        return None  # billiard: no limit
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r}: expected a whole number >= 1, or None for no limit")
+    return value
+
+
+def check_worker_settings(app: Celery) -> None:
+    """Refuse, before anything starts, worker settings a worker would refuse."""
+    worker_concurrency(app)
+    for name in ("worker_max_tasks_per_child", "worker_max_memory_per_child"):
+        _per_child_limit(app, name)

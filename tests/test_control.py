@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -206,3 +207,61 @@ def test_shutdown_stops_the_worker_warmly(app: Celery) -> None:
         alive = faults.workers[0].alive
         pongs = app.control.ping()
     assert (alive, pongs) == (False, [])
+
+
+# -- recycling: worker_max_tasks_per_child, worker_max_memory_per_child ---------------
+
+_child_local = threading.local()
+
+
+def _counting_task(app: Celery) -> Any:
+    @app.task(name="tests.count", shared=False)
+    def count() -> int:
+        """How many tasks this child ran before, as a thread-local counter says."""
+        _child_local.runs = getattr(_child_local, "runs", 0) + 1
+        return int(_child_local.runs)
+
+    return count
+
+
+def test_a_child_is_recycled_after_worker_max_tasks_per_child_tasks(app: Celery) -> None:
+    app.conf.worker_max_tasks_per_child = 2
+    count = _counting_task(app)
+    _child_local.runs = 100  # what the test's thread holds: a fresh child has none of it
+    with CeleryFaults(app) as faults:
+        runs = [faults.run(count.s()).result for _ in range(5)]
+        timeline = str(faults.timeline)
+    assert runs == [101, 102, 1, 2, 1]
+    assert timeline.count("child recycled after 2 task(s) (worker_max_tasks_per_child=2)") == 2
+
+
+def test_each_of_several_children_is_recycled_on_its_own_count(app: Celery) -> None:
+    app.conf.worker_max_tasks_per_child = 1
+    app.conf.worker_concurrency = 2
+    count = _counting_task(app)
+    with CeleryFaults(app, seed=4) as faults:
+        results = [count.delay() for _ in range(4)]
+        faults.drain()
+        runs = [faults.outcome(result.id).result for result in results]
+    assert runs == [1, 1, 1, 1]
+
+
+def test_a_child_over_worker_max_memory_per_child_is_recycled(app: Celery) -> None:
+    app.conf.worker_max_memory_per_child = 1  # kB: any process is over it
+    count = _counting_task(app)
+    with CeleryFaults(app) as faults:
+        runs = [faults.run(count.s()).result for _ in range(3)]
+        timeline = str(faults.timeline)
+    assert runs[1:] == [1, 1]
+    assert "kB > worker_max_memory_per_child=1)" in timeline
+
+
+@pytest.mark.parametrize("value", ["2", -1, 2.5, True])
+def test_a_bad_per_child_limit_is_refused_in_one_line(app: Celery, value: Any) -> None:
+    app.conf.worker_max_tasks_per_child = value
+    with pytest.raises(ValueError) as refused:
+        CeleryFaults(app).start()
+    assert str(refused.value) == (
+        f"worker_max_tasks_per_child={value!r}: expected a whole number >= 1, or None for no limit"
+    )
+    assert app.conf.broker_url == "memory://"  # nothing was changed
