@@ -144,6 +144,7 @@ class RealBrokerRunner:
         visibility_timeout: float = 10.0,
         startup_timeout: float = 60.0,
         concurrency: int = 1,
+        remote_control: bool = False,
     ) -> None:
         self.app_path = app_path
         self.broker_url = broker_url
@@ -153,6 +154,8 @@ class RealBrokerRunner:
         self.visibility_timeout = visibility_timeout
         self.startup_timeout = startup_timeout
         self.concurrency = concurrency
+        #: Whether the worker listens to ``app.control`` (its node name: :attr:`node_name`).
+        self.remote_control = remote_control
         self.queue = f"celery-faults-{uuid.uuid4().hex[:12]}"
         self.worker: subprocess.Popen[bytes] | None = None
         self.settings: dict[str, Any] = {}
@@ -202,6 +205,7 @@ class RealBrokerRunner:
                     "queue": self.queue,
                     "visibility_timeout": self.visibility_timeout,
                     "concurrency": self.concurrency,
+                    "remote_control": self.remote_control,
                     "ready": self.ready_path,
                     "settings": self.settings,
                 },
@@ -225,6 +229,13 @@ class RealBrokerRunner:
         with open(self.log_path, encoding="utf-8", errors="replace") as handle:
             tail = handle.read()[-2000:]
         raise RuntimeError(f"the real worker did not become ready:\n{tail}")
+
+    @property
+    def node_name(self) -> str:
+        """The worker's node name, unique to the run: a ``destination`` for ``app.control``."""
+        from celery.utils.nodenames import host_format
+
+        return str(host_format(f"{self.queue}@%h"))
 
     def stop_worker(self) -> None:
         worker, self.worker = self.worker, None

@@ -65,9 +65,10 @@ def main(argv: list[str]) -> None:
         task_routes=None,
         broker_transport_options=options,
         worker_hijack_root_logger=False,
-        # No remote control: its per-node exclusive queue would clash with another
-        # run's worker on the same host, and the runner never uses it.
-        worker_enable_remote_control=False,
+        # No remote control unless a test asks for it (and then it names this
+        # node as the destination: the mailbox exchange is shared by every run's
+        # worker on the broker).
+        worker_enable_remote_control=bool(settings.get("remote_control", False)),
     )
     ready_path = settings["ready"]
 

@@ -104,3 +104,37 @@ def test_two_concurrent_duplicates_of_a_check_then_act_charge_both_charge(
         realapp.app.conf.worker_concurrency = None
     assert [(o.state, o.result) for o in outcomes] == [("SUCCESS", "charged")] * 2
     assert realapp.state().get(f"{twin}:charges") == "2"
+
+
+@pytest.fixture(scope="module", params=["rabbitmq", "redis"])
+def controlled(
+    request: pytest.FixtureRequest, make_runner: Callable[..., RealBrokerRunner]
+) -> Iterator[RealBrokerRunner]:
+    """A real worker that listens to ``app.control`` (addressed to its node only)."""
+    with make_runner(request.param, remote_control=True) as real:
+        yield real
+
+
+def test_a_task_revoked_before_it_runs_is_skipped_as_revoked(
+    controlled: RealBrokerRunner,
+) -> None:
+    signature = controlled.client.signature("realapp.early")
+    signature.freeze()
+    if controlled.worker is None:
+        controlled.start_worker()
+    replies = controlled.client.control.revoke(
+        signature.id, destination=[controlled.node_name], reply=True, timeout=10
+    )
+    assert replies and controlled.node_name in replies[0], replies  # the worker has it now
+    [real] = controlled.run_signature(signature, timeout=30)
+    assert (real.state, real.executions) == ("REVOKED", 0), real.timeline()
+    assert real.deliveries == []  # no side effect ran
+    with CeleryFaults(realapp.app) as faults:
+        faults.track("realapp.effect")
+        twin = realapp.early.s()
+        twin.freeze()
+        realapp.app.control.revoke(twin.id)
+        outcome = faults.run(twin)
+        effects = list(faults.effects)
+    assert (outcome.state, outcome.executions, outcome.acked) == ("REVOKED", 0, True)
+    assert effects == []
