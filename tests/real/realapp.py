@@ -135,3 +135,25 @@ def check_then_charge(key: str) -> str:
     store.incr(f"{key}:charges")
     store.set(f"{key}:charged", "yes")
     return "charged"
+
+
+@app.task(name="realapp.cleaned_up", shared=False)
+def cleaned_up(key: str) -> str:
+    """Says it started, waits (bounded) for its end, and logs its cleanup in ``finally``."""
+    store = state()
+    try:
+        store.rpush(f"{key}:log", "started")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not store.get(f"{key}:stop"):
+            time.sleep(0.05)
+        store.rpush(f"{key}:log", "finished")
+        return "finished"
+    finally:
+        store.rpush(f"{key}:log", "cleanup")
+
+
+@app.task(name="realapp.terminator", shared=False)
+def terminator(task_id: str, how: str) -> None:
+    """Revokes ``task_id`` and kills the child running it, a second after it starts."""
+    time.sleep(1)
+    app.control.revoke(task_id, terminate=True, signal=how)

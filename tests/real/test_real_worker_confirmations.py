@@ -17,6 +17,7 @@ from celery import group
 
 from pytest_celery_faults import CeleryFaults, Outcome
 from pytest_celery_faults.real.runner import RealBrokerRunner
+from pytest_celery_faults.real.waiting import polls
 
 pytestmark = pytest.mark.real_broker
 
@@ -138,3 +139,47 @@ def test_a_task_revoked_before_it_runs_is_skipped_as_revoked(
         effects = list(faults.effects)
     assert (outcome.state, outcome.executions, outcome.acked) == ("REVOKED", 0, True)
     assert effects == []
+
+
+def _until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    return any(condition() for _ in polls(timeout))
+
+
+@pytest.mark.parametrize(
+    ("how", "log"),
+    [
+        ("SIGKILL", ["started"]),  # killed where it stands
+        ("SIGTERM", ["started", "cleanup"]),  # billiard's handler raises SystemExit: it unwinds
+    ],
+)
+def test_revoke_with_terminate_kills_the_child_running_the_task(
+    controlled: RealBrokerRunner, key: str, how: str, log: list[str]
+) -> None:
+    if controlled.worker is None:
+        controlled.start_worker()
+    store = realapp.state()
+    result = controlled.client.signature("realapp.cleaned_up", args=(key,)).apply_async(
+        queue=controlled.queue
+    )
+    assert _until(lambda: "started" in store.lrange(f"{key}:log", 0, -1))
+    controlled.client.control.revoke(
+        result.id, terminate=True, signal=how, destination=[controlled.node_name], reply=True
+    )
+    assert _until(lambda: result.state == "REVOKED"), result.state
+    store.set(f"{key}:stop", "yes")  # a child that was not killed would finish now
+    for _ in polls(2.0):  # what the child still writes, it writes within this
+        pass
+    assert store.lrange(f"{key}:log", 0, -1) == log
+    twin = f"{key}:emulated"
+    realapp.app.conf.worker_concurrency = 2
+    try:
+        with CeleryFaults(realapp.app, seed=1) as faults:
+            target = realapp.cleaned_up.delay(twin)
+            realapp.terminator.delay(target.id, how)
+            faults.drain()
+            outcome = faults.outcome(target.id)
+            emulated_log = store.lrange(f"{twin}:log", 0, -1)
+    finally:
+        realapp.app.conf.worker_concurrency = None
+    assert emulated_log == log
+    assert outcome.state == "REVOKED"
