@@ -44,6 +44,7 @@ class WorkerMailbox:
             gossip=None,
             event_dispatcher=None,
             on_decode_error=lambda message, exc: None,
+            reset_rate_limits=worker.reset_rate_limits,  # the ``rate_limit`` command
         )
         self.pidbox = internals.control_panel(consumer, worker.channel)
 

@@ -795,6 +795,10 @@ class EmulatedWorker:
             self.preparing = None
         return True
 
+    def reset_rate_limits(self) -> None:
+        """A task's ``rate_limit`` changed (remote control): its bucket starts full."""
+        self._token_back_at.clear()
+
     def _rate_limited_until(self, request: Any) -> float | None:
         """When the task's ``rate_limit`` lets ``request`` start, if not now.
 

@@ -265,3 +265,18 @@ def test_a_bad_per_child_limit_is_refused_in_one_line(app: Celery, value: Any) -
         f"worker_max_tasks_per_child={value!r}: expected a whole number >= 1, or None for no limit"
     )
     assert app.conf.broker_url == "memory://"  # nothing was changed
+
+
+def test_the_rate_limit_command_spaces_starts_from_then_on(app: Celery) -> None:
+    @app.task(name="tests.tick", shared=False)
+    def tick() -> None:
+        pass
+
+    with CeleryFaults(app) as faults:
+        replies = app.control.rate_limit("tests.tick", "6/m", reply=True)
+        results = [tick.delay() for _ in range(3)]
+        faults.drain()
+        elapsed = faults.clock.elapsed
+    assert replies == [{"celery@faults-1": {"ok": "new rate limit set successfully"}}]
+    assert [faults.outcome(r.id).state for r in results] == ["SUCCESS"] * 3
+    assert elapsed == 20.0  # one start every 10 virtual seconds
