@@ -923,6 +923,15 @@ def requests_dropped(requests: Iterable[Any]) -> None:
             bucket.discard(request)
 
 
+def node_requests_dropped(hostname: str) -> None:
+    """The worker process ``hostname`` is gone: Celery's bookkeeping of its requests with it."""
+    requests = [r for r in worker_state.requests.values() if r.hostname == hostname]
+    for bucket in _request_buckets():
+        requests += [r for r in bucket if getattr(r, "hostname", None) == hostname]
+    if requests:
+        requests_dropped(requests)
+
+
 def revoked_at_receipt(request: Any) -> bool:
     """Celery's strategy discards a message whose id is revoked as it receives it.
 

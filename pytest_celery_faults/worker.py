@@ -933,6 +933,7 @@ class EmulatedWorker:
         self.alive = False
         self.mailbox.close(clean=graceful)
         self._drop_held()
+        internals.node_requests_dropped(self.hostname)  # the process's memory is gone
         self.broker.connection_lost(self.consumer, graceful=graceful)
 
     def _drop_held(self) -> None:

@@ -280,3 +280,16 @@ def test_the_rate_limit_command_spaces_starts_from_then_on(app: Celery) -> None:
     assert replies == [{"celery@faults-1": {"ok": "new rate limit set successfully"}}]
     assert [faults.outcome(r.id).state for r in results] == ["SUCCESS"] * 3
     assert elapsed == 20.0  # one start every 10 virtual seconds
+
+
+def test_a_worker_that_lost_power_lists_none_of_its_dead_tasks_as_active(app: Celery) -> None:
+    @app.task(name="tests.look", bind=True, acks_late=True, shared=False)
+    def look(self: Any) -> list[str]:
+        world.touch("looked")
+        return [r["id"] for r in app.control.inspect().active()["celery@faults-1"]]
+
+    with CeleryFaults(app) as faults:
+        faults.track((world, "touch"))
+        outcome = faults.run(look.s(), "power_loss@1")
+    assert outcome.deliveries == 2
+    assert outcome.result == [outcome.task_id]  # the redelivery, not also the dead copy
