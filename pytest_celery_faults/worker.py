@@ -711,7 +711,8 @@ class EmulatedWorker:
         request._celery_faults_delivery = delivery
         self.request_ids.add(request.id)
         with self.mailbox.holding_revoked():
-            if internals.revoked_at_receipt(request):
+            noticed = f"revoked: {self.hostname} discards it on receipt"
+            if internals.revoked_at_receipt(request, lambda: self.on_note(request.id, noticed)):
                 return
         eta = request.eta
         if eta is not None:

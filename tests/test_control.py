@@ -72,6 +72,7 @@ def test_a_task_revoked_before_it_runs_is_skipped_as_revoked(app: Celery) -> Non
     assert revoked == {"celery@faults-1": [result.id]}
     assert (outcome.state, outcome.executions, outcome.acked) == ("REVOKED", 0, True)
     assert repr(outcome.exception) == "TaskRevokedError('revoked')"
+    assert "revoked: celery@faults-1 discards it on receipt" in str(outcome.timeline)
     assert world.log == []
 
 
