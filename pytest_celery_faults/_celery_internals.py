@@ -932,17 +932,13 @@ def node_requests_dropped(hostname: str) -> None:
         requests_dropped(requests)
 
 
-def revoked_at_receipt(request: Any, noticed: Callable[[], None]) -> bool:
+def revoked_at_receipt(request: Any) -> bool:
     """Celery's strategy discards a message whose id is revoked as it receives it.
 
-    ``noticed()`` is told first; then ``Request.revoked()`` stores REVOKED, acks
-    and sends ``task_revoked``. (Expiry is judged on the virtual clock when the
-    request starts.)
+    ``Request.revoked()`` stores REVOKED, acks and sends ``task_revoked``.
+    (Expiry is judged on the virtual clock when the request starts.)
     """
-    if request.id not in worker_state.revoked:
-        return False
-    noticed()
-    return bool(request.revoked())
+    return request.id in worker_state.revoked and bool(request.revoked())
 
 
 class _Entry:

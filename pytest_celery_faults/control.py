@@ -61,7 +61,8 @@ class WorkerMailbox:
 
     def fresh_process(self, *, keep_saved: bool) -> None:
         """A new worker process: empty memory, then what ``worker_state_db`` saved."""
-        self.revoked = internals.new_revoked_set()
+        if self.revoked:  # an empty one is as new
+            self.revoked = internals.new_revoked_set()
         if not keep_saved:
             self.saved = None
         elif self.saved is not None:

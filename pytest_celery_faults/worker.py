@@ -710,10 +710,11 @@ class EmulatedWorker:
             return
         request._celery_faults_delivery = delivery
         self.request_ids.add(request.id)
-        with self.mailbox.holding_revoked():
-            noticed = f"revoked: {self.hostname} discards it on receipt"
-            if internals.revoked_at_receipt(request, lambda: self.on_note(request.id, noticed)):
-                return
+        if request.id in self.mailbox.revoked:  # Celery's strategy asks, then revoked() acts
+            self.on_note(request.id, f"revoked: {self.hostname} discards it on receipt")
+            with self.mailbox.holding_revoked():
+                if internals.revoked_at_receipt(request):
+                    return
         eta = request.eta
         if eta is not None:
             due = eta.timestamp()
@@ -755,9 +756,10 @@ class EmulatedWorker:
             return False
         request = self.reserved.popleft()
         delivery: Delivery = request._celery_faults_delivery
-        with self.mailbox.holding_revoked():
-            if internals.expire_on_virtual_clock(request, self.clock.time()):
-                return True
+        if request.expires is not None:
+            with self.mailbox.holding_revoked():
+                if internals.expire_on_virtual_clock(request, self.clock.time()):
+                    return True
         allowed_at = self._rate_limited_until(request)
         if allowed_at is not None:  # Celery's consumer holds it on its timer until then
             heapq.heappush(self.scheduled, _Scheduled(allowed_at, next(self._order), request))
