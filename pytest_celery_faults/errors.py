@@ -28,5 +28,13 @@ class TimeLimitPassed(BaseException):
     """
 
 
+class CannotEmulate(BaseException):
+    """A task did what the emulated worker cannot reproduce faithfully: the test fails.
+
+    A ``BaseException``, so neither the task's ``except Exception`` nor Celery's
+    trace reads it as the task's own error (a FAILURE that would pass for a verdict).
+    """
+
+
 class CeleryFaultsWarning(UserWarning):
     """A problem noticed in the code under test; an error under ``--celery-faults-strict``."""

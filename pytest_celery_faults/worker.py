@@ -40,6 +40,7 @@ from .broker import Delivery, InMemoryBroker
 from .clock import VirtualClock
 from .control import WorkerMailbox
 from .effects import Effect, EffectLog
+from .errors import CannotEmulate
 from .faults import FaultPlan, Step
 from .interruptions import stops_the_test_run
 from .scheduler import ExecutionDiscarded, Scheduler, Stack
@@ -123,7 +124,7 @@ class ChildExecution:
         if signum == signal.SIGTERM:
             raise TerminatedBySignal(Step("sigterm"))
         if self.stack is None:
-            raise RuntimeError(
+            raise CannotEmulate(
                 f"celery_faults: {self.task_name}[{self.task_id}] terminated itself with "
                 f"signal {internals.signal_name(signum)} while running inline; a kill of "
                 f"the running execution needs a stack of its own (worker_concurrency=2, or a "
@@ -427,7 +428,7 @@ class InProcessPool:
                 except TerminatedBySignal as death:
                     how = record.ended = "child killed"
                     return False, None, death.step
-                except ExecutionDiscarded:
+                except (ExecutionDiscarded, CannotEmulate):
                     raise
                 except BaseException as exc:  # billiard's workloop reports what the job raised
                     if stops_the_test_run(exc):

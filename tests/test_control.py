@@ -294,3 +294,44 @@ def test_a_worker_that_lost_power_lists_none_of_its_dead_tasks_as_active(app: Ce
         outcome = faults.run(look.s(), "power_loss@1")
     assert outcome.deliveries == 2
     assert outcome.result == [outcome.task_id]  # the redelivery, not also the dead copy
+
+
+def test_a_task_that_kills_its_own_inline_child_fails_the_test_in_one_line(app: Celery) -> None:
+    from pytest_celery_faults.errors import CannotEmulate
+
+    @app.task(name="tests.self_kill", bind=True, shared=False)
+    def self_kill(self: Any) -> None:
+        try:
+            app.control.revoke(self.request.id, terminate=True, signal="SIGKILL")
+        except Exception:  # the task's own handler does not read it as its error
+            world.touch("swallowed")
+
+    with CeleryFaults(app) as faults, pytest.raises(CannotEmulate) as refused:
+        faults.run(self_kill.s())
+    assert str(refused.value).startswith("celery_faults: tests.self_kill[")
+    assert str(refused.value).endswith(
+        "terminated itself with signal SIGKILL while running inline; a kill of the running "
+        "execution needs a stack of its own (worker_concurrency=2, or a task_time_limit, "
+        "gives it one)"
+    )
+    assert world.log == []
+
+
+def test_a_task_on_a_stack_of_its_own_that_kills_its_child_is_frozen(app: Celery) -> None:
+    app.conf.worker_concurrency = 2  # every execution on a stack of its own
+
+    @app.task(name="tests.self_kill", bind=True, shared=False)
+    def self_kill(self: Any) -> None:
+        try:
+            world.touch("before")
+            app.control.revoke(self.request.id, terminate=True, signal="SIGKILL")
+            world.touch("after")
+        finally:
+            world.touch("cleanup")
+
+    with CeleryFaults(app) as faults:
+        faults.track((world, "touch"))
+        outcome = faults.run(self_kill.s())
+        log = list(world.log)
+    assert log == ["before"]
+    assert (outcome.state, outcome.acked, outcome.executions) == ("REVOKED", True, 1)
