@@ -116,13 +116,24 @@ def controlled(
         yield real
 
 
+def _until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    return any(condition() for _ in polls(timeout))
+
+
+def _listening(real: RealBrokerRunner) -> None:
+    """The worker is up and its mailbox subscribed (Redis drops a broadcast sent before)."""
+    if real.worker is None:
+        real.start_worker()
+    control = real.client.control
+    assert _until(lambda: bool(control.ping(destination=[real.node_name], timeout=0.5)))
+
+
 def test_a_task_revoked_before_it_runs_is_skipped_as_revoked(
     controlled: RealBrokerRunner,
 ) -> None:
     signature = controlled.client.signature("realapp.early")
     signature.freeze()
-    if controlled.worker is None:
-        controlled.start_worker()
+    _listening(controlled)
     replies = controlled.client.control.revoke(
         signature.id, destination=[controlled.node_name], reply=True, timeout=10
     )
@@ -141,10 +152,6 @@ def test_a_task_revoked_before_it_runs_is_skipped_as_revoked(
     assert effects == []
 
 
-def _until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
-    return any(condition() for _ in polls(timeout))
-
-
 @pytest.mark.parametrize(
     ("how", "log"),
     [
@@ -155,8 +162,7 @@ def _until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
 def test_revoke_with_terminate_kills_the_child_running_the_task(
     controlled: RealBrokerRunner, key: str, how: str, log: list[str]
 ) -> None:
-    if controlled.worker is None:
-        controlled.start_worker()
+    _listening(controlled)
     store = realapp.state()
     result = controlled.client.signature("realapp.cleaned_up", args=(key,)).apply_async(
         queue=controlled.queue
