@@ -17,10 +17,12 @@ if TYPE_CHECKING:
         CeleryFaultsWarning,
         DrainError,
         FaultSpecError,
+        TimeLimitPassed,
         UnfiredFaultError,
     )
     from .faults import FaultSpec, Step, parse_spec
     from .harness import CeleryFaults
+    from .idempotency import Scenario, SweepReport
     from .outcome import Outcome, Timeline
 
 __all__ = [
@@ -34,7 +36,10 @@ __all__ = [
     "InMemoryBroker",
     "Ledger",
     "Outcome",
+    "Scenario",
     "Step",
+    "SweepReport",
+    "TimeLimitPassed",
     "Timeline",
     "UnfiredFaultError",
     "VirtualClock",
@@ -50,11 +55,14 @@ _HOMES = {
     "CeleryFaultsWarning": "errors",
     "DrainError": "errors",
     "FaultSpecError": "errors",
+    "TimeLimitPassed": "errors",
     "UnfiredFaultError": "errors",
     "FaultSpec": "faults",
     "Step": "faults",
     "parse_spec": "faults",
     "CeleryFaults": "harness",
+    "Scenario": "idempotency",
+    "SweepReport": "idempotency",
     "Outcome": "outcome",
     "Timeline": "outcome",
 }

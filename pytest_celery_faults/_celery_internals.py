@@ -10,7 +10,6 @@ import contextlib
 import copy
 import functools
 import pickle
-import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -25,7 +24,6 @@ from celery import Celery
 from celery import _state as celery_state
 from celery._state import _set_current_app, get_current_app
 from celery.app import trace as celery_trace
-from celery.app.trace import trace_task_ret
 from celery.utils import time as celery_time
 from celery.utils.serialization import get_pickled_exception
 from celery.worker import state as worker_state
@@ -51,9 +49,6 @@ __all__ = [
     "time_limit_info",
     "unpickled_exception",
 ]
-
-#: The body that Celery's ``Request.execute_using_pool`` hands to the pool.
-TRACE_TARGET = trace_task_ret
 
 
 def _worker_lost_info(exitcode: int, job: int) -> ExceptionInfo:
@@ -191,7 +186,7 @@ def _node_name() -> str:
 _real_gethostname = celery_trace.gethostname
 
 
-class worker_process_state:  # noqa: N801 - a context manager, entered on every drain
+class worker_process_state:
     """What Celery sets up process-wide in a prefork child, while the worker side runs.
 
     ``task_join_will_block`` is on, so ``AsyncResult.get()`` inside a task
@@ -216,7 +211,7 @@ class worker_process_state:  # noqa: N801 - a context manager, entered on every 
         celery_state._set_task_join_will_block(self.previous_blocks)
 
 
-class in_worker_child:  # noqa: N801 - a context manager, entered on every execution
+class in_worker_child:
     """One execution's child: ``app`` is the current app and ``hostname`` the node name.
 
     Both are per thread (Celery keeps the current app in a thread-local), so
@@ -301,7 +296,7 @@ _apps_installed: weakref.WeakKeyDictionary[Celery, installed_app_state] = (
 )
 
 
-class installed_app_state:  # noqa: N801 - used as a context manager, reads as one
+class installed_app_state:
     """Point ``app`` at a broker, a result backend and a clock; undo all of it on exit.
 
     Celery caches its broker connection pool, its producer pool and its result
@@ -393,10 +388,6 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
         changes.clear()
         changes.update(saved["conf"])
         _apps_installed.pop(app, None)
-
-
-def signal_name(signum: int) -> str:
-    return signal.Signals(signum).name
 
 
 def accept_content(app: Celery) -> set[str]:
@@ -581,7 +572,7 @@ def _snapshotting_class(base: type[Any]) -> type[Any]:
         return cached
     lookup = base.__getitem__
 
-    def __getitem__(self: Any, key: str) -> Any:  # noqa: N807
+    def __getitem__(self: Any, key: str) -> Any:
         snapshot = self.__dict__[_SNAPSHOT]
         changes = self.changes
         if key in changes:

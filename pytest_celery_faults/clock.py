@@ -85,11 +85,6 @@ class VirtualClock:
             for listener in self.on_move:
                 listener(moment)
 
-    def advance(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError(f"cannot move the clock back: advance({seconds!r})")
-        self.advance_to(self._now + seconds)
-
     def reset(self) -> None:
         """Back to the start, with no timers: a fresh scenario on the same clock."""
         self._now = self.start

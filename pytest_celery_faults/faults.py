@@ -5,7 +5,7 @@ the replay string a failure prints::
 
     spec   := [TASK ":"] step (";" step)*  |  [TASK ":"] "redeliver" ["*" K]
     step   := KIND "@" N  |  "exit(" CODE ")@" N  |  "raise(" DOTTED ")@" N
-            |  "ack_lost"  |  "ok"
+            |  "overlap" ["(" SCHEDULE ")"]  |  "ack_lost"  |  "ok"
 
 Step *i* applies to delivery *i* of the message it is bound to; ``@N`` is the
 side-effect boundary: after N side effects of that delivery completed (``@0``:
@@ -43,8 +43,6 @@ PLAIN_KINDS: Final[dict[str, str]] = {
     "side-effect boundaries (overlap(SCHEDULE) replays one interleaving: 1 and 2 name "
     "the copy that runs next at each choice)",
 }
-#: Kinds that kill the process running the task.
-CHILD_DEATHS: Final[frozenset[str]] = frozenset({"sigkill", "sigterm", "timeout"})
 
 #: Celery's internal tasks (``celery.chord_unlock``...): a spec binds to them only by name.
 INTERNAL_PREFIX: Final[str] = "celery."
@@ -96,10 +94,6 @@ class Step:
         else:
             head = self.kind
         return head if self.at is None else f"{head}@{self.at}"
-
-    @property
-    def kills_child(self) -> bool:
-        return self.kind in CHILD_DEATHS or self.kind == "exit"
 
     def exception_class(self) -> type[BaseException]:
         """The class ``raise(...)`` names, imported now."""

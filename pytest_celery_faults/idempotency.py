@@ -144,10 +144,6 @@ class SweepReport:
     def unfired(self) -> list[Scenario]:
         return [s for s in self.scenarios if s.verdict == UNFIRED]
 
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
     def counts(self) -> dict[str, int]:
         """How many scenarios got each class (every class, zeros included)."""
         counted = Counter(s.verdict for s in self.scenarios)
