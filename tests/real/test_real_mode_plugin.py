@@ -261,7 +261,6 @@ def test_a_disagreement_names_each_difference(app: Celery) -> None:
             None,
             [False],
             False,
-            0,
             result="ok",
             deliveries=[DeliveryView(True, [])],
             name="tests.once",
