@@ -111,6 +111,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "worker against URL (amqp://... or redis://...) and fails when the outcome differs "
         "from the emulation. Needs the celery_faults_app ini option. Default: off.",
     )
+    from .plugin_audit import add_options as add_audit_options
+
+    add_audit_options(parser)
     parser.addini(
         BROKER_INI,
         help="the broker URL for real-broker mode (as --celery-faults-broker). Default: unset.",
@@ -130,6 +133,9 @@ def pytest_configure(config: pytest.Config) -> None:
     check_option_specs(config, import_exceptions=False)
     check_report_path(config)
     check_broker_url(config)
+    from .plugin_audit import AuditHooks
+
+    AuditHooks.configure(config)
     from .report import SessionReport
 
     config.stash[report_key] = SessionReport(seed=_seed(config))

@@ -145,6 +145,7 @@ class SessionReport:
     seed: int
     records: list[TestRecord] = field(default_factory=list)
     exempt: dict[str, str] = field(default_factory=dict)  # nodeid -> why it opted out
+    audit: dict[str, Any] | None = None  # --celery-faults-audit's findings
 
     def add(self, record: TestRecord) -> None:
         self.records.append(record)
@@ -156,6 +157,8 @@ class SessionReport:
             "totals": self.totals(),
             "exempt": dict(sorted(self.exempt.items())),
         }
+        if self.audit is not None:
+            document["audit"] = self.audit
         return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
     def totals(self) -> dict[str, int]:
