@@ -270,6 +270,32 @@ def test_stop_runs_every_restore_step_when_some_fail(
     assert calls[-1] == ("second", 2)
 
 
+def test_a_start_that_fails_half_way_undoes_what_it_did(app: Celery) -> None:
+    """(#19.11) The app, the signals and the HTTP mock are as before; a second harness works."""
+    import requests.adapters
+    from celery import signals
+
+    task = make_task(app)
+    app.conf.worker_concurrency = "2"  # refused only after the app was taken over
+    app.finalize()
+    before = dict(app.conf.changes)
+    backend_before = app.backend
+    receivers = {
+        name: list(getattr(signals, name).receivers)
+        for name in ("task_prerun", "task_postrun", "before_task_publish")
+    }
+    send = requests.adapters.HTTPAdapter.send
+    with pytest.raises(ValueError, match="worker_concurrency='2'"):
+        CeleryFaults(app).start()
+    assert dict(app.conf.changes) == before
+    assert app.backend is backend_before
+    assert {name: list(getattr(signals, name).receivers) for name in receivers} == receivers
+    assert requests.adapters.HTTPAdapter.send is send  # the HTTP mock is inactive
+    app.conf.worker_concurrency = 2
+    with CeleryFaults(app) as faults:
+        assert faults.run(task.s(1)).state == "SUCCESS"
+
+
 def test_memory_mode_opens_no_socket(app: Celery, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError(f"a socket was opened: {args}")
