@@ -30,6 +30,7 @@ from celery.utils import time as celery_time
 from celery.utils.serialization import get_pickled_exception
 from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
+from kombu.connection import Connection
 from kombu.utils.encoding import safe_repr
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "jitter_drawn_from",
     "request_class_for",
     "safe_repr",
+    "takeover_problems",
     "time_limit_info",
     "unpickled_exception",
 ]
@@ -351,7 +353,21 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
             "now": app.__dict__.get("now", missing),
             "missing": missing,
         }
-        conf.update(self.conf, broker_url=self.broker_url)
+        conf.update(
+            _spelt_as_read(
+                conf,
+                {
+                    **self.conf,
+                    "broker_url": self.broker_url,
+                    # Unset, they read broker_url (Settings.broker_read_url/broker_write_url).
+                    "broker_read_url": None,
+                    "broker_write_url": None,
+                },
+            )
+        )
+        self._saved["class"] = type(conf)
+        conf.__dict__[_HARNESS_BROKER] = self.broker_url
+        object.__setattr__(conf, "__class__", _environment_blind_class(type(conf)))
         connection = self.connection_factory()
         limit = conf.broker_pool_limit or 10
         app._pool = connection.Pool(limit)
@@ -389,10 +405,94 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
             app.__dict__.pop("now", None)
         else:
             app.now = saved["now"]
-        changes = app.conf.changes
+        conf = app.conf
+        if "class" in saved:
+            object.__setattr__(conf, "__class__", saved["class"])
+            conf.__dict__.pop(_HARNESS_BROKER, None)
+        changes = conf.changes
         changes.clear()
         changes.update(saved["conf"])
         _apps_installed.pop(app, None)
+
+
+#: Where the taken-over ``app.conf`` keeps the broker URL its broker properties answer.
+_HARNESS_BROKER = "_celery_faults_broker_url"
+_environment_blind_classes: dict[type[Any], type[Any]] = {}
+
+
+def _spelt_as_read(conf: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` under every spelling the app reads before the plain key.
+
+    An app configured with a namespace (``config_from_object(obj, namespace="CELERY")``,
+    Celery's Django guide) reads ``CELERY_TASK_ALWAYS_EAGER`` before
+    ``task_always_eager``: Celery 5.3 to 5.6 try the prefixed key in every map
+    first (``ConfigurationView.__getitem__``), so the project's prefixed setting
+    wins over an override written under the plain key; 5.7 looks in the changes
+    map first. Writing both spellings makes the harness's value win on each.
+    """
+    prefix = conf.__dict__.get("prefix")
+    if not prefix:
+        return dict(settings)
+    from celery.utils.text import match_case
+
+    spelt = dict(settings)
+    for key, value in settings.items():
+        spelt[match_case(prefix + key, prefix)] = value
+    return spelt
+
+
+def _environment_blind_class(base: type[Any]) -> type[Any]:
+    """``base`` (Celery's ``Settings``) whose broker URLs are the harness's, whatever the env says.
+
+    ``Settings.broker_url``, ``broker_read_url`` and ``broker_write_url`` read
+    ``CELERY_BROKER_URL`` (``_READ_URL``, ``_WRITE_URL``) from the environment
+    before any setting, so no override reaches them; while the harness holds the
+    app they answer its broker. ``result_backend`` still reads as the project
+    configures it: the harness replaces the backend object, and the chord
+    semantics follow the configured backend.
+    """
+    cached = _environment_blind_classes.get(base)
+    if cached is not None:
+        return cached
+
+    def harness_broker(self: Any) -> Any:
+        return self.__dict__[_HARNESS_BROKER]
+
+    namespace: dict[str, Any] = {
+        name: property(harness_broker)
+        for name in ("broker_url", "broker_read_url", "broker_write_url")
+    }
+    namespace.update(__module__=base.__module__, __qualname__=base.__qualname__)
+    cached = _environment_blind_classes[base] = type(base.__name__, (base,), namespace)
+    return cached
+
+
+def takeover_problems(app: Celery, broker_url: str, backend: Any) -> list[str]:
+    """What still keeps ``app`` off the harness's broker, backend or worker (empty: nothing).
+
+    Read back after the harness took the app over, the way Celery reads them
+    when a task is called: ``Task.apply_async`` runs the task eagerly when
+    ``task_always_eager`` reads true, publishes through
+    ``app.amqp.producer_pool`` (whose pool clones ``connections.connection``),
+    and stores results through ``app.backend``.
+    """
+    conf = app.conf
+    problems = []
+    eager = getattr(conf, "task_always_eager", None)  # as Task.apply_async reads it
+    if eager:
+        problems.append(f"task_always_eager reads {eager!r}")
+    for name in ("broker_url", "broker_read_url", "broker_write_url"):
+        value = getattr(conf, name, None)
+        if value != broker_url:
+            problems.append(f"{name} reads {value!r}")
+    connections = getattr(app.amqp.producer_pool, "connections", None)
+    connection = getattr(connections, "connection", None)
+    target = None if connection is None else connection.as_uri()
+    if target != Connection(broker_url).as_uri():  # as_uri() spells every URL its own way
+        problems.append(f"the producer pool publishes to {target!r}")
+    if app.backend is not backend:
+        problems.append(f"results go to {type(app.backend).__name__}")
+    return problems
 
 
 def signal_name(signum: int) -> str:

@@ -213,6 +213,14 @@ class CeleryFaults:
         for index in range(1, self.worker_count + 1):
             self.workers.append(self._new_worker(index))
             undo.callback(self.workers[-1].close)
+        problems = internals.takeover_problems(app, self.broker.url, self.backend)
+        if problems:
+            raise RuntimeError(
+                f"celery_faults: cannot take the app {app.main!r} over: after the harness set "
+                f"its broker, backend and task_always_eager=False, {'; '.join(problems)}; its "
+                f"tasks would not run on the emulated worker (is app.conf a Settings class "
+                f"that answers these itself?)"
+            )
 
     def stop(self) -> None:
         """Undo everything ``start()`` did, in the reverse order.
