@@ -513,10 +513,15 @@ def chord_semantics(app: Celery) -> str:
     chord support (its ``on_chord_part_return``), Celery's key/value counting
     for classes that implement ``incr``, else the ``celery.chord_unlock``
     fallback of ``Backend.apply_chord``.
+
+    ``celery.backends.redis`` imports redis-py, which an app on another
+    backend need not have installed: it is looked at only once the configured
+    class was imported, which imported it when that class is Redis's.
     """
+    import sys
+
     from celery.app.backends import by_url
     from celery.backends.base import KeyValueStoreBackend
-    from celery.backends.redis import RedisBackend
 
     configured = app.conf.result_backend
     if not configured:
@@ -525,7 +530,9 @@ def chord_semantics(app: Celery) -> str:
         backend_class, _ = by_url(configured, app.loader)
     except Exception:  # an unknown scheme fails the same way in production, elsewhere
         return "unlock"
-    if issubclass(backend_class, RedisBackend):
+    redis_backends = sys.modules.get("celery.backends.redis")
+    redis_backend = getattr(redis_backends, "RedisBackend", None)
+    if redis_backend is not None and issubclass(backend_class, redis_backend):
         return "redis"
     if issubclass(backend_class, KeyValueStoreBackend) and backend_class.implements_incr:
         return "incr"
