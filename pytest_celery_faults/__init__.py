@@ -17,6 +17,7 @@ if TYPE_CHECKING:
         CeleryFaultsWarning,
         DrainError,
         FaultSpecError,
+        RefusedError,
         UnfiredFaultError,
     )
     from .faults import FaultSpec, Step, parse_spec
@@ -34,6 +35,7 @@ __all__ = [
     "InMemoryBroker",
     "Ledger",
     "Outcome",
+    "RefusedError",
     "Step",
     "Timeline",
     "UnfiredFaultError",
@@ -50,6 +52,7 @@ _HOMES = {
     "CeleryFaultsWarning": "errors",
     "DrainError": "errors",
     "FaultSpecError": "errors",
+    "RefusedError": "errors",
     "UnfiredFaultError": "errors",
     "FaultSpec": "faults",
     "Step": "faults",

@@ -45,10 +45,11 @@ from .effects import (
     resolve_target,
     tracking_wrapper,
 )
-from .errors import DrainError, TimeLimitPassed, UnfiredFaultError
+from .errors import DrainError, RefusedError, TimeLimitPassed, UnfiredFaultError
 from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .history import LOSSES, NOT_IDEMPOTENT, History
 from .idempotency import Scenario, SweepReport
+from .integrations import django_configured
 from .outcome import Outcome, Timeline
 from .replay import PublishedMessage
 from .results import InMemoryResultBackend
@@ -119,8 +120,28 @@ class CeleryFaults:
         register_transport()
         with contextlib.ExitStack() as undo:  # popped when start() succeeds: stop() undoes it
             self._start(undo)
+            self.active = True
+            undo.callback(setattr, self, "active", False)
+            undo.callback(self._run_on_stop)  # what integrations attached below put back
+            self._attach_integrations()
             undo.pop_all()
-        self.active = True
+
+    def _attach_integrations(self) -> None:
+        """With Django configured, executions get a worker process's connections by themselves.
+
+        What ``worker_connections()`` gives (counting writes stays opt-in); a
+        configuration it cannot serve is refused here, in one line.
+        """
+        self.django_connections: Any = None  # the WorkerConnections attached, if any
+        if django_configured():
+            from .integrations.django import worker_connections
+
+            worker_connections(self)
+
+    def _run_on_stop(self) -> None:
+        hooks, self._on_stop[:] = list(self._on_stop), []
+        for undo in reversed(hooks):
+            undo()
 
     def _start(self, undo: contextlib.ExitStack) -> None:
         """What ``start()`` does, each step pushing its undo on ``undo`` as soon as it is done."""
@@ -215,7 +236,7 @@ class CeleryFaults:
             undo.callback(self.workers[-1].close)
         problems = internals.takeover_problems(app, self.broker.url, self.backend)
         if problems:
-            raise RuntimeError(
+            raise RefusedError(
                 f"celery_faults: cannot take the app {app.main!r} over: after the harness set "
                 f"its broker, backend and task_always_eager=False, {'; '.join(problems)}; its "
                 f"tasks would not run on the emulated worker (is app.conf a Settings class "
