@@ -17,6 +17,7 @@ if TYPE_CHECKING:
         CeleryFaultsWarning,
         DrainError,
         FaultSpecError,
+        RefusedError,
         TimeLimitPassed,
         UnfiredFaultError,
     )
@@ -37,6 +38,7 @@ __all__ = [
     "Ledger",
     "Outcome",
     "Scenario",
+    "RefusedError",
     "Step",
     "SweepReport",
     "TimeLimitPassed",
@@ -56,6 +58,7 @@ _HOMES = {
     "DrainError": "errors",
     "FaultSpecError": "errors",
     "TimeLimitPassed": "errors",
+    "RefusedError": "errors",
     "UnfiredFaultError": "errors",
     "FaultSpec": "faults",
     "Step": "faults",

@@ -28,6 +28,7 @@ from celery.utils import time as celery_time
 from celery.utils.serialization import get_pickled_exception
 from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
+from kombu.connection import Connection
 from kombu.utils.encoding import safe_repr
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "jitter_drawn_from",
     "request_class_for",
     "safe_repr",
+    "takeover_problems",
     "time_limit_info",
     "unpickled_exception",
 ]
@@ -346,7 +348,21 @@ class installed_app_state:
             "now": app.__dict__.get("now", missing),
             "missing": missing,
         }
-        conf.update(self.conf, broker_url=self.broker_url)
+        conf.update(
+            _spelt_as_read(
+                conf,
+                {
+                    **self.conf,
+                    "broker_url": self.broker_url,
+                    # Unset, they read broker_url (Settings.broker_read_url/broker_write_url).
+                    "broker_read_url": None,
+                    "broker_write_url": None,
+                },
+            )
+        )
+        self._saved["class"] = type(conf)
+        conf.__dict__[_HARNESS_BROKER] = self.broker_url
+        object.__setattr__(conf, "__class__", _environment_blind_class(type(conf)))
         connection = self.connection_factory()
         limit = conf.broker_pool_limit or 10
         app._pool = connection.Pool(limit)
@@ -384,10 +400,94 @@ class installed_app_state:
             app.__dict__.pop("now", None)
         else:
             app.now = saved["now"]
-        changes = app.conf.changes
+        conf = app.conf
+        if "class" in saved:
+            object.__setattr__(conf, "__class__", saved["class"])
+            conf.__dict__.pop(_HARNESS_BROKER, None)
+        changes = conf.changes
         changes.clear()
         changes.update(saved["conf"])
         _apps_installed.pop(app, None)
+
+
+#: Where the taken-over ``app.conf`` keeps the broker URL its broker properties answer.
+_HARNESS_BROKER = "_celery_faults_broker_url"
+_environment_blind_classes: dict[type[Any], type[Any]] = {}
+
+
+def _spelt_as_read(conf: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` under every spelling the app reads before the plain key.
+
+    An app configured with a namespace (``config_from_object(obj, namespace="CELERY")``,
+    Celery's Django guide) reads ``CELERY_TASK_ALWAYS_EAGER`` before
+    ``task_always_eager``: Celery 5.3 to 5.6 try the prefixed key in every map
+    first (``ConfigurationView.__getitem__``), so the project's prefixed setting
+    wins over an override written under the plain key; 5.7 looks in the changes
+    map first. Writing both spellings makes the harness's value win on each.
+    """
+    prefix = conf.__dict__.get("prefix")
+    if not prefix:
+        return dict(settings)
+    from celery.utils.text import match_case
+
+    spelt = dict(settings)
+    for key, value in settings.items():
+        spelt[match_case(prefix + key, prefix)] = value
+    return spelt
+
+
+def _environment_blind_class(base: type[Any]) -> type[Any]:
+    """``base`` (Celery's ``Settings``) whose broker URLs are the harness's, whatever the env says.
+
+    ``Settings.broker_url``, ``broker_read_url`` and ``broker_write_url`` read
+    ``CELERY_BROKER_URL`` (``_READ_URL``, ``_WRITE_URL``) from the environment
+    before any setting, so no override reaches them; while the harness holds the
+    app they answer its broker. ``result_backend`` still reads as the project
+    configures it: the harness replaces the backend object, and the chord
+    semantics follow the configured backend.
+    """
+    cached = _environment_blind_classes.get(base)
+    if cached is not None:
+        return cached
+
+    def harness_broker(self: Any) -> Any:
+        return self.__dict__[_HARNESS_BROKER]
+
+    namespace: dict[str, Any] = {
+        name: property(harness_broker)
+        for name in ("broker_url", "broker_read_url", "broker_write_url")
+    }
+    namespace.update(__module__=base.__module__, __qualname__=base.__qualname__)
+    cached = _environment_blind_classes[base] = type(base.__name__, (base,), namespace)
+    return cached
+
+
+def takeover_problems(app: Celery, broker_url: str, backend: Any) -> list[str]:
+    """What still keeps ``app`` off the harness's broker, backend or worker (empty: nothing).
+
+    Read back after the harness took the app over, the way Celery reads them
+    when a task is called: ``Task.apply_async`` runs the task eagerly when
+    ``task_always_eager`` reads true, publishes through
+    ``app.amqp.producer_pool`` (whose pool clones ``connections.connection``),
+    and stores results through ``app.backend``.
+    """
+    conf = app.conf
+    problems = []
+    eager = getattr(conf, "task_always_eager", None)  # as Task.apply_async reads it
+    if eager:
+        problems.append(f"task_always_eager reads {eager!r}")
+    for name in ("broker_url", "broker_read_url", "broker_write_url"):
+        value = getattr(conf, name, None)
+        if value != broker_url:
+            problems.append(f"{name} reads {value!r}")
+    connections = getattr(app.amqp.producer_pool, "connections", None)
+    connection = getattr(connections, "connection", None)
+    target = None if connection is None else connection.as_uri()
+    if target != Connection(broker_url).as_uri():  # as_uri() spells every URL its own way
+        problems.append(f"the producer pool publishes to {target!r}")
+    if app.backend is not backend:
+        problems.append(f"results go to {type(app.backend).__name__}")
+    return problems
 
 
 def accept_content(app: Celery) -> set[str]:
@@ -404,10 +504,15 @@ def chord_semantics(app: Celery) -> str:
     chord support (its ``on_chord_part_return``), Celery's key/value counting
     for classes that implement ``incr``, else the ``celery.chord_unlock``
     fallback of ``Backend.apply_chord``.
+
+    ``celery.backends.redis`` imports redis-py, which an app on another
+    backend need not have installed: it is looked at only once the configured
+    class was imported, which imported it when that class is Redis's.
     """
+    import sys
+
     from celery.app.backends import by_url
     from celery.backends.base import KeyValueStoreBackend
-    from celery.backends.redis import RedisBackend
 
     configured = app.conf.result_backend
     if not configured:
@@ -416,7 +521,9 @@ def chord_semantics(app: Celery) -> str:
         backend_class, _ = by_url(configured, app.loader)
     except Exception:  # an unknown scheme fails the same way in production, elsewhere
         return "unlock"
-    if issubclass(backend_class, RedisBackend):
+    redis_backends = sys.modules.get("celery.backends.redis")
+    redis_backend = getattr(redis_backends, "RedisBackend", None)
+    if redis_backend is not None and issubclass(backend_class, redis_backend):
         return "redis"
     if issubclass(backend_class, KeyValueStoreBackend) and backend_class.implements_incr:
         return "incr"

@@ -19,6 +19,10 @@ class UnfiredFaultError(CeleryFaultsError, AssertionError):
     """A fault the test asked for never fired, so the test proved nothing about it."""
 
 
+class RefusedError(CeleryFaultsError, RuntimeError):
+    """The harness cannot make what it promises true for this app; the message says why."""
+
+
 class TimeLimitPassed(BaseException):
     """The test's time limit passed while the harness was draining: the drain stops.
 

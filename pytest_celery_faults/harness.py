@@ -14,6 +14,7 @@ virtual clock; on exit every change is undone.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Iterable, Sequence
 from time import monotonic as real_monotonic
@@ -44,10 +45,11 @@ from .effects import (
     resolve_target,
     tracking_wrapper,
 )
-from .errors import DrainError, TimeLimitPassed, UnfiredFaultError
+from .errors import DrainError, RefusedError, TimeLimitPassed, UnfiredFaultError
 from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .history import LOSSES, NOT_IDEMPOTENT, History
 from .idempotency import Scenario, SweepReport
+from .integrations import django_configured
 from .outcome import Outcome, Timeline
 from .replay import PublishedMessage
 from .results import InMemoryResultBackend
@@ -112,21 +114,51 @@ class CeleryFaults:
             self.assert_all_fired()
 
     def start(self) -> None:
+        """Take the app over; a failure half-way undoes what was done and is raised."""
         if self.active:
             raise RuntimeError("this CeleryFaults harness is already active")
         register_transport()
+        with contextlib.ExitStack() as undo:  # popped when start() succeeds: stop() undoes it
+            self._start(undo)
+            self.active = True
+            undo.callback(setattr, self, "active", False)
+            undo.callback(self._run_on_stop)  # what integrations attached below put back
+            self._attach_integrations()
+            undo.pop_all()
+
+    def _attach_integrations(self) -> None:
+        """With Django configured, executions get a worker process's connections by themselves.
+
+        What ``worker_connections()`` gives (counting writes stays opt-in); a
+        configuration it cannot serve is refused here, in one line.
+        """
+        self.django_connections: Any = None  # the WorkerConnections attached, if any
+        if django_configured():
+            from .integrations.django import worker_connections
+
+            worker_connections(self)
+
+    def _run_on_stop(self) -> None:
+        hooks, self._on_stop[:] = list(self._on_stop), []
+        for undo in reversed(hooks):
+            undo()
+
+    def _start(self, undo: contextlib.ExitStack) -> None:
+        """What ``start()`` does, each step pushing its undo on ``undo`` as soon as it is done."""
         app = self.app
         self.clock = VirtualClock()
         self.profile = BrokerProfile.named(
             self.profile_name, app.conf.broker_transport_options or {}
         )
         self.broker = InMemoryBroker(self.clock, self.profile)
+        undo.callback(self.broker.close)
         self.ledger: Ledger = self.broker.ledger
         self.effects = EffectLog(self.clock)
         self.plan = FaultPlan()
         self.random = random.Random(self.seed)
         self.scheduler = Scheduler(self.random)
         self.body_time = TimeInBodies(self.clock, self.effects.sleep)
+        undo.callback(self.body_time.close)
         self._patches: list[Patch] = []
         self._on_stop: list[Callable[[], None]] = []
         self.tracked: list[str] = []  # the dotted targets tracked, for real-broker mode
@@ -173,9 +205,9 @@ class CeleryFaults:
         self._code_summaries = internals.code_summaries_cached()
         self.jitter = random.Random(self._jitter_seed)
         self._jitter = internals.jitter_drawn_from(self.jitter)
-        self._installed.__enter__()
-        self._tracers.__enter__()
-        self._code_summaries.__enter__()
+        undo.enter_context(self._installed)
+        undo.enter_context(self._tracers)
+        undo.enter_context(self._code_summaries)
         self._caches = [
             self._jitter,
             internals.producer_pool_replaced(app, BoundProducerPool(app.pool)),
@@ -183,18 +215,33 @@ class CeleryFaults:
             internals.caret_anchors_cached(),
         ]
         for cache in self._caches:
-            cache.__enter__()
+            undo.enter_context(cache)
         self.warnings: list[str] = []
         self.checks = Checks(app, self._warn)
         self.checks.start()
+        undo.callback(self.checks.stop)
         signals.task_prerun.connect(self._on_prerun, weak=False)
+        undo.callback(signals.task_prerun.disconnect, self._on_prerun)
         signals.task_postrun.connect(self._on_postrun, weak=False)
+        undo.callback(signals.task_postrun.disconnect, self._on_postrun)
         self.effects.observers.append(self.checks.effect)
         self.http = TrackedRequestsMock(self.effects)
         self.http.start()
+        undo.callback(self.http.reset)
+        undo.callback(self.http.stop, allow_assert=False)
         self.concurrent = self.worker_count * worker_concurrency(app) > 1
-        self.workers = [self._new_worker(index) for index in range(1, self.worker_count + 1)]
-        self.active = True
+        self.workers: list[EmulatedWorker] = []
+        for index in range(1, self.worker_count + 1):
+            self.workers.append(self._new_worker(index))
+            undo.callback(self.workers[-1].close)
+        problems = internals.takeover_problems(app, self.broker.url, self.backend)
+        if problems:
+            raise RefusedError(
+                f"celery_faults: cannot take the app {app.main!r} over: after the harness set "
+                f"its broker, backend and task_always_eager=False, {'; '.join(problems)}; its "
+                f"tasks would not run on the emulated worker (is app.conf a Settings class "
+                f"that answers these itself?)"
+            )
 
     def stop(self) -> None:
         """Undo everything ``start()`` did, in the reverse order.

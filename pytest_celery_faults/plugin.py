@@ -518,7 +518,7 @@ def celery_faults(
     _celery_faults_sweep_case: str | None,
 ) -> Iterator[CeleryFaults]:
     """The fault-injection harness for this test, active for its whole duration."""
-    from .errors import CeleryFaultsWarning
+    from .errors import CeleryFaultsWarning, RefusedError
     from .harness import CeleryFaults
     from .report import record_harness
 
@@ -544,7 +544,13 @@ def celery_faults(
     stack = bool(config.getoption("celery_faults_stack", default=False))
     harness.stack_suite_wide = stack
     comparison = None  # real-broker mode: every run() also on a real worker
-    harness.start()
+    refused = None
+    try:
+        harness.start()
+    except RefusedError as exc:
+        refused = str(exc)
+    if refused is not None:  # what to change is in its one line: no traceback
+        pytest.fail(refused, pytrace=False)
     try:
         harness.inject(*specs)
         if not specs or stack:

@@ -149,3 +149,21 @@ def test_redis_chords_follow_the_installed_celery_on_duplicates(
     outcome, _ = run_two_line_chord(app, REDIS, "shop.line:redeliver")
     # line a ran twice before line b: the count reached 2 with [1, 1]
     assert (outcome.state, outcome.result, outcome.executions) == ("SUCCESS", 2, 1)
+
+
+@pytest.mark.parametrize("backend", [None, "cache+memory://"])
+def test_a_chord_runs_without_redis_py_installed(
+    app: Celery, backend: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(#19.17) Celery's Redis backend imports redis-py: only a Redis backend may need it."""
+    import sys
+
+    for name in [name for name in sys.modules if name.split(".")[0] == "redis"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delitem(sys.modules, "celery.backends.redis", raising=False)
+    monkeypatch.setitem(sys.modules, "redis", None)  # what `import redis` meets without it
+    with pytest.raises(ImportError):
+        import celery.backends.redis  # noqa: F401
+    outcome, faults = run_two_line_chord(app, backend, "redeliver")
+    assert (outcome.name, outcome.state, outcome.result) == ("shop.total", "SUCCESS", 3)
+    assert "celery.backends.redis" not in sys.modules
