@@ -404,6 +404,64 @@ def test_messages_held_for_their_eta_raise_the_prefetch_count(
     assert started == {3: plain_at, 0: 30.0, 1: 30.0, 2: 30.0}
 
 
+# -- the consumer keeps consuming while children run --------------------------------
+
+
+@pytest.mark.parametrize("profile", ["rabbitmq", "redis"])
+def test_a_message_a_body_publishes_is_fetched_at_the_publish(app: Celery, profile: str) -> None:
+    """An early-acked body publishes a task, then the worker loses power: the main
+    process took the new message at the publish (its slot was free), so it comes
+    back redelivered, and runs once."""
+    app.conf.worker_prefetch_multiplier = 1
+    app.conf.broker_transport_options = {"visibility_timeout": 60}
+    job = make_task(app)
+
+    @app.task(name="profiles.parent", shared=False)
+    def parent() -> None:
+        job.delay(7)
+
+    with CeleryFaults(app, profile=profile) as faults:
+        outcome = faults.run(parent.s(), "power_loss@1")
+        [child] = [o for o in faults.outcomes() if o.task_id != outcome.task_id]
+        delivered = events(faults, child.task_id, "delivered")
+        died = next(e for e in faults.ledger if e.kind in ("restored", "orphaned"))
+        story = outcome.story
+    assert outcome.lost, story
+    assert [e.detail for e in delivered] == ["", "redelivered=True"]
+    assert delivered[0].time == died.time == faults.clock.start  # taken before the power loss
+    assert (child.deliveries, child.executions, child.state) == (2, 1, "SUCCESS")
+    assert seen == [(7, True)]
+
+
+def test_a_chain_s_next_message_is_taken_before_the_first_is_acked(app: Celery) -> None:
+    """acks_late, multiplier 2: the chain publishes its second task when the first
+    returns, and the main process takes it while the first is still unacked; a power
+    loss then sends both back, the second redelivered."""
+    from celery import chain
+
+    app.conf.worker_prefetch_multiplier = 2
+    job = make_task(app, acks_late=True)
+
+    @app.task(name="profiles.first", shared=False, acks_late=True)
+    def first() -> int:
+        effect()
+        return 5
+
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.effect")
+        faults.run(chain(first.s(), job.s()), "profiles.first:power_loss@2")
+        one, two = faults.outcomes()
+        taken = [(e.message, e.detail) for e in events(faults, two.task_id, "delivered")]
+    assert (one.deliveries, one.state) == (2, "SUCCESS")
+    # the first delivery publishes message 2 and loses power; the redelivered one
+    # publishes message 3, the same task again (the chain's duplicate)
+    assert [detail for message, detail in taken if message == taken[0][0]] == [
+        "",
+        "redelivered=True",
+    ]
+    assert seen == [(5, True), (5, False)]
+
+
 # -- the order requeued messages come back in --------------------------------------
 
 
