@@ -911,3 +911,43 @@ def redis_restore_cadence(options: dict[str, Any]) -> tuple[float, int]:
     if interval <= 0:  # kombu falls back to its default
         interval = default_interval
     return float(interval), max(int(throttle), 1)  # a throttle of 0 scans on every call
+
+
+def consumer_qos(app: Celery, initial: int) -> Any:
+    """The prefetch count a worker's consumer keeps: kombu's own ``QoS``, as Celery builds it.
+
+    Celery's ``Tasks`` bootstep sets ``basic.qos`` to ``initial`` (concurrency
+    times ``worker_prefetch_multiplier``; 0 means no limit) and wraps it in
+    ``kombu.common.QoS``, capped by ``worker_eta_task_limit`` where the
+    installed Celery has that setting (5.5 and later, with a kombu whose QoS
+    takes ``max_prefetch``). Its strategy raises the count by one for each
+    message held for its ETA (``increment_eventually``) and lowers it when the
+    ETA comes (``decrement_eventually``); the value is read here as set.
+    """
+    from celery.app.defaults import NAMESPACES
+    from kombu.common import QoS
+
+    def applied(prefetch_count: int) -> None:
+        """``basic.qos``: the emulated consumer reads ``QoS.value`` itself."""
+
+    known = "eta_task_limit" in NAMESPACES["worker"]
+    limit = app.conf.get("worker_eta_task_limit") if known else None
+    if limit is not None:
+        return QoS(applied, initial, max_prefetch=limit)
+    return QoS(applied, initial)
+
+
+def prefetch_disabled(app: Celery, profile: str) -> bool:
+    """``worker_disable_prefetch``: whether the consumer takes only what a free child can run.
+
+    Read where the installed Celery has the setting (5.5 and later), and, as
+    its ``Tasks`` bootstep applies it, on Redis only (it warns and ignores the
+    setting on other brokers): ``can_consume`` then also requires fewer
+    reserved requests (those waiting and those running) than the pool has
+    processes.
+    """
+    from celery.app.defaults import NAMESPACES
+
+    if "disable_prefetch" not in NAMESPACES["worker"] or profile != "redis":
+        return False
+    return bool(app.conf.get("worker_disable_prefetch"))

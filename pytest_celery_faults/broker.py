@@ -342,6 +342,10 @@ class InMemoryBroker:
             )
         return delivery
 
+    def unacked_by(self, consumer: str) -> int:
+        """How many deliveries ``consumer`` holds unacked: what a prefetch count limits."""
+        return sum(delivery.consumer == consumer for delivery in self.unacked.values())
+
     def kombu_payload(self, delivery: Delivery) -> dict[str, Any]:
         """The raw payload kombu's virtual ``Message`` is built from, for this delivery."""
         payload = dict(delivery.message.payload)

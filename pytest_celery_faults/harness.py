@@ -242,6 +242,7 @@ class CeleryFaults:
                 f"tasks would not run on the emulated worker (is app.conf a Settings class "
                 f"that answers these itself?)"
             )
+        self._draining = 0  # drain() calls under way (a task may drain for a result inside one)
 
     def stop(self) -> None:
         """Undo everything ``start()`` did, in the reverse order.
@@ -459,7 +460,11 @@ class CeleryFaults:
     def _drain(self) -> None:
         # What holds process-wide while the worker side runs: virtual time, a child's state.
         with self.body_time, internals.worker_process_state():
-            self._run_until_quiet()
+            self._draining += 1
+            try:
+                self._run_until_quiet()
+            finally:
+                self._draining -= 1
 
     def _run_until_quiet(self) -> None:
         """Start deliveries on free children, let the scheduler run stacks, move the clock.
@@ -533,6 +538,18 @@ class CeleryFaults:
         for worker in self.workers:
             worker.restart()
         return list(self.workers)
+
+    def _consume_now(self) -> None:
+        """A message was published while the workers run: consumers with room take it now.
+
+        A worker's main process keeps consuming while its children run, so a
+        message a body (or a chain, or the parent's callback) publishes is
+        fetched at the publish, up to the prefetch count, before anything else
+        happens to the execution: a power loss right after it sends it back
+        redelivered. Workers are offered it in their order, as ``_fill`` does.
+        """
+        if self._draining:
+            self._fill([worker for worker in self.workers if worker.alive])
 
     def _fill(self, live: Sequence[EmulatedWorker]) -> None:
         """Deliver ready messages round-robin to workers with room for them."""
@@ -718,6 +735,8 @@ class CeleryFaults:
         task_id, name = message.task_id, message.task_name
         self.history.published(task_id, name, int(message.headers.get("retries") or 0))
         message.replays_left = self.plan.replays_for(task_id, name)
+        if self.effects.execution is None:  # a body's publish is taken once it is recorded
+            self._consume_now()
 
     def _after_delivery(self, delivery: Delivery) -> None:
         message = delivery.message
@@ -744,6 +763,8 @@ class CeleryFaults:
         if effect.kind == "call" and effect.label in self._calls:
             self._calls[effect.label] += 1
         self.history.on_effect(effect)
+        if effect.kind == "publish" and effect.task_id is not None:
+            self._consume_now()  # after the effect's line, before a fault after it fires
 
     def _on_ledger_event(self, event: BrokerEvent) -> None:
         self.history.on_ledger_event(event)

@@ -417,6 +417,7 @@ class _Scheduled:
     eta: float
     order: int
     request: Any = field(compare=False)
+    for_eta: bool = field(default=False, compare=False)  # else held by a rate limit
 
 
 class ChildRunning:
@@ -504,7 +505,10 @@ class EmulatedWorker:
         self.channel = self.connection.default_channel
         self.accept = internals.accept_content(app)
         multiplier = app.conf.worker_prefetch_multiplier
-        self.prefetch_limit = max(1, int(multiplier)) * self.concurrency if multiplier else 0
+        #: basic.qos as the consumer starts: concurrency x multiplier; 0 (multiplier 0): no limit.
+        self.initial_prefetch = max(1, int(multiplier)) * self.concurrency if multiplier else 0
+        self.qos = internals.consumer_qos(app, self.initial_prefetch)
+        self.one_per_child = internals.prefetch_disabled(app, broker.profile.name)
         self.broken_connection = False
         self.stop_requested = False
         self.rate_limits_disabled = bool(app.conf.worker_disable_rate_limits)
@@ -532,9 +536,19 @@ class EmulatedWorker:
     # -- taking messages --------------------------------------------------------
 
     def wants_more(self) -> bool:
+        """Whether the consumer may take another message: its prefetch count has room.
+
+        RabbitMQ's ``basic.qos`` and kombu's Redis ``QoS.can_consume`` count the
+        messages delivered to the consumer and not yet acked, whatever the worker
+        does with them: waiting, held for an ETA (the count was raised for it),
+        running under ``acks_late``. An early ack frees its slot when it is sent.
+        """
         if not self.alive or self.stop_requested:
             return False
-        return not self.prefetch_limit or len(self.reserved) < self.prefetch_limit
+        if self.one_per_child and len(self.reserved) + len(self.pool.running) >= self.concurrency:
+            return False
+        limit = self.qos.value
+        return not limit or self.broker.unacked_by(self.consumer) < limit
 
     def fetch(self) -> bool:
         """Take one ready message from the broker; ``False`` when there was none."""
@@ -582,7 +596,11 @@ class EmulatedWorker:
         if eta is not None:
             due = eta.timestamp()
             if due > self.clock.time():
-                heapq.heappush(self.scheduled, _Scheduled(due, next(self._order), request))
+                # Celery's strategy: the timer holds it, and the prefetch count grows by one.
+                self.qos.increment_eventually()
+                heapq.heappush(
+                    self.scheduled, _Scheduled(due, next(self._order), request, for_eta=True)
+                )
                 return
         if first:
             self.reserved.appendleft(request)
@@ -593,7 +611,10 @@ class EmulatedWorker:
         """Move ETA requests whose time has come to the reserved queue."""
         now = self.clock.time()
         while self.scheduled and self.scheduled[0].eta <= now:
-            self.reserved.append(heapq.heappop(self.scheduled).request)
+            due = heapq.heappop(self.scheduled)
+            if due.for_eta:  # Consumer.apply_eta_task: the prefetch count goes back down
+                self.qos.decrement_eventually()
+            self.reserved.append(due.request)
 
     def next_eta(self) -> float | None:
         return self.scheduled[0].eta if self.scheduled else None
@@ -784,6 +805,8 @@ class EmulatedWorker:
     def _drop_held(self) -> None:
         self.reserved.clear()
         self.scheduled.clear()
+        # A new consumer (a new connection or channel) starts from the initial count.
+        self.qos = internals.consumer_qos(self.app, self.initial_prefetch)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

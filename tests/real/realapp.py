@@ -135,3 +135,55 @@ def check_then_charge(key: str) -> str:
     store.incr(f"{key}:charges")
     store.set(f"{key}:charged", "yes")
     return "charged"
+
+
+# -- the consumer: prefetch slots and messages published during an execution ----------
+
+
+def _await_received(task_id: str, seconds: float = 3.0) -> None:
+    """On a real worker: wait (bounded) until its main process has received ``task_id``.
+
+    A message a body publishes reaches the main process within milliseconds if
+    its consumer has room; the fault after this wait then lands after that, not in
+    a race with it. No room (the prefetch count is full): the wait runs out. In the
+    emulation (no plan in the environment) the consumer has taken it at the publish.
+    """
+    import os
+
+    from pytest_celery_faults.real.plan import PLAN_ENV, Plan, read_records
+
+    path = os.environ.get(PLAN_ENV)
+    if path is None:
+        return
+    record = Plan.read(path).record
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for entry in read_records(record):
+            if entry.get("event") == "received" and entry.get("task_id") == task_id:
+                return
+        time.sleep(0.02)
+
+
+@app.task(name="realapp.spawned", shared=False)
+def spawned() -> str:
+    """The task a spawner publishes."""
+    return "spawned"
+
+
+def _spawn() -> str:
+    child = spawned.delay()  # side effect 1
+    _await_received(child.id)
+    effect(2)  # side effect 2
+    return "spawner"
+
+
+@app.task(name="realapp.spawner", shared=False)
+def spawner() -> str:
+    """Early ack: publishes a task, then another side effect."""
+    return _spawn()
+
+
+@app.task(name="realapp.spawner_late", acks_late=True, shared=False)
+def spawner_late() -> str:
+    """acks_late: publishes a task, then another side effect."""
+    return _spawn()

@@ -3,7 +3,9 @@
 Each test asserts the real behaviour, then runs the same task through the
 emulation (state under a key of its own) and asserts the same verdict: a kill
 freezes the task (its ``finally`` never runs), a declared soft time limit
-interrupts a sleep, and two duplicates in flight at once both act.
+interrupts a sleep, two duplicates in flight at once both act, an unacked
+message holds its prefetch slot, and the consumer takes a message a body
+publishes while the body still runs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import realapp
 from celery import group
 
 from pytest_celery_faults import CeleryFaults, Outcome
-from pytest_celery_faults.real.runner import RealBrokerRunner
+from pytest_celery_faults._celery_internals import redis_restore_cadence
+from pytest_celery_faults.real.plan import RESTORE_SWEEP_EVERY_SECOND
+from pytest_celery_faults.real.runner import RealBrokerRunner, RealOutcome
 
 pytestmark = pytest.mark.real_broker
 
@@ -104,3 +108,99 @@ def test_two_concurrent_duplicates_of_a_check_then_act_charge_both_charge(
         realapp.app.conf.worker_concurrency = None
     assert [(o.state, o.result) for o in outcomes] == [("SUCCESS", "charged")] * 2
     assert realapp.state().get(f"{twin}:charges") == "2"
+
+
+# -- the consumer (#20 items 2 and 3) ----------------------------------------------------
+
+
+def restores_in_time(runner: RealBrokerRunner) -> None:
+    """Skip on Redis where the installed kombu sweeps too seldom for a real run to see it.
+
+    kombu before 5.7 restores a dead worker's unacked messages every 100 s,
+    whatever the transport options say; a real run waits seconds.
+    """
+    if runner.profile != "redis":
+        return
+    interval, throttle = redis_restore_cadence(RESTORE_SWEEP_EVERY_SECOND)
+    if interval * throttle > runner.visibility_timeout:
+        pytest.skip(
+            f"the installed kombu restores unacked Redis messages every "
+            f"{interval * throttle:g}s (not a transport option before kombu 5.7), "
+            f"longer than a real run waits after a visibility timeout of "
+            f"{runner.visibility_timeout:g}s"
+        )
+
+
+def real_view(real: RealOutcome) -> tuple[int, int, list[bool]]:
+    """(deliveries the main process received, bodies started, redelivered as each body saw it)."""
+    received = sum(entry["event"] == "received" for entry in real.log)
+    return received, real.executions, real.redelivered
+
+
+def emulated_views(
+    signature: object, spec: str, profile: str
+) -> dict[str, tuple[int, int, list[bool]]]:
+    """The same views in the emulation, per task name (in publish order), from the ledger."""
+    views: dict[str, tuple[int, int, list[bool]]] = {}
+    with CeleryFaults(realapp.app, profile=profile) as faults:
+        faults.track("realapp.effect")
+        faults.run(signature, spec)
+        for outcome in faults.outcomes():
+            delivered = [
+                e for e in faults.ledger.for_task(outcome.task_id) if e.kind == "delivered"
+            ]
+            # a started execution's delivery: the last one to the consumer it ran on
+            flags = [
+                [e for e in delivered if e.consumer == record.worker][-1].detail
+                == "redelivered=True"
+                for record in faults.records
+                if record.task_id == outcome.task_id and record.started
+            ]
+            views[f"{outcome.name}#{len(views)}"] = (
+                outcome.deliveries,
+                outcome.executions,
+                flags,
+            )
+    return views
+
+
+def test_an_unacked_running_message_holds_the_only_prefetch_slot(
+    runner: RealBrokerRunner,
+) -> None:
+    """acks_late, multiplier 1, concurrency 1: the second message is not fetched while the
+    first runs, so after the power loss it is delivered once, fresh."""
+    restores_in_time(runner)
+    pair = group(realapp.late.si(), realapp.late.si())
+    pair.freeze()
+    crashed, bystander = runner.run_signature(pair, waiting=["realapp.late:power_loss@1"])
+    assert real_view(crashed) == (2, 2, [False, True]), crashed.timeline()
+    assert real_view(bystander) == (1, 1, [False]), bystander.timeline()
+    views = emulated_views(
+        group(realapp.late.si(), realapp.late.si()), "realapp.late:power_loss@1", runner.profile
+    )
+    assert list(views.values()) == [(2, 2, [False, True]), (1, 1, [False])], views
+
+
+@pytest.mark.parametrize(
+    ("task", "spawned"),
+    [
+        # early ack: the slot is free, the main process takes the new message at once;
+        # after the power loss it comes back redelivered (its first delivery never ran)
+        ("spawner", [(2, 1, [True])]),
+        # acks_late: the running message fills the slot; the new message waits in the
+        # queue and is delivered once, fresh (and the redelivered spawner sends another)
+        ("spawner_late", [(1, 1, [False]), (1, 1, [False])]),
+    ],
+)
+def test_a_message_published_during_an_execution_is_taken_while_the_body_runs(
+    runner: RealBrokerRunner, task: str, spawned: list[tuple[int, int, list[bool]]]
+) -> None:
+    restores_in_time(runner)
+    signature = getattr(realapp, task).si()
+    signature.freeze()
+    reals = runner.run_signature(signature, ["power_loss@2"])
+    assert [real_view(real) for real in reals[1:]] == spawned, [r.timeline() for r in reals]
+    views = emulated_views(getattr(realapp, task).si(), "power_loss@2", runner.profile)
+    assert [view for name, view in views.items() if name.startswith("realapp.spawned")] == (
+        spawned
+    ), views
