@@ -19,6 +19,14 @@ class UnfiredFaultError(CeleryFaultsError, AssertionError):
     """A fault the test asked for never fired, so the test proved nothing about it."""
 
 
+class BrokerPoolExhausted(CeleryFaultsError):
+    """Every connection of the app's broker pool is taken and none was given back: a leak.
+
+    kombu would wait for one; in the emulation nothing could give one back, so
+    waiting would hang the test.
+    """
+
+
 class TimeLimitPassed(BaseException):
     """The test's time limit passed while the harness was draining: the drain stops.
 

@@ -1,0 +1,65 @@
+"""The harness's own life cycle: what it holds, what it refuses, what it undoes."""
+
+from __future__ import annotations
+
+import pytest
+from celery import Celery
+
+from pytest_celery_faults import CeleryFaults
+from pytest_celery_faults.errors import BrokerPoolExhausted
+
+#: Every way an execution can end at the boundary right after a publish.
+ENDINGS_AFTER_A_PUBLISH = (
+    "sigkill@1",
+    "power_loss@1",
+    "sigterm@1",
+    "exit(1)@1",
+    "timeout@1",
+    "cold_shutdown@1",
+    "raise(ConnectionError)@0",  # the publish itself raises
+    "raise(ConnectionError)@1",
+)
+
+
+def _publishing_tasks(app: Celery) -> tuple[object, object]:
+    @app.task(acks_late=True, reject_on_worker_lost=True, shared=False)
+    def ship(order: int) -> int:
+        return order
+
+    @app.task(acks_late=True, reject_on_worker_lost=True, shared=False)
+    def checkout(order: int) -> int:
+        ship.delay(order)
+        ship.delay(order + 1)
+        return order
+
+    return ship, checkout
+
+
+def test_a_thousand_faults_after_a_publish_leak_no_broker_connection(app: Celery) -> None:
+    # Each fault right after a publish used to keep one pooled connection: after
+    # broker_pool_limit (10) of them the next publish waited forever. (#19.4)
+    _, checkout = _publishing_tasks(app)
+    app.conf.task_time_limit = 60
+    with CeleryFaults(app) as faults:
+        pool = app.pool
+        for scenario in range(1000):
+            spec = ENDINGS_AFTER_A_PUBLISH[scenario % len(ENDINGS_AFTER_A_PUBLISH)]
+            faults.reset()
+            faults.run(checkout.s(scenario), spec)  # type: ignore[attr-defined]
+            held = pool.acquired - pool.released
+            assert held <= 1, f"{held} connections held after scenario {scenario} ({spec})"
+    assert pool.acquired == pool.released
+    assert pool.acquired > 500  # each fault at a publish replaced the producer's connection
+
+
+def test_an_exhausted_broker_pool_is_an_error_naming_the_leak_not_a_hang(app: Celery) -> None:
+    # kombu waits for a connection another thread gives back; one execution runs at
+    # a time here, so it would wait forever. (#19.4)
+    _, checkout = _publishing_tasks(app)
+    with CeleryFaults(app) as faults:
+        leaked = [app.pool.acquire(block=True) for _ in range(app.pool.limit)]
+        with pytest.raises(BrokerPoolExhausted, match=r"all 10 connections .* leaks"):
+            faults.run(checkout.s(1))  # type: ignore[attr-defined]
+        for connection in leaked:
+            connection.release()
+        assert faults.run(checkout.s(2)).state == "SUCCESS"  # type: ignore[attr-defined]
