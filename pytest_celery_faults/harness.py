@@ -345,6 +345,11 @@ class CeleryFaults:
             self.plan.disarm(armed)
         self.suite_wide.clear()
 
+    def _disarm_own(self) -> None:
+        """Take back every spec armed for the test itself (scenarios cut short leave theirs)."""
+        for armed in [armed for armed in self.plan.armed if armed.explicit]:
+            self.plan.disarm(armed)
+
     def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome:
         """Publish ``signature`` with ``specs`` bound to it, drain, return its outcome.
 

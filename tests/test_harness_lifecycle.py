@@ -63,3 +63,70 @@ def test_an_exhausted_broker_pool_is_an_error_naming_the_leak_not_a_hang(app: Ce
         for connection in leaked:
             connection.release()
         assert faults.run(checkout.s(2)).state == "SUCCESS"  # type: ignore[attr-defined]
+
+
+SHOP = """
+from celery import Celery
+
+app = Celery("lifecycle_shop", set_as_current=False)
+shipped = []
+
+
+def ship(order):
+    shipped.append(order)
+
+
+@app.task(
+    name="lifecycle_shop.checkout", shared=False, acks_late=True, reject_on_worker_lost=True
+)
+def checkout(order):
+    if order not in shipped:  # guarded: a redelivery after the work does nothing
+        ship(order)
+"""
+
+#: observe() that raises in the first scenario whose fault has not fired (yet).
+INTERRUPTED = """
+import pytest, lifecycle_shop as shop
+
+
+def observe(celery_faults):
+    if celery_faults.unfired():
+        raise RuntimeError("observe() broke")
+    return list(shop.shipped)
+
+
+def test_sweep(celery_faults):
+    celery_faults.track("lifecycle_shop.ship")
+    celery_faults.sweep(
+        shop.checkout.s(1), lambda: observe(celery_faults), reset=shop.shipped.clear
+    )
+
+
+def test_assert_idempotent(celery_faults):
+    celery_faults.track("lifecycle_shop.ship")
+    celery_faults.assert_idempotent(
+        shop.checkout.s(1),
+        lambda: observe(celery_faults),
+        reset=shop.shipped.clear,
+        specs=["sigkill@5"],
+    )
+"""
+
+
+@pytest.fixture
+def shop(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyfile(lifecycle_shop=SHOP)
+    pytester.makeini("[pytest]\ncelery_faults_app = lifecycle_shop:app\n")
+    return pytester
+
+
+def test_an_interrupted_sweep_leaves_no_spec_armed_to_blame_the_test(
+    shop: pytest.Pytester,
+) -> None:
+    # The scenario's spec stayed armed: teardown added UnfiredFaultError to the
+    # test's own failure, blaming the test for a fault the sweep chose. (#19.13)
+    shop.makepyfile(test_it=INTERRUPTED)
+    result = shop.runpytest("-p", "no:randomly")
+    result.assert_outcomes(failed=2, errors=0)
+    result.stdout.fnmatch_lines(["*RuntimeError: observe() broke*"])
+    assert "never fired" not in result.stdout.str()
