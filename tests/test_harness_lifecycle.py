@@ -8,6 +8,12 @@ from celery import Celery
 from pytest_celery_faults import CeleryFaults
 from pytest_celery_faults.errors import BrokerPoolExhausted
 
+APP_MODULE = """
+from celery import Celery
+
+app = Celery("proj", set_as_current=False)
+"""
+
 #: Every way an execution can end at the boundary right after a publish.
 ENDINGS_AFTER_A_PUBLISH = (
     "sigkill@1",
@@ -130,3 +136,52 @@ def test_an_interrupted_sweep_leaves_no_spec_armed_to_blame_the_test(
     result.assert_outcomes(failed=2, errors=0)
     result.stdout.fnmatch_lines(["*RuntimeError: observe() broke*"])
     assert "never fired" not in result.stdout.str()
+
+
+DEADLINE = """
+import time
+
+
+def test_deadline(celery_faults, request):
+    marker = request.node.get_closest_marker("timeout")
+    limit = None if marker is None else marker.args[0]
+    left = None if celery_faults.deadline is None else celery_faults.deadline - time.monotonic()
+    print(f"LIMIT {limit} LEFT {left}")
+    assert {expected}
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "ini", "env", "expected"),
+    [
+        # --timeout=0 means no timeout (pytest-timeout's own docs), whatever else is set.
+        (["--timeout=0"], "", None, "limit is None and left is None"),
+        (["--timeout=0"], "timeout = 120", None, "left is None"),
+        (["--timeout=0"], "", "5", "limit is None and left is None"),
+        # pytest-timeout's order: command line, then PYTEST_TIMEOUT, then the ini file.
+        (["--timeout=7"], "timeout = 120", "50", "0 < left <= 7"),
+        ([], "timeout = 120", "50", "0 < left <= 50"),
+        ([], "timeout = 120", "0", "left is None"),
+        ([], "timeout = 120", None, "50 < left <= 120"),
+        ([], "", None, "limit == 300 and 200 < left <= 300"),  # the plugin's own default
+    ],
+)
+def test_time_limit_read_as_pytest_timeout_reads_it(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    ini: str,
+    env: str | None,
+    expected: str,
+) -> None:
+    # --timeout=0 was read as "not set": the plugin added its own 300 s limit, or
+    # took the ini file's or PYTEST_TIMEOUT's instead. (#19.15)
+    pytester.makepyfile(proj=APP_MODULE)
+    pytester.makeini(f"[pytest]\ncelery_faults_app = proj:app\n{ini}\n")
+    pytester.makepyfile(test_it=DEADLINE.replace("{expected}", expected))
+    if env is None:
+        monkeypatch.delenv("PYTEST_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("PYTEST_TIMEOUT", env)
+    result = pytester.runpytest("-p", "no:randomly", "-s", *args)
+    result.assert_outcomes(passed=1)
