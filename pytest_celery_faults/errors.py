@@ -19,6 +19,10 @@ class UnfiredFaultError(CeleryFaultsError, AssertionError):
     """A fault the test asked for never fired, so the test proved nothing about it."""
 
 
+class HarnessMisuseError(CeleryFaultsError, RuntimeError):
+    """The harness was driven from inside a task, or from a thread other than its own."""
+
+
 class BrokerPoolExhausted(CeleryFaultsError):
     """Every connection of the app's broker pool is taken and none was given back: a leak.
 

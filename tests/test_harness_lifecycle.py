@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 from celery import Celery
 
 from pytest_celery_faults import CeleryFaults
-from pytest_celery_faults.errors import BrokerPoolExhausted
+from pytest_celery_faults.errors import BrokerPoolExhausted, HarnessMisuseError
 
 APP_MODULE = """
 from celery import Celery
@@ -185,3 +189,77 @@ def test_time_limit_read_as_pytest_timeout_reads_it(
         monkeypatch.setenv("PYTEST_TIMEOUT", env)
     result = pytester.runpytest("-p", "no:randomly", "-s", *args)
     result.assert_outcomes(passed=1)
+
+
+def _calling_the_harness(app: Celery, holder: dict[str, Any], method: str) -> Any:
+    """A task whose body calls the harness (a test's closure reaching it)."""
+    sent: list[int] = []
+    world = SimpleNamespace(ship=sent.append)
+
+    @app.task(acks_late=True, reject_on_worker_lost=True, shared=False)
+    def meddle(n: int) -> None:
+        world.ship(n)
+        faults = holder["faults"]
+        if method == "run":
+            faults.run(meddle.s(n + 1))
+        else:
+            getattr(faults, method)()
+
+    holder["sent"], holder["world"] = sent, world
+    return meddle
+
+
+@pytest.mark.parametrize(
+    ("method", "concurrency", "spec"),
+    [
+        ("run", 1, None),
+        ("drain", 1, None),
+        ("reset", 1, None),
+        ("drain", 2, None),  # on a stack of its own
+        ("run", 1, "sigkill@1"),  # the redelivery of a killed task
+    ],
+)
+def test_the_harness_refuses_to_be_driven_from_inside_a_task(
+    app: Celery, method: str, concurrency: int, spec: str | None
+) -> None:
+    # A drain inside a task ran the worker again from inside it: 17,521 deliveries,
+    # or 731 of a killed task. The task fails, and so does the test. (#19.12)
+    holder: dict[str, Any] = {}
+    meddle = _calling_the_harness(app, holder, method)
+    app.conf.worker_concurrency = concurrency
+    with CeleryFaults(app, check_unfired=False) as faults:
+        holder["faults"] = faults
+        if spec is not None:
+            faults.track((holder["world"], "ship"))
+        with pytest.raises(HarnessMisuseError) as raised:
+            faults.run(meddle.s(1), *([spec] if spec else []))
+        message = str(raised.value)
+        assert "\n" not in message
+        assert f"{method}() called from inside the task " in message
+        assert "call it from the test" in message
+        assert len(holder["sent"]) == (2 if spec else 1)
+        assert faults.run(app.signature("celery.backend_cleanup")).state == "SUCCESS"
+
+
+def test_the_harness_refuses_a_second_thread(app: Celery) -> None:
+    # Two threads driving one harness interleave the worker's steps; the thread
+    # is refused, and if it swallows the refusal, the test still fails. (#19.12)
+    holder: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def elsewhere() -> None:
+        try:
+            holder["faults"].drain()
+        except HarnessMisuseError as refused:
+            errors.append(refused)
+
+    with pytest.raises(HarnessMisuseError, match="from the thread 'other'"):  # noqa: SIM117
+        with CeleryFaults(app) as faults:
+            holder["faults"] = faults
+            thread = threading.Thread(target=elsewhere, name="other")
+            thread.start()
+            thread.join()
+            [refused] = errors
+            assert "\n" not in str(refused)
+            assert "drain() called from the thread 'other'" in str(refused)
+            assert "the thread that started it" in str(refused)
