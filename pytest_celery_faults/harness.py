@@ -132,7 +132,11 @@ class CeleryFaults:
         self.ledger: Ledger = self.broker.ledger
         self.effects = EffectLog(self.clock)
         self.plan = FaultPlan()
-        self.random = random.Random(self.seed)
+        #: Every scenario's choices start from this seed (drawn once when none is given).
+        self._scenario_seed = (
+            self.seed if self.seed is not None else random.SystemRandom().getrandbits(64)
+        )
+        self.random = random.Random(self._scenario_seed)
         self.scheduler = Scheduler(self.random)
         self.body_time = TimeInBodies(self.clock, self.effects.sleep)
         self._patches: list[Patch] = []
@@ -287,16 +291,18 @@ class CeleryFaults:
         self.plan.clear()
         self.history.clear()
         self.http.calls.reset()
-        if self.seed is not None:
-            self.jitter.seed(self._jitter_seed)  # a scenario's retry delays replay exactly
+        # Every random source starts again from the seed, as in a fresh harness: a
+        # scenario's interleavings, worker order and retry delays replay exactly.
+        self.random.seed(self._scenario_seed)
+        self.jitter.seed(self._jitter_seed)
         if suite_wide:
             for spec in self.suite_wide:
                 self.plan.arm(spec, explicit=False)
 
     @property
-    def _jitter_seed(self) -> str | None:
+    def _jitter_seed(self) -> str:
         """``retry_jitter``'s draws come from the seed, apart from the worker order's."""
-        return None if self.seed is None else f"{self.seed}:retry_jitter"
+        return f"{self._scenario_seed}:retry_jitter"
 
     def _new_worker(self, index: int) -> EmulatedWorker:
         return EmulatedWorker(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from types import SimpleNamespace
 from typing import Any
@@ -263,3 +264,93 @@ def test_the_harness_refuses_a_second_thread(app: Celery) -> None:
             assert "\n" not in str(refused)
             assert "drain() called from the thread 'other'" in str(refused)
             assert "the thread that started it" in str(refused)
+
+
+def _parent_and_child(app: Celery) -> tuple[Any, list[str]]:
+    """A task that publishes a child between side effects, on a worker with two children.
+
+    Each side effect takes a virtual second, so the parent and its child run at
+    once, and which one goes on at each boundary is the scheduler's choice.
+    """
+    app.conf.worker_concurrency = 2
+    world: list[str] = []
+    steps = SimpleNamespace(step=world.append)
+
+    @app.task(acks_late=True, reject_on_worker_lost=True, shared=False, name="lc.child")
+    def child(n: int) -> None:
+        steps.step(f"x{n}")
+        steps.step(f"y{n}")
+
+    @app.task(acks_late=True, reject_on_worker_lost=True, shared=False, name="lc.parent")
+    def parent(n: int) -> None:
+        child.delay(n)
+        steps.step("a")
+        steps.step("b")
+
+    app.conf.update(lc_steps=steps)
+    return parent, world
+
+
+_IDS = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?")
+
+
+def _told(text: str) -> str:
+    """A story without task ids (each run makes its own), the counters that go on over
+    a harness's life (a consumer's connection, a pool's job number, a delivery tag),
+    and an overlap's schedule (the spec that replays it names it)."""
+    seen: dict[str, str] = {}
+    text = re.sub(r"#\d+|Job: \d+|broker-\d+\.\d+", "#n", text)
+    text = re.sub(r"overlap\([^)]*\)", "overlap", text)
+    return _IDS.sub(lambda found: seen.setdefault(found[0][:8], f"<id{len(seen)}>"), text)
+
+
+def _fresh_run(app: Celery, parent: Any, world: list[str], spec: str) -> tuple[Any, ...]:
+    """``run(signature, spec)`` in a fresh harness: outcome, world, timeline, choices."""
+    world.clear()
+    with CeleryFaults(app, seed=7, check_unfired=False) as fresh:
+        fresh.track((app.conf.lc_steps, "step"), duration=1.0)
+        outcome = fresh.run(parent.s(1), spec)
+        choices = list(fresh.scheduler.choices)
+        return _told(outcome.summary()), list(world), _told(str(fresh.timeline)), choices
+
+
+def test_each_scenario_of_a_concurrent_sweep_replays_exactly(app: Celery) -> None:
+    # The scheduler's and the workers' random choices went on from one scenario to
+    # the next, so a scenario's replay string, run on its own, took other
+    # interleavings (17 of 27 scenarios with worker_concurrency=2). (#19.14)
+    parent, world = _parent_and_child(app)
+    with CeleryFaults(app, seed=7) as faults:
+        faults.track((app.conf.lc_steps, "step"), duration=1.0)
+        report = faults.sweep(
+            parent.s(1), lambda: list(world), reset=world.clear, hows=("sigkill", "power_loss")
+        )
+        assert len(report.scenarios) > 20
+        in_the_sweep = {}
+        for scenario in report.scenarios:  # again in the same harness, one after another
+            faults.reset()
+            world.clear()
+            faults.run(parent.s(1), scenario.replay)
+            in_the_sweep[scenario.replay] = _told(str(faults.timeline))
+        faults.reset()
+    differ = []
+    for scenario in report.scenarios:
+        summary, observed, timeline, _ = _fresh_run(app, parent, world, scenario.replay)
+        swept = (_told(scenario.outcome.summary()), scenario.observed)
+        if (summary, observed) != swept or timeline != in_the_sweep[scenario.replay]:
+            differ.append(scenario.replay)
+    assert not differ, f"{len(differ)} of {len(report.scenarios)} replayed otherwise: {differ}"
+
+
+def test_executions_running_at_once_have_labels_of_their_own(app: Celery) -> None:
+    # A child task's first delivery ran as "1" beside its parent's "1": a choice
+    # between them could not be named, every_schedule never explored the other,
+    # and overlap(SCHEDULE) was ambiguous. (#19.14)
+    parent, world = _parent_and_child(app)
+    _, _, timeline, choices = _fresh_run(app, parent, world, "overlap")
+    assert any(len(options) > 2 for _, options in choices)  # both copies and the child
+    assert all(len(set(options)) == len(options) for _, options in choices), choices
+    schedule = "".join(chosen for chosen, _ in choices)
+    assert "3" in schedule
+    _, _, replayed, again = _fresh_run(app, parent, world, f"overlap({schedule})")
+    assert again == choices
+    assert replayed == timeline
