@@ -29,6 +29,12 @@ ENDINGS_AFTER_A_PUBLISH = (
     "cold_shutdown@1",
     "raise(ConnectionError)@0",  # the publish itself raises
     "raise(ConnectionError)@1",
+    "soft_timeout@1",
+    "warm_shutdown@1",
+    "sigkill@1;power_loss@2",
+    "ack_lost",
+    "redeliver",
+    "overlap",
 )
 
 
@@ -51,6 +57,7 @@ def test_a_thousand_faults_after_a_publish_leak_no_broker_connection(app: Celery
     # broker_pool_limit (10) of them the next publish waited forever. (#19.4)
     _, checkout = _publishing_tasks(app)
     app.conf.task_time_limit = 60
+    app.conf.task_soft_time_limit = 30
     with CeleryFaults(app) as faults:
         pool = app.pool
         for scenario in range(1000):
