@@ -28,8 +28,11 @@ from celery.utils import time as celery_time
 from celery.utils.serialization import get_pickled_exception
 from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
-from kombu.connection import Connection
+from kombu.connection import Connection, ConnectionPool
+from kombu.exceptions import ConnectionLimitExceeded
 from kombu.utils.encoding import safe_repr
+
+from .errors import BrokerPoolExhausted
 
 __all__ = [
     "ExceptionInfo",
@@ -288,6 +291,41 @@ def forget_worker_state(request_ids: Iterable[str]) -> None:
                     bucket.discard(request)
 
 
+class CountedConnectionPool(ConnectionPool):
+    """kombu's connection pool for the app, counting, and never waiting for a connection.
+
+    kombu's ``acquire(block=True)`` (what Celery's ``connection_or_acquire``
+    asks for) waits until another thread releases a connection. In the
+    emulation one execution runs at a time, so nothing could ever release one
+    meanwhile: a pool with every connection taken is a leak, and waiting would
+    hang the test. It raises :class:`BrokerPoolExhausted` instead, saying so.
+    ``acquired`` and ``released`` count the connections handed out and given back.
+    """
+
+    def __init__(self, connection: Any, limit: int | None = None, **kwargs: Any) -> None:
+        self.acquired = 0
+        self.released = 0
+        super().__init__(connection, limit=limit, **kwargs)  # type: ignore[no-untyped-call]
+
+    def acquire(self, block: bool = False, timeout: float | None = None) -> Any:
+        try:
+            connection = super().acquire(block=False)  # type: ignore[no-untyped-call]
+        except ConnectionLimitExceeded:
+            raise BrokerPoolExhausted(
+                f"celery_faults: all {self.limit} connections of the app's broker pool "
+                f"(broker_pool_limit) are taken and none was given back: a connection taken "
+                f"with app.pool.acquire() or app.connection_or_acquire() and never released "
+                f"leaks; release it (use it as `with`). Waiting would hang: one execution "
+                f"runs at a time here, so none could give one back"
+            ) from None
+        self.acquired += 1
+        return connection
+
+    def release(self, resource: Any) -> None:
+        self.released += 1
+        super().release(resource)  # type: ignore[no-untyped-call]
+
+
 #: ``app.amqp`` cached properties that hold a broker connection or settings.
 _AMQP_CACHES = ("_event_dispatcher", "send_task_message")
 
@@ -365,7 +403,7 @@ class installed_app_state:
         object.__setattr__(conf, "__class__", _environment_blind_class(type(conf)))
         connection = self.connection_factory()
         limit = conf.broker_pool_limit or 10
-        app._pool = connection.Pool(limit)
+        app._pool = CountedConnectionPool(connection, limit=limit)
         from kombu.pools import ProducerPool
 
         amqp._producer_pool = ProducerPool(app._pool, limit=limit)

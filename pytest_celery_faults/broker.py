@@ -667,9 +667,13 @@ class BoundProducer(Producer):
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         # kombu replaces (closes) the pooled connection of a producer that
         # raised; the next publish then binds a new producer, as kombu's pool would.
+        # A producer already replaced (a killed execution left its ``with`` only
+        # when discarded, after another had replaced it) has nothing left to give
+        # back, and must not close the connection that now serves the next one.
+        if exc_type is None or self is not self.pool.bound:
+            return
         super().__exit__(exc_type, exc, tb)
-        if exc_type is not None:
-            self.pool.forget(self)
+        self.pool.forget(self)
 
 
 class BoundProducerPool:
@@ -696,10 +700,25 @@ class BoundProducerPool:
             self._producer = producer
         return producer  # its release() (on leaving ``with``) does nothing: it stays bound
 
+    @property
+    def bound(self) -> BoundProducer | None:
+        """The producer every publish uses until one raises."""
+        return self._producer
+
     def forget(self, producer: BoundProducer) -> None:
-        """``producer``'s connection was replaced in its pool: bind a new one next time."""
-        if producer is self._producer:
-            self._producer = self._connection = None
+        """``producer``'s connection was replaced in its pool: bind a new one next time.
+
+        The replaced connection goes back to the connection pool, as kombu's
+        ``ProducerPool.release`` gives it back after ``Producer.__exit__``
+        replaced it; kept, every fault at a publish would leak one, and after
+        ``broker_pool_limit`` of them no publish could get a connection.
+        """
+        if producer is not self._producer:
+            return
+        connection = self._connection
+        self._producer = self._connection = None
+        if connection is not None:
+            connection.release()
 
     def release(self, resource: Any) -> None:
         """Nothing to give back: the one producer stays bound."""

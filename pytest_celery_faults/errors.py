@@ -23,6 +23,18 @@ class RefusedError(CeleryFaultsError, RuntimeError):
     """The harness cannot make what it promises true for this app; the message says why."""
 
 
+class HarnessMisuseError(CeleryFaultsError, RuntimeError):
+    """The harness was driven from inside a task, or from a thread other than its own."""
+
+
+class BrokerPoolExhausted(CeleryFaultsError):
+    """Every connection of the app's broker pool is taken and none was given back: a leak.
+
+    kombu would wait for one; in the emulation nothing could give one back, so
+    waiting would hang the test.
+    """
+
+
 class TimeLimitPassed(BaseException):
     """The test's time limit passed while the harness was draining: the drain stops.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from time import monotonic as real_monotonic
 from types import TracebackType
@@ -45,7 +46,13 @@ from .effects import (
     resolve_target,
     tracking_wrapper,
 )
-from .errors import DrainError, RefusedError, TimeLimitPassed, UnfiredFaultError
+from .errors import (
+    DrainError,
+    HarnessMisuseError,
+    RefusedError,
+    TimeLimitPassed,
+    UnfiredFaultError,
+)
 from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .history import LOSSES, NOT_IDEMPOTENT, History
 from .idempotency import Scenario, SweepReport
@@ -96,6 +103,11 @@ class CeleryFaults:
         #: A ``time.monotonic()`` instant (the test's time limit) past which drains stop.
         self.deadline: float | None = None
         self.active = False
+        #: The thread that started the harness: the one that drives it.
+        self._driver: threading.Thread | None = None
+        #: A refused use (from a task, from another thread): the driver raises it too.
+        self._misuse: HarnessMisuseError | None = None
+        self._draining = 0  # drains in progress (a task waiting for a result drains inside one)
 
     # -- life cycle -------------------------------------------------------------
 
@@ -146,6 +158,8 @@ class CeleryFaults:
     def _start(self, undo: contextlib.ExitStack) -> None:
         """What ``start()`` does, each step pushing its undo on ``undo`` as soon as it is done."""
         app = self.app
+        self._driver = threading.current_thread()
+        self._misuse = None
         self.clock = VirtualClock()
         self.profile = BrokerProfile.named(
             self.profile_name, app.conf.broker_transport_options or {}
@@ -155,7 +169,11 @@ class CeleryFaults:
         self.ledger: Ledger = self.broker.ledger
         self.effects = EffectLog(self.clock)
         self.plan = FaultPlan()
-        self.random = random.Random(self.seed)
+        #: Every scenario's choices start from this seed (drawn once when none is given).
+        self._scenario_seed = (
+            self.seed if self.seed is not None else random.SystemRandom().getrandbits(64)
+        )
+        self.random = random.Random(self._scenario_seed)
         self.scheduler = Scheduler(self.random)
         self.body_time = TimeInBodies(self.clock, self.effects.sleep)
         undo.callback(self.body_time.close)
@@ -242,7 +260,6 @@ class CeleryFaults:
                 f"tasks would not run on the emulated worker (is app.conf a Settings class "
                 f"that answers these itself?)"
             )
-        self._draining = 0  # drain() calls under way (a task may drain for a result inside one)
 
     def stop(self) -> None:
         """Undo everything ``start()`` did, in the reverse order.
@@ -289,6 +306,9 @@ class CeleryFaults:
                 step()
             except BaseException as failure:  # the next steps run all the same
                 failures.append(failure)
+        if self._misuse is not None:
+            failures.append(self._misuse)  # refused where it was swallowed: the test fails
+            self._misuse = None
         if len(failures) == 1:
             raise failures[0]
         if failures:
@@ -309,7 +329,7 @@ class CeleryFaults:
         Suite-wide specs (``--celery-faults``) are armed again unless
         ``suite_wide=False`` (scenarios that choose their own faults).
         """
-        self._require_active()
+        self._require_driver("reset")
         self._discard_frozen()
         request_ids: set[str] = set()
         for worker in self.workers:
@@ -324,16 +344,18 @@ class CeleryFaults:
         self.plan.clear()
         self.history.clear()
         self.http.calls.reset()
-        if self.seed is not None:
-            self.jitter.seed(self._jitter_seed)  # a scenario's retry delays replay exactly
+        # Every random source starts again from the seed, as in a fresh harness: a
+        # scenario's interleavings, worker order and retry delays replay exactly.
+        self.random.seed(self._scenario_seed)
+        self.jitter.seed(self._jitter_seed)
         if suite_wide:
             for spec in self.suite_wide:
                 self.plan.arm(spec, explicit=False)
 
     @property
-    def _jitter_seed(self) -> str | None:
+    def _jitter_seed(self) -> str:
         """``retry_jitter``'s draws come from the seed, apart from the worker order's."""
-        return None if self.seed is None else f"{self.seed}:retry_jitter"
+        return f"{self._scenario_seed}:retry_jitter"
 
     def _new_worker(self, index: int) -> EmulatedWorker:
         return EmulatedWorker(
@@ -393,6 +415,11 @@ class CeleryFaults:
             self.plan.disarm(armed)
         self.suite_wide.clear()
 
+    def _disarm_own(self) -> None:
+        """Take back every spec armed for the test itself (scenarios cut short leave theirs)."""
+        for armed in [armed for armed in self.plan.armed if armed.explicit]:
+            self.plan.disarm(armed)
+
     def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome:
         """Publish ``signature`` with ``specs`` bound to it, drain, return its outcome.
 
@@ -400,7 +427,7 @@ class CeleryFaults:
         or chord they bind to the first matching message the canvas publishes,
         and the outcome returned is that of the canvas's frozen (last) task.
         """
-        self._require_active()
+        self._require_driver("run")
         refuse_foreign(self.app, signature)
         frozen = signature.freeze()
         plain = getattr(signature, "subtask_type", None) is None
@@ -422,7 +449,7 @@ class CeleryFaults:
         :mod:`.replay`): the same message under a fresh task id, through the
         same publish signals, broker and worker.
         """
-        self._require_active()
+        self._require_driver("run")
         if self.after_run:
             raise RuntimeError("a copy cannot stand in for run() with after-run hooks")
         task_id = published.task_id_for_copy()
@@ -448,7 +475,7 @@ class CeleryFaults:
 
         Returns the outcomes of the task ids delivered meanwhile, in delivery order.
         """
-        self._require_active()
+        self._require_driver("drain")
         first_event = len(self.ledger)
         self._drain()
         touched: dict[str, None] = {}
@@ -459,12 +486,17 @@ class CeleryFaults:
 
     def _drain(self) -> None:
         # What holds process-wide while the worker side runs: virtual time, a child's state.
-        with self.body_time, internals.worker_process_state():
-            self._draining += 1
-            try:
+        self._draining += 1
+        try:
+            with self.body_time, internals.worker_process_state():
                 self._run_until_quiet()
-            finally:
-                self._draining -= 1
+        finally:
+            self._draining -= 1
+        misuse = self._misuse
+        if misuse is not None and not self._draining:
+            # Refused inside a task, whatever the task did with the refusal: the test fails.
+            self._misuse = None
+            raise misuse
 
     def _run_until_quiet(self) -> None:
         """Start deliveries on free children, let the scheduler run stacks, move the clock.
@@ -714,6 +746,32 @@ class CeleryFaults:
     def _require_active(self) -> None:
         if not self.active:
             raise RuntimeError("the CeleryFaults harness is not active (use it as `with`)")
+
+    def _require_driver(self, what: str) -> None:
+        """``what()`` drives the worker: only from the test's code, on the harness's thread."""
+        self._require_active()
+        execution = self.effects.execution
+        here = threading.current_thread()
+        if execution is not None or current_stack() is not None:
+            task = f"{execution.task_name}[{execution.task_id}]" if execution else "a task"
+            problem = (
+                f"celery_faults: {what}() called from inside the task {task} while the "
+                f"emulated worker runs it; the harness drives the worker from the test: "
+                f"call it from the test, after run() or drain() returns"
+            )
+        elif here is not self._driver:
+            driver = self._driver.name if self._driver is not None else "?"
+            problem = (
+                f"celery_faults: {what}() called from the thread {here.name!r}, but this "
+                f"harness is driven from the thread that started it ({driver!r}); one "
+                f"harness runs on one thread (start a harness in each thread instead)"
+            )
+        else:
+            return
+        refused = HarnessMisuseError(problem)
+        if self._misuse is None:
+            self._misuse = refused
+        raise refused
 
     def _on_prerun(self, task_id: str | None = None, **_: Any) -> None:
         # An execution is a run of the body; a deduplicated redelivery has none.

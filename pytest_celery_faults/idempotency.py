@@ -10,12 +10,13 @@ names the others; ``sweep`` reports every class.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
 import pprint
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,6 +55,8 @@ class Runs(Protocol):
     def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome: ...
 
     def _run_copy(self, published: PublishedMessage, *specs: str | FaultSpec) -> Outcome: ...
+
+    def _disarm_own(self) -> None: ...
 
     def unfired(self, *, explicit_only: bool = True) -> list[ArmedSpec]: ...
 
@@ -318,6 +321,19 @@ class Idempotency:
     def finish(self) -> None:
         self._fresh(final=True)
 
+    @contextlib.contextmanager
+    def disarming(self) -> Iterator[None]:
+        """Scenarios run inside: however they end, none of their specs stays armed.
+
+        A run cut short (``observe()`` raised, the time limit passed, Ctrl-C)
+        would otherwise leave its scenario's spec armed, and the test's
+        teardown would blame the test for a fault the sweep chose.
+        """
+        try:
+            yield
+        finally:
+            self.harness._disarm_own()
+
 
 def check(
     harness: Runs,
@@ -330,10 +346,11 @@ def check(
     """Run the scenarios; fail on the ``failing`` classes, naming the other findings."""
     __tracebackhide__ = True
     runner = Idempotency(harness, signature, observe, reset)
-    baseline, boundaries = runner.baseline()
-    chosen = list(specs) if specs is not None else default_specs(boundaries)
-    scenarios = runner.scenarios(chosen, baseline)
-    runner.finish()
+    with runner.disarming():
+        baseline, boundaries = runner.baseline()
+        chosen = list(specs) if specs is not None else default_specs(boundaries)
+        scenarios = runner.scenarios(chosen, baseline)
+        runner.finish()
     _raise_for(baseline.outcome, scenarios, failing)
     explicit_unfired = [s for s in scenarios if s.verdict == UNFIRED] if specs else []
     if explicit_unfired:
@@ -355,19 +372,20 @@ def sweep(
 ) -> SweepReport:
     """Every kind at every boundary, then every pair for two deliveries; a report."""
     runner = Idempotency(harness, signature, observe, reset)
-    baseline, boundaries = runner.baseline()
-    report = SweepReport(baseline.outcome, baseline.observed)
-    singles = boundary_specs([how for how in hows if how != EVERY_OVERLAP], boundaries)
-    overlaps = [EVERY_OVERLAP] if EVERY_OVERLAP in hows else []
-    specs = [*WHOLE_MESSAGE_SPECS, *singles, *overlaps]
-    report.scenarios.extend(runner.scenarios(specs, baseline))
-    if pairs:
-        # Only a first fault that leads to a second delivery can pair with another.
-        redelivering = [
-            s.spec for s in report.scenarios if s.spec in singles and s.outcome.deliveries > 1
-        ]
-        for first in redelivering:
-            for second in singles:
-                report.scenarios.append(runner.scenario(f"{first};{second}", baseline))
-    runner.finish()
+    with runner.disarming():
+        baseline, boundaries = runner.baseline()
+        report = SweepReport(baseline.outcome, baseline.observed)
+        singles = boundary_specs([how for how in hows if how != EVERY_OVERLAP], boundaries)
+        overlaps = [EVERY_OVERLAP] if EVERY_OVERLAP in hows else []
+        specs = [*WHOLE_MESSAGE_SPECS, *singles, *overlaps]
+        report.scenarios.extend(runner.scenarios(specs, baseline))
+        if pairs:
+            # Only a first fault that leads to a second delivery can pair with another.
+            redelivering = [
+                s.spec for s in report.scenarios if s.spec in singles and s.outcome.deliveries > 1
+            ]
+            for first in redelivering:
+                for second in singles:
+                    report.scenarios.append(runner.scenario(f"{first};{second}", baseline))
+        runner.finish()
     return report

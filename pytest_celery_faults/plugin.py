@@ -359,20 +359,28 @@ def limit_hung_tasks(config: pytest.Config, items: list[pytest.Item]) -> None:
 
     When the limit stops a test inside a task, the failure says which task and
     after which side effect it hung (a note on pytest-timeout's exception).
+    A limit the user set, ``0`` ("no timeout") included, is theirs to keep.
     """
-    if not config.pluginmanager.hasplugin("timeout"):
-        return
-    configured = (
-        config.getoption("timeout", default=None)
-        or config.getini("timeout")
-        or os.environ.get("PYTEST_TIMEOUT")
-    )
-    if configured:
+    if not config.pluginmanager.hasplugin("timeout") or _session_timeout(config) is not None:
         return
     for item in items:
         uses_harness = "celery_faults" in getattr(item, "fixturenames", ())
         if uses_harness and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT))
+
+
+def _session_timeout(config: pytest.Config) -> Any:
+    """pytest-timeout's session setting, read in its order: command line, environment, ini.
+
+    The first source that is set wins, even with ``0`` (which means no timeout);
+    ``None`` when none is set.
+    """
+    value: Any = config.getoption("timeout", default=None)
+    if value is None:
+        value = os.environ.get("PYTEST_TIMEOUT")
+    if value is None and config.pluginmanager.hasplugin("timeout"):
+        value = config.getini("timeout") or None
+    return value
 
 
 def _deadline(item: pytest.Item) -> float | None:
@@ -384,10 +392,7 @@ def _deadline(item: pytest.Item) -> float | None:
     if marker is not None:
         value = marker.kwargs.get("timeout", marker.args[0] if marker.args else None)
     if value is None:
-        config = item.config
-        value = config.getoption("timeout", default=None) or os.environ.get("PYTEST_TIMEOUT")
-        if value is None and config.pluginmanager.hasplugin("timeout"):
-            value = config.getini("timeout")
+        value = _session_timeout(item.config)
     try:
         seconds = float(value)
     except (TypeError, ValueError):

@@ -42,6 +42,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
+from .faults import SCHEDULE_LABELS as LABELS
+
 #: How long (real seconds) a discarded stack may take to unwind before it is abandoned.
 DISCARD_SECONDS = 5.0
 #: How often (real seconds) the harness's thread wakes while a stack runs, for signals.
@@ -82,7 +84,7 @@ class Stack:
         self.scheduler = scheduler
         self.before_discard = before_discard
         self.body = body
-        self.label = label  # what a schedule string names it by (its delivery number)
+        self.label = label  # what a schedule string names it by (see Scheduler.spawn)
         self.owner = owner  # the worker whose child runs it
         self.on_done = on_done
         self.on_frozen = on_frozen
@@ -221,16 +223,25 @@ class Scheduler:
         self,
         body: Callable[[], Any],
         *,
-        label: str,
         owner: Any,
         on_done: Callable[[Stack], None],
         on_frozen: Callable[[Stack], None],
         before_discard: Callable[[], None] | None = None,
     ) -> Stack:
+        """A stack for ``body``, labelled with the first label no other live stack holds.
+
+        Labels name executions in schedules (``overlap(SCHEDULE)``, the choices
+        made), so no two stacks that can run hold the same one (a child task's
+        first delivery and its parent's were both "1", and the interleavings
+        that told them apart were never explored). The first free one is taken
+        again when its stack ended or froze (a frozen stack never runs again):
+        the same run gives the same labels, and overlapping copies of a message
+        run as "1" and "2" as before.
+        """
         stack = Stack(
             self,
             body,
-            label=label,
+            label=self._free_label(),
             owner=owner,
             on_done=on_done,
             on_frozen=on_frozen,
@@ -241,6 +252,16 @@ class Scheduler:
             carrier = self._carriers.pop() if self._carriers else None
         (carrier or _Carrier()).carry(stack)
         return stack
+
+    def _free_label(self) -> str:
+        taken = {stack.label for stack in self.stacks if stack.state not in ("frozen", "done")}
+        for label in LABELS:
+            if label not in taken:
+                return label
+        raise ScheduleError(
+            f"more than {len(LABELS)} executions run at once; a schedule names at most "
+            f"{len(LABELS)} (lower worker_concurrency or the number of workers)"
+        )
 
     def _idle(self, carrier: _Carrier, *, reusable: bool) -> None:
         """On the carrier's thread, its stack done: back to the pool, or ended."""

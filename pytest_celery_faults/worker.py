@@ -103,7 +103,6 @@ class ChildExecution:
     effect_count: int = 0
     dead: bool = False
     started: bool = False
-    label: str = ""  # what a schedule names it by: "1" and "2" for an overlapping pair
     stack: Stack | None = None
     pending: BaseException | None = None  # an inline execution's interrupt, raised at its wait
     soft_timeout: Callable[[], None] = lambda: None
@@ -281,7 +280,6 @@ class InProcessPool:
         if worker.needs_own_stack(execution, timeout):
             execution.stack = worker.scheduler.spawn(
                 lambda: self._run_child(job),
-                label=execution.label or str(execution.delivery),
                 owner=job,
                 on_done=lambda stack: self._finish(job, *stack.result),
                 on_frozen=lambda stack: self._frozen(job, stack.frozen_by),
@@ -513,7 +511,6 @@ class EmulatedWorker:
         self.stop_requested = False
         self.rate_limits_disabled = bool(app.conf.worker_disable_rate_limits)
         self._token_back_at: dict[str, float] = {}  # task name -> when its bucket refills
-        self._overlap_copies: set[str] = set()  # delivery tags of duplicate copies
         broker.consumer_started(self.consumer)
 
     def _next_pid(self) -> int:
@@ -660,9 +657,6 @@ class EmulatedWorker:
         )
         if step is not None and step.kind == "ack_lost":
             self.broker.drop_ack(delivery.tag, lambda: self._ack_lost(record, step))
-        if delivery.tag in self._overlap_copies:
-            self._overlap_copies.discard(delivery.tag)
-            execution.label = "2"
         if step is not None and step.kind == "overlap":
             self._overlap(delivery, execution, step)
         self.preparing = execution
@@ -698,12 +692,10 @@ class EmulatedWorker:
     def _overlap(self, delivery: Delivery, execution: ChildExecution, step: Step) -> None:
         """A second copy of the message arrives while this delivery runs; both run at once."""
         execution.step = None
-        execution.label = "1"
         self.on_fired(execution.record, step)
         execution.record.fired = step
         self.extra_slots += 1
         copy = self.broker.deliver_copy(delivery.message, self.consumer)
-        self._overlap_copies.add(copy.tag)
         self._receive(copy, first=True)
         if step.schedule:
             self.scheduler.follow(step.schedule)
@@ -792,7 +784,6 @@ class EmulatedWorker:
         self.extra_slots = 0
         self.pool.running.clear()
         self._token_back_at.clear()
-        self._overlap_copies.clear()
         self._drop_held()
         self.broker.consumer_started(self.consumer)
 
