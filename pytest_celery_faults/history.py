@@ -14,7 +14,13 @@ worker saw it and the ``observe()`` difference:
 - ``diverged``: it ran again (or ended otherwise) and the world differs for another reason;
 - ``lost``: it never completed and nothing ran it again;
 - ``partial``: lost after some of its side effects, leaving the world half done;
+- ``ended_otherwise``: its process went away and nothing ran it again, but only
+  after its work was done: its result was stored (SUCCESS), or every side effect
+  of the fault-free run had completed and ``observe()`` matches it. The task
+  ended otherwise and the world is whole, so no assertion fails on it;
 - ``ok``: the world and the task's fate are those of the fault-free run.
+
+Loss is judged on the world and on what was stored, not on how the process ended.
 """
 
 from __future__ import annotations
@@ -35,12 +41,15 @@ DUPLICATED = "duplicated"
 DIVERGED = "diverged"
 LOST = "lost"
 PARTIAL = "partial"
+ENDED_OTHERWISE = "ended_otherwise"
 OK = "ok"
 #: The classes ``assert_idempotent`` fails on, and those ``assert_no_loss`` fails on.
 NOT_IDEMPOTENT: tuple[str, ...] = (DUPLICATED, DIVERGED)
 LOSSES: tuple[str, ...] = (LOST, PARTIAL)
+#: The classes named in failures and summaries that no assertion fails on.
+NAMED_ONLY: tuple[str, ...] = (ENDED_OTHERWISE,)
 #: Every class, worst first (the order reports list them in).
-CLASSES: tuple[str, ...] = (DUPLICATED, DIVERGED, PARTIAL, LOST, OK)
+CLASSES: tuple[str, ...] = (DUPLICATED, DIVERGED, PARTIAL, LOST, ENDED_OTHERWISE, OK)
 #: What the worker saw of an execution that ran its task to an end.
 FINISHED = frozenset({"returned", "raised"})
 
@@ -276,6 +285,13 @@ def classify(baseline: Evidence, faulted: Evidence) -> tuple[str, str]:
     world_differs = faulted.observed != baseline.observed
     if outcome.lost:
         saw = _SAW.get(outcome.ended, f"the worker saw: {outcome.ended}")
+        if not world_differs:
+            done = _work_done(baseline, faulted)
+            if done:
+                return ENDED_OTHERWISE, (
+                    f"ended otherwise: {saw} {done} and nothing ran it again, but nothing "
+                    f"was lost: observe() matches the fault-free run"
+                )
         if faulted.effect_count and world_differs:
             done = ", ".join(f"{label} x{n}" for label, n in sorted(faulted.effects.items()))
             return PARTIAL, (
@@ -313,6 +329,22 @@ def classify(baseline: Evidence, faulted: Evidence) -> tuple[str, str]:
             f"{shown} where the fault-free run {baseline.outcome.ended}"
         )
     return OK, f"ok: {runs}; the world and the task's fate match the fault-free run"
+
+
+def _work_done(baseline: Evidence, faulted: Evidence) -> str:
+    """When a lost task had done its work already, in words (empty when it had not).
+
+    Done means its result was stored (a child lost in ``on_success``, a
+    ``task_postrun`` receiver or ``process_cleanup``: Celery keeps the SUCCESS),
+    or every side effect of the fault-free run had completed.
+    """
+    if faulted.outcome.state == "SUCCESS":
+        return "after its result was stored (SUCCESS)"
+    if baseline.effect_count and all(
+        faulted.effects[label] >= n for label, n in baseline.effects.items()
+    ):
+        return f"after its last side effect ({faulted.effect_count} done)"
+    return ""
 
 
 def _effect_text(effect: Effect) -> str:

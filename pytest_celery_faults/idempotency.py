@@ -3,9 +3,11 @@
 ``observe()`` is the user's view of the world (rows in a table, e-mails sent,
 charges made); ``reset()`` puts it back between scenarios. Each faulted run
 gets a failure class from its history (:mod:`.history`): ``duplicated``,
-``diverged``, ``lost``, ``partial`` or ``ok``. ``assert_idempotent`` fails on
-the first two and names the others; ``assert_no_loss`` fails on the losses and
-names the others; ``sweep`` reports every class.
+``diverged``, ``lost``, ``partial``, ``ended_otherwise`` or ``ok``.
+``assert_idempotent`` fails on the first two and names the others;
+``assert_no_loss`` fails on the losses and names the others (``ended_otherwise``,
+a task whose process went away after its work was done, fails neither);
+``sweep`` reports every class.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from celery import Celery
 
 from . import replay
 from .faults import ArmedSpec, FaultSpec, parse_spec
-from .history import CLASSES, LOSSES, NOT_IDEMPOTENT, OK, Evidence, History
+from .history import (
+    CLASSES,
+    ENDED_OTHERWISE,
+    LOSSES,
+    NAMED_ONLY,
+    NOT_IDEMPOTENT,
+    OK,
+    Evidence,
+    History,
+)
 from .outcome import Outcome, Timeline, TimelineEntry
 from .replay import PublishedMessage
 from .scheduler import Scheduler, every_schedule
@@ -92,7 +103,7 @@ class Scenario:
     @property
     def failed(self) -> bool:
         """Whether the scenario is a finding: duplicated, diverged, lost or partial."""
-        return self.verdict not in (OK, UNFIRED)
+        return self.verdict in NOT_IDEMPOTENT or self.verdict in LOSSES
 
     @property
     def replay(self) -> str:
@@ -139,6 +150,11 @@ class SweepReport:
     def losses(self) -> list[Scenario]:
         """Lost and partial scenarios: the task never completed."""
         return self.of_class(*LOSSES)
+
+    @property
+    def ended_otherwise(self) -> list[Scenario]:
+        """Scenarios whose task went away after its work was done: nothing lost."""
+        return self.of_class(ENDED_OTHERWISE)
 
     @property
     def unfired(self) -> list[Scenario]:
@@ -200,14 +216,26 @@ def failure_message(
 
 def _named_not_failed(scenarios: Sequence[Scenario], failing: Sequence[str]) -> str:
     """The findings an assertion does not fail on, named so they are not missed."""
-    rest = [s for s in sorted(scenarios, key=_simplicity) if s.failed and s.verdict not in failing]
-    if not rest:
-        return ""
+    ordered = sorted(scenarios, key=_simplicity)
     other = "assert_idempotent" if tuple(failing) == LOSSES else "assert_no_loss"
-    lines = [f"Not failed here (the class of {other}):"]
-    lines.extend(f"  {s.spec!r}: {s.problem}" for s in rest[:20])
-    if len(rest) > 20:
-        lines.append(f"  ... and {len(rest) - 20} more")
+    groups = (
+        (
+            f"Not failed here (the class of {other}):",
+            [s for s in ordered if s.failed and s.verdict not in failing],
+        ),
+        (
+            "Ended otherwise, nothing lost (no assertion fails on these):",
+            [s for s in ordered if s.verdict in NAMED_ONLY],
+        ),
+    )
+    lines: list[str] = []
+    for title, rest in groups:
+        if not rest:
+            continue
+        lines.append(title)
+        lines.extend(f"  {s.spec!r}: {s.problem}" for s in rest[:20])
+        if len(rest) > 20:
+            lines.append(f"  ... and {len(rest) - 20} more")
     return "\n".join(lines)
 
 
