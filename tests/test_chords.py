@@ -149,3 +149,41 @@ def test_redis_chords_follow_the_installed_celery_on_duplicates(
     outcome, _ = run_two_line_chord(app, REDIS, "shop.line:redeliver")
     # line a ran twice before line b: the count reached 2 with [1, 1]
     assert (outcome.state, outcome.result, outcome.executions) == ("SUCCESS", 2, 1)
+
+
+@pytest.mark.parametrize("backend", [None, REDIS, "cache+memory://"])
+def test_a_chord_whose_member_is_lost_is_a_loss_not_a_divergence(
+    app: Celery, backend: str | None
+) -> None:
+    """Early ack: a killed header task fails the chord and the body never runs."""
+    if backend:
+        app.conf.result_backend = backend
+
+    @app.task(name="shop.line", shared=False)
+    def line(order: str, amount: int) -> int:
+        ledger.write(order, amount)
+        return amount
+
+    @app.task(name="shop.total", shared=False)
+    def total(amounts: list[int]) -> int:
+        ledger.write("total", sum(amounts))
+        return sum(amounts)
+
+    signature = chord([line.s("a", 1), line.s("b", 2)], total.s())
+    specs = ["sigkill@0", "sigkill@1", "exit(1)@1"]
+    with CeleryFaults(app) as faults:
+        faults.track((ledger, "write"))
+        scenarios = faults.assert_idempotent(
+            signature, lambda: dict(ledger.rows), ledger.rows.clear, specs=specs
+        )
+        with pytest.raises(AssertionError, match=r"shop.total can be lost: 3 of 3 fault"):
+            faults.assert_no_loss(
+                signature, lambda: dict(ledger.rows), ledger.rows.clear, specs=specs
+            )
+    assert [s.verdict for s in scenarios] == ["partial"] * 3, [s.problem for s in scenarios]
+    assert scenarios[0].problem.startswith("partial: shop.line[")
+    assert scenarios[0].problem.endswith(
+        "never completed and nothing ran it again (its child process was killed), so "
+        "shop.total never ran (state FAILURE, ChordError); the 1 side effect(s) done "
+        "(Ledger.write x1) leave the world half done"
+    ), scenarios[0].problem
