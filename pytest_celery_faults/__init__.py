@@ -16,6 +16,7 @@ if TYPE_CHECKING:
         CeleryFaultsError,
         CeleryFaultsWarning,
         DrainError,
+        EmulationError,
         FaultSpecError,
         UnfiredFaultError,
     )
@@ -29,6 +30,7 @@ __all__ = [
     "CeleryFaultsError",
     "CeleryFaultsWarning",
     "DrainError",
+    "EmulationError",
     "FaultSpec",
     "FaultSpecError",
     "InMemoryBroker",
@@ -49,6 +51,7 @@ _HOMES = {
     "CeleryFaultsError": "errors",
     "CeleryFaultsWarning": "errors",
     "DrainError": "errors",
+    "EmulationError": "errors",
     "FaultSpecError": "errors",
     "UnfiredFaultError": "errors",
     "FaultSpec": "faults",

@@ -44,7 +44,7 @@ from .effects import (
     resolve_target,
     tracking_wrapper,
 )
-from .errors import DrainError, TimeLimitPassed, UnfiredFaultError
+from .errors import DrainError, EmulationError, TimeLimitPassed, UnfiredFaultError
 from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .history import LOSSES, NOT_IDEMPOTENT, History
 from .idempotency import Scenario, SweepReport
@@ -93,6 +93,7 @@ class CeleryFaults:
         self.stack_suite_wide = stack_suite_wide
         #: A ``time.monotonic()`` instant (the test's time limit) past which drains stop.
         self.deadline: float | None = None
+        self._drain_depth = 0  # nested drains: a result.get() inside an inline task
         self.active = False
 
     # -- life cycle -------------------------------------------------------------
@@ -411,8 +412,21 @@ class CeleryFaults:
 
     def _drain(self) -> None:
         # What holds process-wide while the worker side runs: virtual time, a child's state.
-        with self.body_time, internals.worker_process_state():
-            self._run_until_quiet()
+        self._drain_depth += 1
+        try:
+            with self.body_time, internals.worker_process_state():
+                self._run_until_quiet()
+        finally:
+            self._drain_depth -= 1
+        if not self._drain_depth:  # a task's result.get() drains inside the outer drain
+            self._raise_plugin_failures()
+
+    def _raise_plugin_failures(self) -> None:
+        """An error of the plugin's own inside an execution fails the test, never reads as ok."""
+        failures = self.effects.take_failures()
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise EmulationError(failures[0] + more)
 
     def _run_until_quiet(self) -> None:
         """Start deliveries on free children, let the scheduler run stacks, move the clock.
@@ -472,10 +486,13 @@ class CeleryFaults:
         if current_stack() is not None:
             # A task on a stack of its own waits for a result (a chord's join):
             # only the harness's thread may run the worker side.
-            raise RuntimeError(
+            refused = RuntimeError(
                 "celery_faults: a task running beside others waited for a result that is "
                 "not ready; the emulated worker cannot run other tasks from inside it"
             )
+            execution = self.effects.execution
+            self.effects.plugin_failed(execution, refused, "as it waited for a result")
+            raise refused
         self._drain()
 
     def _live_workers(self) -> list[EmulatedWorker]:
