@@ -132,8 +132,9 @@ class CeleryFaults:
         self._on_stop: list[Callable[[], None]] = []
         self.tracked: list[str] = []  # the dotted targets tracked, for real-broker mode
         self._calls: dict[str, int] = {}  # tracked label -> calls seen, over every scenario
-        #: Called after each run() with the signature, its specs and the emulated outcome.
-        self.after_run: list[Callable[[Any, tuple[str | FaultSpec, ...], Outcome], None]] = []
+        #: Real-broker mode's check of every run() (:class:`.real.compare.RealComparison`),
+        #: while installed: scenarios then go through run(), never a copy, so each is compared.
+        self.comparison: Any = None
         self.suite_wide: list[str | FaultSpec] = []
         self.backend = InMemoryResultBackend(
             app=app,
@@ -358,15 +359,11 @@ class CeleryFaults:
         frozen = signature.freeze()
         plain = getattr(signature, "subtask_type", None) is None
         self._arm_for(frozen.id if plain else None, signature.task, specs)
-        original = signature.clone() if self.after_run else signature
         signature.apply_async()
         self._drain()
         while getattr(frozen, "results", None):  # a group: its last task stands for it
             frozen = frozen.results[-1]
-        outcome = self.outcome(frozen.id)
-        for hook in self.after_run:
-            hook(original, specs, outcome)
-        return outcome
+        return self.outcome(frozen.id)
 
     def _run_copy(self, published: PublishedMessage, *specs: str | FaultSpec) -> Outcome:
         """``run()`` of the signature ``published`` was recorded from, sending a copy of it.
@@ -376,8 +373,10 @@ class CeleryFaults:
         same publish signals, broker and worker.
         """
         self._require_active()
-        if self.after_run:
-            raise RuntimeError("a copy cannot stand in for run() with after-run hooks")
+        if self.comparison is not None:
+            raise RuntimeError(
+                "a copy cannot stand in for run() when real-broker mode compares it"
+            )
         task_id = published.task_id_for_copy()
         self._arm_for(task_id, published.task_name, specs)
         published.publish_copy(task_id)

@@ -12,12 +12,13 @@ a task whose process went away after its work was done, fails neither);
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
 import pprint
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,13 +53,24 @@ EVERY_OVERLAP = "overlap"
 UNFIRED = "unfired"
 
 
+class Compares(Protocol):
+    """Real-broker mode, as scenarios need it: each run() is also run on a real worker."""
+
+    #: Called between the real run and the emulated one (the scenario's world reset).
+    between: Callable[[], Any] | None
+
+    def refuse(self, signature: Any, specs: Sequence[str]) -> None:
+        """Raise, in one line, when a real worker cannot run ``specs``."""
+
+
 class Runs(Protocol):
     """What scenarios need of the harness: reset it, run a signature, read the history."""
 
     app: Celery
     history: History
     scheduler: Scheduler
-    after_run: list[Any]
+    #: Real-broker mode's comparison of every run(), or ``None`` (see :class:`Compares`).
+    comparison: Compares | None
 
     def reset(self, *, suite_wide: bool = True) -> None: ...
 
@@ -286,6 +298,25 @@ class Idempotency:
         #: The fault-free run's message, when scenarios can publish copies of it (.replay).
         self.published: PublishedMessage | None = None
 
+    def refuse_in_real_mode(self, specs: Sequence[str]) -> None:
+        """In real-broker mode, every scenario is compared: refuse, up front, what cannot be."""
+        comparison = self.harness.comparison
+        if comparison is not None:
+            comparison.refuse(self.signature, specs)
+
+    @contextlib.contextmanager
+    def compared(self) -> Iterator[None]:
+        """In real-broker mode, reset the world between each real run and its emulated twin."""
+        comparison = self.harness.comparison
+        if comparison is None:
+            yield
+            return
+        comparison.between = self.reset_world  # neither run sees the other's world
+        try:
+            yield
+        finally:
+            comparison.between = None
+
     def _fresh(self, *, final: bool = False) -> None:
         self.harness.reset(suite_wide=final)
         if self.reset_world is not None:
@@ -297,7 +328,7 @@ class Idempotency:
         signature = self.signature.clone()
         with replay.recording(self.harness.app) as sent:
             outcome = self.harness.run(signature)
-        if not self.harness.after_run:  # real-broker mode publishes each scenario itself
+        if self.harness.comparison is None:  # real-broker mode compares each run() instead
             self.published = replay.replayable(self.harness.app, signature, sent, outcome.task_id)
         observed = copy.deepcopy(self.observe())  # a snapshot, whatever observe() shares
         records = self.history.records
@@ -362,9 +393,12 @@ def check(
     """Run the scenarios; fail on the ``failing`` classes, naming the other findings."""
     __tracebackhide__ = True
     runner = Idempotency(harness, signature, observe, reset)
-    baseline, boundaries = runner.baseline()
-    chosen = list(specs) if specs is not None else default_specs(boundaries)
-    scenarios = runner.scenarios(chosen, baseline)
+    given = list(specs) if specs is not None else None
+    runner.refuse_in_real_mode([str(s) for s in given] if given is not None else default_specs(0))
+    with runner.compared():
+        baseline, boundaries = runner.baseline()
+        chosen = given if given is not None else default_specs(boundaries)
+        scenarios = runner.scenarios(chosen, baseline)
     runner.finish()
     _raise_for(baseline.outcome, scenarios, failing)
     explicit_unfired = [s for s in scenarios if s.verdict == UNFIRED] if specs else []
@@ -387,19 +421,23 @@ def sweep(
 ) -> SweepReport:
     """Every kind at every boundary, then every pair for two deliveries; a report."""
     runner = Idempotency(harness, signature, observe, reset)
-    baseline, boundaries = runner.baseline()
-    report = SweepReport(baseline.outcome, baseline.observed)
-    singles = boundary_specs([how for how in hows if how != EVERY_OVERLAP], boundaries)
-    overlaps = [EVERY_OVERLAP] if EVERY_OVERLAP in hows else []
-    specs = [*WHOLE_MESSAGE_SPECS, *singles, *overlaps]
-    report.scenarios.extend(runner.scenarios(specs, baseline))
-    if pairs:
-        # Only a first fault that leads to a second delivery can pair with another.
-        redelivering = [
-            s.spec for s in report.scenarios if s.spec in singles and s.outcome.deliveries > 1
-        ]
-        for first in redelivering:
-            for second in singles:
-                report.scenarios.append(runner.scenario(f"{first};{second}", baseline))
+    kinds = [how for how in hows if how != EVERY_OVERLAP]
+    every = [*WHOLE_MESSAGE_SPECS, *boundary_specs(kinds, 0)]
+    runner.refuse_in_real_mode([*every, *([EVERY_OVERLAP] if EVERY_OVERLAP in hows else [])])
+    with runner.compared():
+        baseline, boundaries = runner.baseline()
+        report = SweepReport(baseline.outcome, baseline.observed)
+        singles = boundary_specs(kinds, boundaries)
+        overlaps = [EVERY_OVERLAP] if EVERY_OVERLAP in hows else []
+        specs = [*WHOLE_MESSAGE_SPECS, *singles, *overlaps]
+        report.scenarios.extend(runner.scenarios(specs, baseline))
+        if pairs:
+            # Only a first fault that leads to a second delivery can pair with another.
+            redelivering = [
+                s.spec for s in report.scenarios if s.spec in singles and s.outcome.deliveries > 1
+            ]
+            for first in redelivering:
+                for second in singles:
+                    report.scenarios.append(runner.scenario(f"{first};{second}", baseline))
     runner.finish()
     return report
