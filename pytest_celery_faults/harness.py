@@ -455,6 +455,16 @@ class CeleryFaults:
             due = self._next_due()
             if due is None:
                 break
+            if self._only_chords_waiting_forever(live):
+                for worker in live:
+                    for entry in worker.scheduled:
+                        self.history.note(
+                            entry.request.id,
+                            "a header task will never store its result: Celery's chord_unlock "
+                            "would poll forever (the body never runs); the drain stops here",
+                            depth=0,
+                        )
+                break
             if due - self.clock.start > DEFAULT_HORIZON:
                 raise DrainError(
                     f"drain() would move the virtual clock {due - self.clock.start:.0f}s ahead "
@@ -462,6 +472,26 @@ class CeleryFaults:
                 )
             self.clock.advance_to(due)
             self.scheduler.wake(self.clock.time())
+
+    def _only_chords_waiting_forever(self, live: Sequence[EmulatedWorker]) -> bool:
+        """Nothing is left but Celery's ``chord_unlock`` polling a header that cannot complete.
+
+        With no execution under way and no other message ready, unacked or held,
+        no header task can store a result any more (one was lost): a real
+        worker's ``chord_unlock`` retries forever and the body never runs. The
+        drain is quiet there (the poll stays scheduled), not a task that
+        retries forever.
+        """
+        if any(s.state in ("runnable", "running", "sleeping") for s in self.scheduler.stacks):
+            return False
+        if any(worker.reserved for worker in live):
+            return False
+        held = [entry.request for worker in live for entry in worker.scheduled]
+        if not held or not all(internals.chord_unlock_waits_forever(r, self.app) for r in held):
+            return False
+        queued = [message for queue in self.broker.queues.values() for message in queue]
+        unacked = [delivery.message for delivery in self.broker.unacked.values()]
+        return all(message.task_name == internals.CHORD_UNLOCK for message in queued + unacked)
 
     def _step_scheduler(self) -> bool:
         try:
