@@ -989,3 +989,29 @@ def prefetch_disabled(app: Celery, profile: str) -> bool:
     if "disable_prefetch" not in NAMESPACES["worker"] or profile != "redis":
         return False
     return bool(app.conf.get("worker_disable_prefetch"))
+
+
+#: Celery's poller for a chord on a backend without native chord support.
+CHORD_UNLOCK = "celery.chord_unlock"
+
+
+def chord_unlock_waits_forever(request: Any, app: Celery) -> bool:
+    """Whether a held ``celery.chord_unlock`` request polls a header that is not ready, for good.
+
+    Celery's fallback (``celery.app.builtins.add_unlock_chord_task``) gets the
+    header's results as ``result`` (each ``AsyncResult.as_tuple()``) and
+    retries every ``interval`` with ``max_retries`` (``None``: forever) until
+    ``GroupResult.ready()``; the caller knows nothing else can make it ready.
+    """
+    if request.name != CHORD_UNLOCK:
+        return False
+    kwargs = request.kwargs or {}
+    if kwargs.get("max_retries") is not None:
+        return False
+    from celery.result import result_from_tuple
+
+    try:
+        header = [result_from_tuple(item, app=app) for item in kwargs.get("result") or ()]
+        return not all(result.ready() for result in header)
+    except Exception:  # a form this reading does not know: let it poll as before
+        return False

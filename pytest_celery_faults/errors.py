@@ -15,6 +15,15 @@ class DrainError(CeleryFaultsError):
     """``drain()`` could not reach quiet: a task that retries or requeues forever."""
 
 
+class EmulationError(CeleryFaultsError):
+    """The plugin itself failed inside an execution: not the task's own exception.
+
+    The execution ended there, so the scenario shows nothing the task would
+    have done; the harness raises it when the drain ends, failing the test
+    with its message instead of classing the scenario.
+    """
+
+
 class UnfiredFaultError(CeleryFaultsError, AssertionError):
     """A fault the test asked for never fired, so the test proved nothing about it."""
 

@@ -48,6 +48,7 @@ from .effects import (
 )
 from .errors import (
     DrainError,
+    EmulationError,
     HarnessMisuseError,
     RefusedError,
     TimeLimitPassed,
@@ -181,8 +182,9 @@ class CeleryFaults:
         self._on_stop: list[Callable[[], None]] = []
         self.tracked: list[str] = []  # the dotted targets tracked, for real-broker mode
         self._calls: dict[str, int] = {}  # tracked label -> calls seen, over every scenario
-        #: Called after each run() with the signature, its specs and the emulated outcome.
-        self.after_run: list[Callable[[Any, tuple[str | FaultSpec, ...], Outcome], None]] = []
+        #: Real-broker mode's check of every run() (:class:`.real.compare.RealComparison`),
+        #: while installed: scenarios then go through run(), never a copy, so each is compared.
+        self.comparison: Any = None
         self.suite_wide: list[str | FaultSpec] = []
         self.backend = InMemoryResultBackend(
             app=app,
@@ -432,15 +434,11 @@ class CeleryFaults:
         frozen = signature.freeze()
         plain = getattr(signature, "subtask_type", None) is None
         self._arm_for(frozen.id if plain else None, signature.task, specs)
-        original = signature.clone() if self.after_run else signature
         signature.apply_async()
         self._drain()
         while getattr(frozen, "results", None):  # a group: its last task stands for it
             frozen = frozen.results[-1]
-        outcome = self.outcome(frozen.id)
-        for hook in self.after_run:
-            hook(original, specs, outcome)
-        return outcome
+        return self.outcome(frozen.id)
 
     def _run_copy(self, published: PublishedMessage, *specs: str | FaultSpec) -> Outcome:
         """``run()`` of the signature ``published`` was recorded from, sending a copy of it.
@@ -450,8 +448,10 @@ class CeleryFaults:
         same publish signals, broker and worker.
         """
         self._require_driver("run")
-        if self.after_run:
-            raise RuntimeError("a copy cannot stand in for run() with after-run hooks")
+        if self.comparison is not None:
+            raise RuntimeError(
+                "a copy cannot stand in for run() when real-broker mode compares it"
+            )
         task_id = published.task_id_for_copy()
         self._arm_for(task_id, published.task_name, specs)
         published.publish_copy(task_id)
@@ -497,6 +497,15 @@ class CeleryFaults:
             # Refused inside a task, whatever the task did with the refusal: the test fails.
             self._misuse = None
             raise misuse
+        if not self._draining:  # a task's result.get() drains inside the outer drain
+            self._raise_plugin_failures()
+
+    def _raise_plugin_failures(self) -> None:
+        """An error of the plugin's own inside an execution fails the test, never reads as ok."""
+        failures = self.effects.take_failures()
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise EmulationError(failures[0] + more)
 
     def _run_until_quiet(self) -> None:
         """Start deliveries on free children, let the scheduler run stacks, move the clock.
@@ -526,6 +535,16 @@ class CeleryFaults:
             due = self._next_due()
             if due is None:
                 break
+            if self._only_chords_waiting_forever(live):
+                for worker in live:
+                    for entry in worker.scheduled:
+                        self.history.note(
+                            entry.request.id,
+                            "a header task will never store its result: Celery's chord_unlock "
+                            "would poll forever (the body never runs); the drain stops here",
+                            depth=0,
+                        )
+                break
             if due - self.clock.start > DEFAULT_HORIZON:
                 raise DrainError(
                     f"drain() would move the virtual clock {due - self.clock.start:.0f}s ahead "
@@ -533,6 +552,26 @@ class CeleryFaults:
                 )
             self.clock.advance_to(due)
             self.scheduler.wake(self.clock.time())
+
+    def _only_chords_waiting_forever(self, live: Sequence[EmulatedWorker]) -> bool:
+        """Nothing is left but Celery's ``chord_unlock`` polling a header that cannot complete.
+
+        With no execution under way and no other message ready, unacked or held,
+        no header task can store a result any more (one was lost): a real
+        worker's ``chord_unlock`` retries forever and the body never runs. The
+        drain is quiet there (the poll stays scheduled), not a task that
+        retries forever.
+        """
+        if any(s.state in ("runnable", "running", "sleeping") for s in self.scheduler.stacks):
+            return False
+        if any(worker.reserved for worker in live):
+            return False
+        held = [entry.request for worker in live for entry in worker.scheduled]
+        if not held or not all(internals.chord_unlock_waits_forever(r, self.app) for r in held):
+            return False
+        queued = [message for queue in self.broker.queues.values() for message in queue]
+        unacked = [delivery.message for delivery in self.broker.unacked.values()]
+        return all(message.task_name == internals.CHORD_UNLOCK for message in queued + unacked)
 
     def _step_scheduler(self) -> bool:
         try:
@@ -556,10 +595,13 @@ class CeleryFaults:
         if current_stack() is not None:
             # A task on a stack of its own waits for a result (a chord's join):
             # only the harness's thread may run the worker side.
-            raise RuntimeError(
+            refused = RuntimeError(
                 "celery_faults: a task running beside others waited for a result that is "
                 "not ready; the emulated worker cannot run other tasks from inside it"
             )
+            execution = self.effects.execution
+            self.effects.plugin_failed(execution, refused, "as it waited for a result")
+            raise refused
         self._drain()
 
     def _live_workers(self) -> list[EmulatedWorker]:

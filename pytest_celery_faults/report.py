@@ -207,7 +207,7 @@ class SessionReport:
                 lines.append(f"FAILED {record.nodeid}{how}")
         for record in self.records:
             findings = record.findings()
-            for verdict in ("duplicated", "diverged", "partial", "lost"):
+            for verdict in _PLAIN:
                 if verdict in findings:
                     specs = ", ".join(repr(spec) for spec in findings[verdict][:8])
                     more = len(findings[verdict]) - 8
@@ -229,4 +229,5 @@ _PLAIN = {
     "diverged": "ran again or ended otherwise, and the world differs",
     "partial": "lost after some side effects, the world half done",
     "lost": "never completed, nothing ran it again",
+    "ended_otherwise": "went away after its work was done, nothing lost",
 }

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import CeleryError
 
 from . import _celery_internals as internals
 from .broker import Delivery, InMemoryBroker
@@ -399,6 +400,9 @@ class InProcessPool:
             callback(*args, **kwargs)
         except Exception as exc:
             self.worker.callback_errors.append(exc)
+            # Celery's own callbacks (ack, reject, store) run on the plugin's broker and
+            # backend here: an error in them is the emulation's, not the task's.
+            self.worker.effects.plugin_failed(None, exc, "in a pool callback")
 
     # The pool API Celery's requests may call.
     def terminate_job(self, pid: int, signum: int | None = None) -> None:
@@ -664,6 +668,8 @@ class EmulatedWorker:
             request.execute_using_pool(self.pool)
         except Exception as exc:  # TaskRevokedError and friends: Celery's own refusal
             self.callback_errors.append(exc)
+            if not isinstance(exc, CeleryError):  # the pool's: the emulation failed
+                self.effects.plugin_failed(execution, exc, "as the pool took it")
             self.on_record(record)
         finally:
             self.preparing = None

@@ -597,3 +597,64 @@ def test_a_frozen_stack_leaves_no_worker_state_on_the_test_thread(app: Celery) -
         assert faults.scheduler.stacks  # the killed child is still frozen here
         # result.get() is the test's, not a task's: Celery's join guard is off again
         assert task.AsyncResult(outcome.task_id).get(timeout=1) == "skipped"
+
+
+class _RefusingWatcher:
+    """An execution watcher (an integration) that refuses the second execution."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def started(self, execution: Any) -> None:
+        self.seen += 1
+        if self.seen == 2:
+            raise RuntimeError("celery_faults: the integration cannot serve this execution")
+
+    def ended(self, execution: Any, how: str) -> None:
+        pass
+
+
+def test_an_error_of_the_plugin_inside_an_execution_fails_instead_of_passing(
+    app: Celery,
+) -> None:
+    from pytest_celery_faults import EmulationError
+
+    @app.task(name="shop.pay", shared=False, acks_late=True)
+    def pay(order: int) -> None:
+        if order not in paid:
+            paid.add(order)
+            charge(order)
+
+    with tracked(app) as faults:
+        faults.effects.watchers.append(_RefusingWatcher())
+        with pytest.raises(EmulationError) as failed:
+            faults.assert_idempotent(pay.s(1), lambda: sorted(paid), paid.clear, ["redeliver"])
+    message = str(failed.value)
+    assert "\n" not in message
+    assert message.startswith("celery_faults: the plugin failed inside shop.pay[")
+    assert message.endswith(
+        "(delivery 1) as it started, not the task: RuntimeError: the integration cannot "
+        "serve this execution"
+    )
+
+
+def test_a_refusal_the_task_swallows_still_fails_the_test(app: Celery) -> None:
+    from pytest_celery_faults import EmulationError
+
+    @app.task(name="shop.total", shared=False)
+    def total() -> int:
+        return 3
+
+    @app.task(name="shop.report", shared=False)
+    def report() -> str:
+        try:
+            total.delay().get(disable_sync_subtasks=False)
+        except Exception:  # the task's own blanket except hides the refusal
+            return "swallowed"
+        return "waited"
+
+    with CeleryFaults(app) as faults, pytest.raises(EmulationError) as failed:
+        faults.run(report.s(), "overlap")
+    assert "as it waited for a result, not the task: RuntimeError: a task running beside" in (
+        str(failed.value)
+    )

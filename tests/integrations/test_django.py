@@ -236,3 +236,38 @@ def test_executions_at_once_are_refused_in_one_line(django_project: pytest.Pytes
             "the test with workers=1 and app.conf.worker_concurrency=1"
         ]
     )
+
+
+def test_an_execution_the_integration_refuses_fails_the_test(
+    django_project: pytest.Pytester,
+) -> None:
+    """An ``overlap`` copy refused by worker_connections() is not classed ok."""
+    django_project.makepyfile(
+        """
+        from djshop.models import Order, Payment
+        from djshop.tasks import pay_in_two_commits
+
+        def test_overlap(db, celery_faults, orm):
+            orm.count_writes()
+            order = Order.objects.create()
+
+            def reset():
+                Payment.objects.all().delete()
+                Order.objects.update(status="new")
+
+            celery_faults.assert_idempotent(
+                pay_in_two_commits.s(order.id), Payment.objects.count, reset, specs=["overlap"]
+            )
+        """
+    )
+    result = django_project.runpytest_subprocess()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E   *EmulationError: celery_faults: the plugin failed inside "
+            "djshop.tasks.pay_in_two_commits[[]*[]] (delivery 2) as it started, not the task: "
+            "RuntimeError: djshop.tasks.pay_in_two_commits[[]*[]] started while another execution "
+            "holds the test's Django connection; the Django integration needs executions "
+            "that do not interleave"
+        ]
+    )
