@@ -54,11 +54,14 @@ class EagerGate:
         self,
         specs: Sequence[str],
         *,
+        suite_wide: Sequence[str] | None = None,
         seed: int = 0,
         profile: str = "rabbitmq",
         catch_async: bool = False,
     ) -> None:
         self.specs = list(specs)
+        #: Which of ``specs`` come from ``--celery-faults`` (the rest are the test's own).
+        self.suite_wide = list(specs if suite_wide is None else suite_wide)
         self.seed = seed
         self.profile = profile
         self.catch_async = catch_async

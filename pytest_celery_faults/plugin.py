@@ -76,6 +76,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "runs under the --celery-faults specs. Default: its own specs replace them.",
     )
     group.addoption(
+        "--celery-faults-allow-unfired",
+        action="store_true",
+        default=False,
+        dest="celery_faults_allow_unfired",
+        help="a --celery-faults spec that fired in no test of the session does not fail "
+        "the session (it is still named in the summary). Default: it fails the session, "
+        "since a gate that proved nothing is not green.",
+    )
+    group.addoption(
         "--celery-faults-seed",
         action="store",
         type=int,
@@ -617,6 +626,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     specs = [] if "celery_faults" in names else _suite_specs(item)
     if not specs:
         return (yield)
+    suite_wide = specs
     own = marker_settings(item).specs
     if own:
         stack = item.config.getoption("celery_faults_stack", default=False)
@@ -625,6 +635,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 
     gate = EagerGate(
         specs,
+        suite_wide=[spec for spec in suite_wide if spec in specs],
         seed=_seed(item.config),
         profile=marker_settings(item).profile,
         catch_async="celery_worker" in names,
@@ -640,7 +651,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if report is None or not (report.records or specs):
         return
     terminalreporter.section("celery-faults")
-    for line in report.summary_lines(specs):
+    allow = bool(config.getoption("celery_faults_allow_unfired", default=False))
+    for line in report.summary_lines(specs, allow_unfired=allow):
         terminalreporter.write_line(line)
 
 
@@ -648,14 +660,33 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     path = config.getoption("celery_faults_report", default=None)
     report = config.stash.get(report_key, None)
-    if not path or report is None:
+    if report is None:
         return
     workerinput = getattr(config, "workerinput", None)
-    if workerinput is not None:  # an xdist worker: the controller writes the file
+    if workerinput is not None:  # an xdist worker: the controller sums up and writes the file
         config.workeroutput["celery_faults_report"] = report.to_json()  # type: ignore[attr-defined]
+        return
+    fail_unfired_gate(session, report)
+    if not path:
         return
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(report.to_json())
+
+
+def fail_unfired_gate(session: pytest.Session, report: SessionReport) -> None:
+    """A ``--celery-faults`` spec that fired in no test fails the session (unless allowed).
+
+    Judged on the controller, after every xdist worker's records were merged.
+    The summary names each such spec; a session already failing keeps its status.
+    """
+    config = session.config
+    specs = config.getoption("celery_faults_specs", default=[]) or []
+    if not specs or config.getoption("collectonly", default=False):
+        return
+    if config.getoption("celery_faults_allow_unfired", default=False):
+        return
+    if report.unfired_gate(specs) and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 class XdistHooks:
