@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .errors import (
         CeleryFaultsError,
         CeleryFaultsWarning,
+        ConfigError,
         DrainError,
         FaultSpecError,
         UnfiredFaultError,
@@ -28,6 +29,7 @@ __all__ = [
     "CeleryFaults",
     "CeleryFaultsError",
     "CeleryFaultsWarning",
+    "ConfigError",
     "DrainError",
     "FaultSpec",
     "FaultSpecError",
@@ -48,6 +50,7 @@ _HOMES = {
     "VirtualClock": "clock",
     "CeleryFaultsError": "errors",
     "CeleryFaultsWarning": "errors",
+    "ConfigError": "errors",
     "DrainError": "errors",
     "FaultSpecError": "errors",
     "UnfiredFaultError": "errors",

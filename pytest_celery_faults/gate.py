@@ -139,7 +139,9 @@ class EagerGate:
             signals.task_postrun.disconnect(on_postrun)
             harness.stop()  # nothing to undo when it did not start
             self._busy = False
-        state, value = traced.get(result.id, (outcome.state, outcome.exception or outcome.result))
+        state, value = traced.get(result.id, (None, None))
+        if not state:  # the tracer gave no state (a BaseException escaped it): the worker's
+            state, value = outcome.state, outcome.exception or outcome.result
         value = _plain(value)
         if propagate and isinstance(value, BaseException) and state == "FAILURE":
             raise value

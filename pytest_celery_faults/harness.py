@@ -14,6 +14,7 @@ virtual clock; on exit every change is undone.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from time import monotonic as real_monotonic
@@ -48,11 +49,17 @@ from .errors import DrainError, TimeLimitPassed, UnfiredFaultError
 from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .history import LOSSES, NOT_IDEMPOTENT, History
 from .idempotency import Scenario, SweepReport
-from .outcome import Outcome, Timeline
+from .outcome import Outcome, Timeline, safe_repr
 from .replay import PublishedMessage
 from .results import InMemoryResultBackend
 from .scheduler import Scheduler, current_stack
-from .worker import EmulatedWorker, ExecutionRecord, where_it_hung, worker_concurrency
+from .worker import (
+    EmulatedWorker,
+    ExecutionRecord,
+    check_workers,
+    where_it_hung,
+    worker_concurrency,
+)
 
 #: A drain that runs more executions than this has not converged (a task that requeues forever).
 DEFAULT_MAX_EXECUTIONS = 1000
@@ -77,9 +84,13 @@ class CeleryFaults:
         app = internals.app_behind_proxy(app)  # celery.current_app: the app behind it
         if not isinstance(app, Celery):
             raise TypeError(f"CeleryFaults(app={app!r}): expected a Celery app")
-        for name, value in (("workers", workers), ("max_executions", max_executions)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a whole number >= 1")
+        check_workers(workers)
+        if (
+            not isinstance(max_executions, int)
+            or isinstance(max_executions, bool)
+            or max_executions < 1
+        ):
+            raise ValueError(f"max_executions={max_executions!r}: expected a whole number >= 1")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed={seed!r}: expected a whole number or None")
         self.app = app
@@ -528,12 +539,27 @@ class CeleryFaults:
         self._require_active()
         owner, attribute, default_name = resolve_target(target)
         label = name or default_name
-        if isinstance(duration, bool) or not isinstance(duration, int | float) or duration < 0:
-            raise ValueError(f"track({label!r}, duration={duration!r}): expected seconds >= 0")
+        if (
+            isinstance(duration, bool)
+            or not isinstance(duration, int | float)
+            or not 0 <= duration < math.inf
+        ):
+            raise ValueError(
+                f"track({label!r}, duration={duration!r}): expected a finite number of "
+                f"seconds >= 0"
+            )
+        wrapper = tracking_wrapper(self.effects, owner, attribute, label, float(duration))
+        try:
+            patch = Patch(owner, attribute, wrapper)
+        except (AttributeError, TypeError) as exc:
+            raise TypeError(
+                f"track({label!r}): cannot replace {attribute!r} on {type(owner).__name__} "
+                f"{_short(owner)} ({exc}); track a function of your own that the task calls "
+                f"(a built-in object's methods cannot be replaced)"
+            ) from None
         if isinstance(target, str):
             self.tracked.append(target)
-        wrapper = tracking_wrapper(self.effects, owner, attribute, label, float(duration))
-        self._patches.append(Patch(owner, attribute, wrapper))
+        self._patches.append(patch)
         self._calls.setdefault(label, 0)
         return label
 
@@ -731,3 +757,9 @@ def refuse_foreign(app: Celery, signature: Any) -> None:
 def _exiter(context: Any) -> Callable[[], object]:
     """A step that leaves ``context`` (a context manager entered by ``start()``)."""
     return lambda: context.__exit__(None, None, None)
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a line: an error names the object, not its 10,000 items."""
+    text = safe_repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."

@@ -51,6 +51,8 @@ report_key: pytest.StashKey[SessionReport] = pytest.StashKey()
 verdict_key: pytest.StashKey[str] = pytest.StashKey()
 harness_key: pytest.StashKey[CeleryFaults] = pytest.StashKey()
 gate_key: pytest.StashKey[EagerGate] = pytest.StashKey()
+#: Why the JSON report could not be written at the end of the session, for the summary.
+report_error_key: pytest.StashKey[str] = pytest.StashKey()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -234,6 +236,7 @@ def marker_settings(item: pytest.Item) -> MarkerSettings:
     """Read and validate the plugin's markers on ``item``; errors name the marker."""
     from .broker import BrokerProfile
     from .faults import parse_spec
+    from .worker import check_workers
 
     settings = MarkerSettings()
     try:
@@ -259,9 +262,7 @@ def marker_settings(item: pytest.Item) -> MarkerSettings:
         for spec in settings.specs:
             parse_spec(spec).import_exceptions()
         BrokerProfile.named(settings.profile)
-        workers = settings.workers
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ValueError(f"workers={workers!r}: expected a whole number >= 1")
+        check_workers(settings.workers)
     except (TypeError, ValueError) as exc:
         raise MarkerError(f"{item.nodeid}: bad celery-faults marker: {exc}") from None
     return settings
@@ -432,9 +433,15 @@ def load_app(dotted: str) -> Celery:
         return load(dotted)
     except ValueError as exc:
         raise pytest.UsageError(f"{APP_INI} = {exc}") from None
-    except Exception as exc:  # the module itself fails to import: say so in one line
+    except (Exception, SystemExit) as exc:  # the module fails to import (or exits): one line
+        from .outcome import safe_repr
+
+        try:
+            detail = f": {exc}" if str(exc) else ""
+        except Exception:
+            detail = f" {safe_repr(exc)}"
         raise pytest.UsageError(
-            f"{APP_INI} = {dotted!r}: importing it raised {type(exc).__name__}: {exc}"
+            f"{APP_INI} = {dotted!r}: importing it raised {type(exc).__name__}{detail}"
         ) from None
 
 
@@ -450,6 +457,17 @@ def check_report_path(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"--celery-faults-report={path!r}: the directory {folder!r} does not exist"
         )
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise pytest.UsageError(
+            f"--celery-faults-report={path!r}: cannot write there ({exc.strerror or exc}); "
+            f"choose a writable path"
+        ) from None
+    if not existed:
+        os.remove(path)  # the report is written at the end; leave nothing behind before then
 
 
 def check_broker_url(config: pytest.Config) -> None:
@@ -521,7 +539,7 @@ def celery_faults(
     _celery_faults_sweep_case: str | None,
 ) -> Iterator[CeleryFaults]:
     """The fault-injection harness for this test, active for its whole duration."""
-    from .errors import CeleryFaultsWarning
+    from .errors import CeleryFaultsWarning, ConfigError
     from .harness import CeleryFaults
     from .report import record_harness
 
@@ -547,7 +565,13 @@ def celery_faults(
     stack = bool(config.getoption("celery_faults_stack", default=False))
     harness.stack_suite_wide = stack
     comparison = None  # real-broker mode: every run() also on a real worker
-    harness.start()
+    refused = None
+    try:
+        harness.start()
+    except ConfigError as exc:  # the app's settings: one line, not the harness's frames
+        refused = f"celery_faults: {exc}"
+    if refused is not None:
+        pytest.fail(refused, pytrace=False)
     try:
         harness.inject(*specs)
         if not specs or stack:
@@ -584,6 +608,11 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    if call.excinfo is not None and report.failed:
+        from .errors import ConfigError
+
+        if call.excinfo.errisinstance(ConfigError):  # a setting: one line, not our frames
+            report.longrepr = f"celery_faults: {call.excinfo.value}"
     if report.when != "call":
         return report
     item.stash[verdict_key] = report.outcome
@@ -645,15 +674,19 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
         return (yield)
 
 
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     report = config.stash.get(report_key, None)
     specs = config.getoption("celery_faults_specs", default=[]) or []
-    if report is None or not (report.records or specs):
+    written = config.stash.get(report_error_key, None)
+    if report is None or not (report.records or specs or written):
         return
     terminalreporter.section("celery-faults")
     allow = bool(config.getoption("celery_faults_allow_unfired", default=False))
-    for line in report.summary_lines(specs, allow_unfired=allow):
+    ran = exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)  # not cut short
+    for line in report.summary_lines(specs if ran else [], allow_unfired=allow):
         terminalreporter.write_line(line)
+    if written:
+        terminalreporter.write_line(f"ERROR: {written}")
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -669,8 +702,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     fail_unfired_gate(session, report)
     if not path:
         return
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(report.to_json())
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(report.to_json())
+    except OSError as exc:  # a disk that filled up during the run: say so, do not crash
+        config.stash[report_error_key] = (
+            f"--celery-faults-report={path!r}: the report could not be written "
+            f"({exc.strerror or exc}); the run's results above stand, the file is missing"
+        )
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def fail_unfired_gate(session: pytest.Session, report: SessionReport) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import FaultSpecError
 from .faults import parse_spec
+from .outcome import safe_repr
 
 if TYPE_CHECKING:
     from .gate import EagerGate
@@ -99,7 +100,7 @@ def outcome_json(outcome: Outcome) -> dict[str, Any]:
         "ended": outcome.ended,
         "retries": outcome.retries,
         "faults": outcome.faults,
-        "exception": repr(outcome.exception) if outcome.exception is not None else None,
+        "exception": safe_repr(outcome.exception) if outcome.exception is not None else None,
     }
 
 
@@ -273,8 +274,18 @@ class SessionReport:
                     )
             for spec in record.suite_wide_unfired:
                 lines.append(f"never fired: {spec} in {record.nodeid}")
+        warned: dict[str, list[str]] = {}  # each warning once, with the tests that met it
+        for record in self.records:
             for warning in record.warnings:
-                lines.append(f"warning: {record.nodeid}: {warning}")
+                warned.setdefault(warning, []).append(record.nodeid)
+        for warning, nodeids in warned.items():
+            if len(nodeids) == 1:
+                lines.append(f"warning: {nodeids[0]}: {warning}")
+            else:
+                lines.append(
+                    f"warning: {warning} (in {len(nodeids)} tests: {nodeids[0]} and "
+                    f"{len(nodeids) - 1} more)"
+                )
         for nodeid, reason in sorted(self.exempt.items()):
             lines.append(f"exempt from --celery-faults: {nodeid} ({reason})")
         return lines
