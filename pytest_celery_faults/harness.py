@@ -538,6 +538,10 @@ class CeleryFaults:
         """
         self._require_active()
         owner, attribute, default_name = resolve_target(target)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(
+                f"track({default_name!r}, name={name!r}): expected a non-empty string"
+            )
         label = name or default_name
         if (
             isinstance(duration, bool)
@@ -610,7 +614,7 @@ class CeleryFaults:
         is reset before and after.
         """
         __tracebackhide__ = True
-        return idempotency.check(self, signature, observe, reset, specs, NOT_IDEMPOTENT)
+        return idempotency.check(self, signature, observe, reset, _listed(specs), NOT_IDEMPOTENT)
 
     def assert_no_loss(
         self,
@@ -621,7 +625,7 @@ class CeleryFaults:
     ) -> list[Scenario]:
         """As :meth:`assert_idempotent`, failing on lost and partial scenarios instead."""
         __tracebackhide__ = True
-        return idempotency.check(self, signature, observe, reset, specs, LOSSES)
+        return idempotency.check(self, signature, observe, reset, _listed(specs), LOSSES)
 
     def sweep(
         self,
@@ -635,6 +639,8 @@ class CeleryFaults:
 
         ``"overlap"`` among ``hows`` adds every interleaving of two overlapping copies.
         """
+        if isinstance(hows, str):
+            raise TypeError(f"hows={hows!r}: expected a list of fault kinds, such as [{hows!r}]")
         return idempotency.sweep(self, signature, observe, reset, hows, pairs)
 
     # -- unfired specs ----------------------------------------------------------
@@ -763,3 +769,10 @@ def _short(value: Any) -> str:
     """``repr(value)`` cut to a line: an error names the object, not its 10,000 items."""
     text = safe_repr(value)
     return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _listed(specs: Iterable[str | FaultSpec] | None) -> Iterable[str | FaultSpec] | None:
+    """``specs`` as given, refusing one bare string (it would be read one letter at a time)."""
+    if isinstance(specs, str):
+        raise TypeError(f"specs={specs!r}: expected a list of fault specs, such as [{specs!r}]")
+    return specs

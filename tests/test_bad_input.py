@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -511,3 +513,41 @@ def test_the_summary_says_each_warning_once(pytester: pytest.Pytester) -> None:
             "and read timeout; * (in 3 tests: test_it.py::test_x[[]0[]] and 2 more)"
         ]
     )
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (
+            lambda faults: faults.track(("x",)),
+            "track(('x',)): expected (object, 'attribute') or a dotted path such as "
+            "'proj.mail.send'",
+        ),
+        (
+            lambda faults: faults.track("os.path.join", name=3),
+            "track('os.path.join', name=3): expected a non-empty string",
+        ),
+        (
+            lambda faults: faults.assert_idempotent(None, observe=list, specs="sigkill@1"),
+            "specs='sigkill@1': expected a list of fault specs, such as ['sigkill@1']",
+        ),
+        (
+            lambda faults: faults.sweep(None, observe=list, hows="sigkill"),
+            "hows='sigkill': expected a list of fault kinds, such as ['sigkill']",
+        ),
+    ],
+    ids=["track-tuple", "track-name", "specs-string", "hows-string"],
+)
+def test_harness_arguments_of_the_wrong_shape_are_one_line(
+    call: Callable[[Any], object], error: str
+) -> None:
+    from celery import Celery
+
+    from pytest_celery_faults import CeleryFaults
+
+    with CeleryFaults(Celery("mine", set_as_current=False)) as faults:
+        with pytest.raises((TypeError, ValueError)) as raised:
+            call(faults)
+        assert faults.tracked == []
+        assert faults.ledger.events == []
+    assert str(raised.value) == error
