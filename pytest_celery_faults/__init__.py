@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .errors import (
         CeleryFaultsError,
         CeleryFaultsWarning,
+        ConfigError,
         DrainError,
         EmulationError,
         FaultSpecError,
@@ -32,6 +33,7 @@ __all__ = [
     "CeleryFaults",
     "CeleryFaultsError",
     "CeleryFaultsWarning",
+    "ConfigError",
     "DrainError",
     "EmulationError",
     "FaultSpec",
@@ -57,6 +59,7 @@ _HOMES = {
     "VirtualClock": "clock",
     "CeleryFaultsError": "errors",
     "CeleryFaultsWarning": "errors",
+    "ConfigError": "errors",
     "DrainError": "errors",
     "EmulationError": "errors",
     "FaultSpecError": "errors",

@@ -27,6 +27,7 @@ from kombu.transport import TRANSPORT_ALIASES, virtual
 
 from ._celery_internals import redis_restore_cadence
 from .clock import VirtualClock
+from .errors import ConfigError
 
 SCHEME = "celery-faults"
 TRANSPORT_OPTION = "celery_faults_broker"
@@ -69,7 +70,7 @@ class BrokerProfile:
         if name == "rabbitmq":
             return cls(name, "on_disconnect", consumer_timeout=RABBITMQ_CONSUMER_TIMEOUT)
         if name == "redis":
-            timeout = float(options.get("visibility_timeout", 3600.0))
+            timeout = _visibility_timeout(options, 3600.0)
             interval, throttle = redis_restore_cadence(options)
             return cls(
                 name,
@@ -79,11 +80,22 @@ class BrokerProfile:
                 restore_sweep_period=interval * throttle,
             )
         if name == "sqs":
-            timeout = float(options.get("visibility_timeout", 1800.0))
+            timeout = _visibility_timeout(options, 1800.0)
             return cls(name, "after_visibility_timeout", timeout)
         raise ValueError(
             f"unknown broker profile {name!r}; expected one of 'rabbitmq', 'redis', 'sqs'"
         )
+
+
+def _visibility_timeout(options: dict[str, Any], default: float) -> float:
+    """``broker_transport_options['visibility_timeout']``, a number as kombu needs it."""
+    value = options.get("visibility_timeout", default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ConfigError(
+            f"broker_transport_options['visibility_timeout']={value!r}: expected a finite "
+            f"number of seconds >= 0 (kombu computes with it as a number)"
+        )
+    return float(value)
 
 
 @dataclass

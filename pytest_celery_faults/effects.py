@@ -257,6 +257,11 @@ class Patch:
 def resolve_target(target: str | tuple[Any, str]) -> tuple[Any, str, str]:
     """``"pkg.mod.func"``, ``"pkg.mod.Class.meth"`` or ``(obj, "attr")`` -> owner, attr, name."""
     if isinstance(target, tuple):
+        if len(target) != 2 or not isinstance(target[1], str):
+            raise ValueError(
+                f"track({target!r}): expected (object, 'attribute') or a dotted path such as "
+                f"'proj.mail.send'"
+            )
         owner, attribute = target
         if not hasattr(owner, attribute):
             raise AttributeError(f"track({target!r}): {owner!r} has no attribute {attribute!r}")

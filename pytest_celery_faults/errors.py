@@ -11,6 +11,10 @@ class FaultSpecError(CeleryFaultsError, ValueError):
     """A fault spec that cannot be read; the message names the bad token and the valid forms."""
 
 
+class ConfigError(CeleryFaultsError, ValueError):
+    """A setting the harness cannot run with (the app's or its own); the message names it."""
+
+
 class DrainError(CeleryFaultsError):
     """``drain()`` could not reach quiet: a task that retries or requeues forever."""
 

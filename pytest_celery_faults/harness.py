@@ -15,6 +15,7 @@ virtual clock; on exit every change is undone.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -58,11 +59,17 @@ from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .history import LOSSES, NOT_IDEMPOTENT, History
 from .idempotency import Scenario, SweepReport
 from .integrations import django_configured
-from .outcome import Outcome, Timeline
+from .outcome import Outcome, Timeline, safe_repr
 from .replay import PublishedMessage
 from .results import InMemoryResultBackend
 from .scheduler import Scheduler, current_stack
-from .worker import EmulatedWorker, ExecutionRecord, where_it_hung, worker_concurrency
+from .worker import (
+    EmulatedWorker,
+    ExecutionRecord,
+    check_workers,
+    where_it_hung,
+    worker_concurrency,
+)
 
 #: A drain that runs more executions than this has not converged (a task that requeues forever).
 DEFAULT_MAX_EXECUTIONS = 1000
@@ -87,9 +94,13 @@ class CeleryFaults:
         app = internals.app_behind_proxy(app)  # celery.current_app: the app behind it
         if not isinstance(app, Celery):
             raise TypeError(f"CeleryFaults(app={app!r}): expected a Celery app")
-        for name, value in (("workers", workers), ("max_executions", max_executions)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a whole number >= 1")
+        check_workers(workers)
+        if (
+            not isinstance(max_executions, int)
+            or isinstance(max_executions, bool)
+            or max_executions < 1
+        ):
+            raise ValueError(f"max_executions={max_executions!r}: expected a whole number >= 1")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed={seed!r}: expected a whole number or None")
         self.app = app
@@ -665,13 +676,32 @@ class CeleryFaults:
         """
         self._require_active()
         owner, attribute, default_name = resolve_target(target)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(
+                f"track({default_name!r}, name={name!r}): expected a non-empty string"
+            )
         label = name or default_name
-        if isinstance(duration, bool) or not isinstance(duration, int | float) or duration < 0:
-            raise ValueError(f"track({label!r}, duration={duration!r}): expected seconds >= 0")
+        if (
+            isinstance(duration, bool)
+            or not isinstance(duration, int | float)
+            or not 0 <= duration < math.inf
+        ):
+            raise ValueError(
+                f"track({label!r}, duration={duration!r}): expected a finite number of "
+                f"seconds >= 0"
+            )
+        wrapper = tracking_wrapper(self.effects, owner, attribute, label, float(duration))
+        try:
+            patch = Patch(owner, attribute, wrapper)
+        except (AttributeError, TypeError) as exc:
+            raise TypeError(
+                f"track({label!r}): cannot replace {attribute!r} on {type(owner).__name__} "
+                f"{_short(owner)} ({exc}); track a function of your own that the task calls "
+                f"(a built-in object's methods cannot be replaced)"
+            ) from None
         if isinstance(target, str):
             self.tracked.append(target)
-        wrapper = tracking_wrapper(self.effects, owner, attribute, label, float(duration))
-        self._patches.append(Patch(owner, attribute, wrapper))
+        self._patches.append(patch)
         self._calls.setdefault(label, 0)
         return label
 
@@ -722,7 +752,7 @@ class CeleryFaults:
         is reset before and after.
         """
         __tracebackhide__ = True
-        return idempotency.check(self, signature, observe, reset, specs, NOT_IDEMPOTENT)
+        return idempotency.check(self, signature, observe, reset, _listed(specs), NOT_IDEMPOTENT)
 
     def assert_no_loss(
         self,
@@ -733,7 +763,7 @@ class CeleryFaults:
     ) -> list[Scenario]:
         """As :meth:`assert_idempotent`, failing on lost and partial scenarios instead."""
         __tracebackhide__ = True
-        return idempotency.check(self, signature, observe, reset, specs, LOSSES)
+        return idempotency.check(self, signature, observe, reset, _listed(specs), LOSSES)
 
     def sweep(
         self,
@@ -747,6 +777,8 @@ class CeleryFaults:
 
         ``"overlap"`` among ``hows`` adds every interleaving of two overlapping copies.
         """
+        if isinstance(hows, str):
+            raise TypeError(f"hows={hows!r}: expected a list of fault kinds, such as [{hows!r}]")
         return idempotency.sweep(self, signature, observe, reset, hows, pairs)
 
     # -- unfired specs ----------------------------------------------------------
@@ -899,3 +931,16 @@ def refuse_foreign(app: Celery, signature: Any) -> None:
 def _exiter(context: Any) -> Callable[[], object]:
     """A step that leaves ``context`` (a context manager entered by ``start()``)."""
     return lambda: context.__exit__(None, None, None)
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a line: an error names the object, not its 10,000 items."""
+    text = safe_repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _listed(specs: Iterable[str | FaultSpec] | None) -> Iterable[str | FaultSpec] | None:
+    """``specs`` as given, refusing one bare string (it would be read one letter at a time)."""
+    if isinstance(specs, str):
+        raise TypeError(f"specs={specs!r}: expected a list of fault specs, such as [{specs!r}]")
+    return specs

@@ -34,7 +34,7 @@ from . import _celery_internals as internals
 from .broker import BrokerEvent, Ledger
 from .effects import Effect, EffectLog
 from .faults import Step
-from .outcome import Outcome, Timeline, TimelineEntry
+from .outcome import Outcome, Timeline, TimelineEntry, safe_repr
 from .worker import CUT_SHORT, ExecutionRecord
 
 DUPLICATED = "duplicated"
@@ -342,7 +342,7 @@ def classify(baseline: Evidence, faulted: Evidence) -> tuple[str, str]:
         )
         return DIVERGED, f"diverged: {runs} and observe() differs from the fault-free run ({why})"
     if outcome.ended != baseline.outcome.ended and baseline.outcome.ended in FINISHED:
-        shown = f" ({outcome.exception!r})" if outcome.exception is not None else ""
+        shown = f" ({safe_repr(outcome.exception)})" if outcome.exception is not None else ""
         return DIVERGED, (
             f"diverged: {runs} and the worker saw it end {outcome.ended or 'never run'!r}"
             f"{shown} where the fault-free run {baseline.outcome.ended}"

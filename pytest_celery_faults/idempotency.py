@@ -288,6 +288,15 @@ class Idempotency:
         observe: Callable[[], Any],
         reset: Callable[[], Any] | None = None,
     ) -> None:
+        if not callable(observe):
+            raise TypeError(
+                f"observe={observe!r}: expected a function that returns what the task "
+                f"changes, such as lambda: dict(db.rows)"
+            )
+        if reset is not None and not callable(reset):
+            raise TypeError(
+                f"reset={reset!r}: expected a function that puts the world back, or None"
+            )
         self.harness = harness
         self.history = harness.history
         self.signature = signature

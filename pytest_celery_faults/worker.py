@@ -40,6 +40,7 @@ from . import _celery_internals as internals
 from .broker import Delivery, InMemoryBroker
 from .clock import VirtualClock
 from .effects import Effect, EffectLog
+from .errors import ConfigError
 from .faults import FaultPlan, Step
 from .interruptions import stops_the_test_run
 from .scheduler import ExecutionDiscarded, Scheduler, Stack
@@ -814,11 +815,28 @@ class EmulatedWorker:
         return f"<EmulatedWorker {self.consumer} {state} reserved={len(self.reserved)}>"
 
 
+#: More emulated workers than this is a typo: each is a consumer in this process (1,000 start
+#: in about 0.2 s; 10**6 would take minutes and gigabytes before the first task ran).
+MAX_WORKERS = 1000
+
+
+def check_workers(workers: object) -> int:
+    """``workers`` as a whole number of emulated workers, or a ``ValueError`` naming it."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ConfigError(f"workers={workers!r}: expected a whole number >= 1")
+    if workers > MAX_WORKERS:
+        raise ConfigError(
+            f"workers={workers!r}: at most {MAX_WORKERS:,} emulated workers (each is a "
+            f"consumer in this process); a handful shows every interleaving"
+        )
+    return workers
+
+
 def worker_concurrency(app: Celery) -> int:
     """The children a worker of ``app`` runs: ``worker_concurrency`` if the app sets it, else 1."""
     configured = app.conf.get("worker_concurrency")
     if configured is None:
         return 1
     if isinstance(configured, bool) or not isinstance(configured, int) or configured < 1:
-        raise ValueError(f"worker_concurrency={configured!r}: expected a whole number >= 1")
+        raise ConfigError(f"worker_concurrency={configured!r}: expected a whole number >= 1")
     return configured
