@@ -40,6 +40,8 @@ __all__ = [
     "app_behind_proxy",
     "cancel_active_requests",
     "child_death_info",
+    "child_gone_info",
+    "child_signal_disposition",
     "code_summaries_cached",
     "in_worker_child",
     "worker_process_state",
@@ -48,6 +50,7 @@ __all__ = [
     "jitter_drawn_from",
     "request_class_for",
     "safe_repr",
+    "status_after_shutdown",
     "time_limit_info",
     "unpickled_exception",
 ]
@@ -67,6 +70,53 @@ def _worker_lost_info(exitcode: int, job: int) -> ExceptionInfo:
 def child_death_info(signum: int, job: int) -> ExceptionInfo:
     """What billiard's pool reports for a child killed by ``signum``."""
     return _worker_lost_info(-signum, job)
+
+
+def child_gone_info(status: int, job: int) -> ExceptionInfo:
+    """What billiard's pool reports for a child that died with ``status``.
+
+    ``status`` is what the pool reads from the dead process: its exit code
+    (``os._exit(n)``), or minus the signal that killed it.
+    """
+    return _worker_lost_info(status, job)
+
+
+#: What a prefork child does with a signal it receives, before any task code runs:
+#: billiard's ``Worker.after_fork`` installs ``_shutdown_cleanup`` for its terminate
+#: signals (``reset_signals``, the ``sigprotection`` set off as Celery runs it) and
+#: the soft time limit's handler; Celery's ``process_initializer`` and billiard
+#: ignore SIGINT. Read from the installed billiard and Celery.
+def child_signal_disposition(signum: int) -> str:
+    """``"shutdown"``, ``"soft_timeout"``, ``"ignore"`` or ``"default"`` (the OS's action)."""
+    from billiard import common
+    from billiard.pool import SIG_SOFT_TIMEOUT
+    from celery.concurrency.prefork import WORKER_SIGIGNORE
+
+    if signum == SIG_SOFT_TIMEOUT:
+        return "soft_timeout"
+    names = {name for name in common.TERMSIGS_DEFAULT if name not in common.TERMSIGS_IGNORE}
+    if signum in {getattr(signal, name, None) for name in names}:
+        return "shutdown"
+    ignored = {*WORKER_SIGIGNORE, *common.TERMSIGS_IGNORE, "SIGINT"}
+    if signum in {getattr(signal, name, None) for name in ignored}:
+        return "ignore"
+    return "default"
+
+
+def status_after_shutdown(signum: int) -> int:
+    """How a child that ran ``_shutdown_cleanup`` for ``signum`` ends, as the pool reads it.
+
+    The handler resets ``signum`` to its default action and raises
+    ``SystemExit``; the child unwinds, tells the parent it is dying
+    (``_do_exit``: DEATH, then a second's sleep), and the parent answers
+    with its terminate signal (``on_death``). For the terminate signal
+    itself that kills the child (``signal 15 (SIGTERM)``, measured); for
+    another, the child's terminate handler runs a second time and leaves
+    with ``os._exit(EX_SOFTWARE)``.
+    """
+    from billiard import common
+
+    return -signum if signum == common.TERM_SIGNAL else int(common.EX_SOFTWARE)
 
 
 def _workloop_reports_exit() -> bool:

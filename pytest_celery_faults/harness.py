@@ -49,6 +49,7 @@ from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .history import LOSSES, NOT_IDEMPOTENT, History
 from .idempotency import Scenario, SweepReport
 from .outcome import Outcome, Timeline
+from .process_calls import ProcessCallsInBodies
 from .replay import PublishedMessage
 from .results import InMemoryResultBackend
 from .scheduler import Scheduler, current_stack
@@ -127,6 +128,7 @@ class CeleryFaults:
         self.random = random.Random(self.seed)
         self.scheduler = Scheduler(self.random)
         self.body_time = TimeInBodies(self.clock, self.effects.sleep)
+        self.process_calls = ProcessCallsInBodies(lambda: self.effects.execution)
         self._patches: list[Patch] = []
         self._on_stop: list[Callable[[], None]] = []
         self.tracked: list[str] = []  # the dotted targets tracked, for real-broker mode
@@ -233,6 +235,7 @@ class CeleryFaults:
             _exiter(self._tracers),
             _exiter(self._installed),
             self.body_time.close,
+            self.process_calls.close,
             self.broker.close,
         ]
         failures: list[BaseException] = []
@@ -313,7 +316,7 @@ class CeleryFaults:
         if not self.scheduler.stacks:
             self.scheduler.forget()
             return
-        with self.body_time, internals.worker_process_state():  # the worker side, as in _drain
+        with self.body_time, self.process_calls, internals.worker_process_state():  # as _drain
             hung = self.scheduler.discard_all()
         if hung:
             names = ", ".join(repr(stack.owner.execution.task_name) for stack in hung)
@@ -411,7 +414,7 @@ class CeleryFaults:
 
     def _drain(self) -> None:
         # What holds process-wide while the worker side runs: virtual time, a child's state.
-        with self.body_time, internals.worker_process_state():
+        with self.body_time, self.process_calls, internals.worker_process_state():
             self._run_until_quiet()
 
     def _run_until_quiet(self) -> None:

@@ -59,16 +59,51 @@ _FROZEN_ENDING = {
 
 
 class TerminatedBySignal(SystemExit):
-    """What billiard's ``_shutdown_cleanup`` raises in a child that got SIGTERM.
+    """What billiard's ``_shutdown_cleanup`` raises in a child that got ``signum`` (SIGTERM).
 
     The child unwinds (``finally`` blocks run, and may perform side effects),
     reports no result, and dies; the pool then reports ``signal 15 (SIGTERM)``.
     Measured on a real prefork worker (Celery 5.7, billiard 4.3.2).
     """
 
-    def __init__(self, step: Step) -> None:
-        super().__init__(-(256 - signal.SIGTERM))
-        self.step = step
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(-(256 - signum))
+        self.signum = signum
+
+
+class ChildGone(BaseException):
+    """The child process died under its task at once: ``os._exit``, a fatal signal.
+
+    An execution on a stack of its own freezes there (nothing more of it
+    runs); one running inline on the caller's stack can only unwind with
+    this, and while it unwinds its side effects are refused and no result
+    is stored, as for a discarded stack.
+    """
+
+    def __init__(self, status: int, ending: str) -> None:
+        super().__init__(status, ending)
+        self.status = status  # what billiard reads: the exit code, or minus the signal
+        self.ending = ending  # the record's ending: "exit" or "child killed"
+
+
+#: Signals whose default action is to do nothing; and those that stop the process.
+_IGNORED_BY_DEFAULT = frozenset(
+    getattr(signal, name)
+    for name in ("SIGCHLD", "SIGURG", "SIGWINCH", "SIGCONT")
+    if hasattr(signal, name)
+)
+_STOPPING = frozenset(
+    getattr(signal, name)
+    for name in ("SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU")
+    if hasattr(signal, name)
+)
+
+
+def describe_signal(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 @dataclass
@@ -107,6 +142,9 @@ class ChildExecution:
     stack: Stack | None = None
     pending: BaseException | None = None  # an inline execution's interrupt, raised at its wait
     soft_timeout: Callable[[], None] = lambda: None
+    on_note: Callable[[str, str], None] = lambda task_id, text: None
+    gone: ChildGone | None = None  # the child died under the task (os._exit, a fatal signal)
+    terminating: int | None = None  # the signal billiard's shutdown handler ran for
 
     def start(self) -> None:
         """The child took the job: a fault at boundary 0 fires now, before the body."""
@@ -164,6 +202,57 @@ class ChildExecution:
         else:
             self.pending = exc
 
+    # -- what the task does to its own process (see :mod:`.process_calls`) ------
+
+    def exit_process(self, code: int) -> None:
+        """``os._exit(code)`` in the body: the child is gone, nothing more of it runs."""
+        self.on_note(self.task_id, f"the task called os._exit({code})")
+        self._gone(code & 0xFF, "exit")
+
+    def abort_process(self) -> None:
+        """``os.abort()`` in the body: SIGABRT's default action, no Python handler."""
+        self.on_note(self.task_id, "the task called os.abort()")
+        self._gone(-signal.SIGABRT, "child killed")
+
+    def signal_process(self, signum: int) -> None:
+        """``os.kill(os.getpid(), signum)`` or ``signal.raise_signal(signum)`` in the body."""
+        self.on_note(self.task_id, f"the task sent {describe_signal(signum)} to its own process")
+        self.receive(signum)
+
+    def receive(self, signum: int) -> None:
+        """The child gets ``signum``: what a prefork child does with it, on the task's stack."""
+        if signum == signal.SIGKILL:
+            self._gone(-signum, "child killed")
+        disposition = internals.child_signal_disposition(signum)
+        if disposition == "shutdown":
+            self.terminating = signum
+            raise TerminatedBySignal(signum)
+        if disposition == "soft_timeout":
+            raise internals.SoftTimeLimitExceeded()
+        if disposition == "ignore" or signum in _IGNORED_BY_DEFAULT:
+            return
+        if signum in _STOPPING:
+            raise RuntimeError(
+                f"celery_faults: the task stopped its own process with {describe_signal(signum)}; "
+                "a stopped worker child is not emulated (it would hang until a time limit)"
+            )
+        self._gone(-signum, "child killed")
+
+    def died_status(self) -> int | None:
+        """How the child running this execution died, as billiard reads it; ``None`` if alive."""
+        if self.gone is not None:
+            return self.gone.status
+        if self.terminating is not None:
+            return internals.status_after_shutdown(self.terminating)
+        return None
+
+    def _gone(self, status: int, ending: str) -> None:
+        gone = self.gone = ChildGone(status, ending)
+        self.dead = True
+        if self.stack is not None:
+            self.stack.freeze(gone)
+        raise gone
+
     def _mark(self, step: Step) -> None:
         self.step = None  # a step fires once
         self.record.fired = step
@@ -179,7 +268,8 @@ class ChildExecution:
             self.soft_timeout()
             raise internals.SoftTimeLimitExceeded()
         if kind == "sigterm":
-            raise TerminatedBySignal(step)
+            self.receive(signal.SIGTERM)
+            return  # the task's own handler ran and returned: the child goes on
         if kind in FREEZING_KINDS:
             if self.stack is None:  # pragma: no cover - the worker gives these a stack
                 raise RuntimeError(f"{step} fired on an execution without a stack of its own")
@@ -317,8 +407,12 @@ class InProcessPool:
         self.worker.scheduler.freeze_where(lambda candidate: candidate is stack, None)
         self._frozen(job, Step("timeout"))
 
-    def _run_child(self, job: Job) -> tuple[bool, Any, Step | None]:
-        """The child's side: run the trace; how it ended, as billiard's workloop sees it."""
+    def _run_child(self, job: Job) -> tuple[bool, Any, int | None]:
+        """The child's side: run the trace; how it ended, as billiard's workloop sees it.
+
+        The third item is how the child died without reporting (billiard's
+        status: an exit code, or minus a signal), ``None`` while it lives.
+        """
         worker = self.worker
         execution = job.execution
         record = execution.record
@@ -329,31 +423,37 @@ class InProcessPool:
                     worker.effects.execution_started(execution)
                     execution.start()
                     value = job.target(*job.args, **job.kwargs)
-                except TerminatedBySignal as death:
-                    how = record.ended = "child killed"
-                    return False, None, death.step
                 except ExecutionDiscarded:
                     raise
                 except BaseException as exc:  # billiard's workloop reports what the job raised
+                    died = execution.died_status()
+                    if died is not None:  # unwinding from the child's death: no result
+                        how = record.ended = (
+                            execution.gone.ending if execution.gone else "child killed"
+                        )
+                        return False, None, died
                     if stops_the_test_run(exc):
                         raise
                     how = record.ended = "exit" if isinstance(exc, CHILD_LEAVES) else "raised"
                     return False, internals.job_error_info(exc, job.number), None
+            if execution.gone is not None:  # the task swallowed its own death: still dead
+                how = record.ended = execution.gone.ending
+                return False, None, execution.gone.status
             how = record.ended = "returned"
             return True, value, None
         finally:
             if how:
                 worker.effects.execution_ended(execution, how)
 
-    def _finish(self, job: Job, success: bool, value: Any, killed: Step | None) -> None:
+    def _finish(self, job: Job, success: bool, value: Any, died: int | None) -> None:
         """The parent's side of a job that ended by itself: billiard's result handler."""
         worker = self.worker
         self._settled(job)
         # The child's end comes before the parent's reaction.
         worker.on_record(job.execution.record)
-        if killed is not None:
+        if died is not None:
             worker.replace_child()
-            self._died_by(job, signal.SIGTERM)
+            self._safely(job.error_callback, internals.child_gone_info(died, job.number))
         elif success:
             self._safely(job.callback, value)
         else:
@@ -362,16 +462,16 @@ class InProcessPool:
             self._safely(job.error_callback, value)
         worker.job_ended(job)
 
-    def _frozen(self, job: Job, step: Step) -> None:
+    def _frozen(self, job: Job, why: Step | ChildGone) -> None:
         """The parent's side of a kill: the child is gone, its stack frozen."""
         worker = self.worker
-        kind = step.kind
+        kind = why.kind if isinstance(why, Step) else "gone"
         if kind in ("power_loss", "cold_shutdown"):
             worker.lose_power(graceful=kind == "cold_shutdown", cause=job)
             return
         record = job.execution.record
         self._settled(job)
-        record.ended = _FROZEN_ENDING[kind]
+        record.ended = why.ending if isinstance(why, ChildGone) else _FROZEN_ENDING[kind]
         worker.on_record(record)
         if job.execution.started:  # watchers hear of the executions they saw start
             worker.effects.execution_ended(job.execution, record.ended)
@@ -381,12 +481,13 @@ class InProcessPool:
             limit = job.timeout or job.soft_timeout
             self._safely(job.error_callback, internals.time_limit_info(limit))
             self._safely(job.timeout_callback, soft=False, timeout=limit)
+        elif isinstance(why, ChildGone):
+            self._safely(job.error_callback, internals.child_gone_info(why.status, job.number))
         else:
-            self._died_by(job, signal.SIGKILL)
+            self._safely(
+                job.error_callback, internals.child_death_info(signal.SIGKILL, job.number)
+            )
         worker.job_ended(job)
-
-    def _died_by(self, job: Job, signum: int) -> None:
-        self._safely(job.error_callback, internals.child_death_info(signum, job.number))
 
     def _settled(self, job: Job) -> None:
         self.running.pop(job.number, None)
@@ -636,6 +737,7 @@ class EmulatedWorker:
             on_fired=lambda ex, fired: self.on_fired(ex.record, fired),
             request_stop=self.request_stop,
             broker_delivery=delivery,
+            on_note=self.on_note,
         )
         if step is not None and step.kind == "ack_lost":
             self.broker.drop_ack(delivery.tag, lambda: self._ack_lost(record, step))

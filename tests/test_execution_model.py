@@ -467,6 +467,7 @@ def test_a_stopped_test_says_where_a_task_on_its_own_stack_hung(
     pytester.makepyfile(
         proj="""
         import os, signal
+        from os import kill as alarm_from_outside  # os.kill in a task signals its child
         from celery import Celery
 
         app = Celery("proj", set_as_current=False)
@@ -477,7 +478,7 @@ def test_a_stopped_test_says_where_a_task_on_its_own_stack_hung(
         @app.task(name="proj.spin", shared=False, time_limit=600)
         def spin():
             fetch(1)
-            os.kill(os.getpid(), signal.SIGALRM)
+            alarm_from_outside(os.getpid(), signal.SIGALRM)
             while True:
                 pass
         """
