@@ -41,6 +41,7 @@ __all__ = [
     "cancel_active_requests",
     "child_death_info",
     "child_gone_info",
+    "child_initial_handler",
     "child_signal_disposition",
     "code_summaries_cached",
     "in_worker_child",
@@ -101,6 +102,21 @@ def child_signal_disposition(signum: int) -> str:
     if signum in {getattr(signal, name, None) for name in ignored}:
         return "ignore"
     return "default"
+
+
+def child_initial_handler(signum: int) -> Any:
+    """What ``signal.getsignal(signum)`` answers in a fresh prefork child."""
+    from billiard import common
+    from billiard.pool import soft_timeout_sighandler
+
+    disposition = child_signal_disposition(signum)
+    if disposition == "shutdown":
+        return common._shutdown_cleanup
+    if disposition == "soft_timeout":
+        return soft_timeout_sighandler
+    if disposition == "ignore":
+        return signal.SIG_IGN
+    return signal.SIG_DFL
 
 
 def status_after_shutdown(signum: int) -> int:

@@ -3,8 +3,11 @@
 In a worker, a task that calls ``os._exit(n)``, sends itself a signal
 (``os.kill(os.getpid(), sig)``, ``signal.raise_signal``) or calls
 ``os.abort()`` ends (or signals) the child process running it, and billiard's
-pool reports the job's end. The emulated child is the test process: the real
-calls would end the test session. While the worker side runs (a drain),
+pool reports the job's end; ``signal.signal`` installs a handler in the child
+(its main thread runs the task), which stays there for the child's later
+tasks and goes with it. The emulated child is the test process: the real
+calls would end the test session, or raise "signal only works in main
+thread" on an execution's own thread. While the worker side runs (a drain),
 :class:`ProcessCallsInBodies` replaces those functions; on a thread where an
 execution's body runs they act on that execution's emulated child, and
 anywhere else (the test's own code, a thread the task started) they are the
@@ -33,6 +36,13 @@ class ChildProcess(Protocol):
 
     def signal_process(self, signum: int) -> None: ...
 
+    def set_handler(self, signum: int, handler: Any) -> Any: ...
+
+    def get_handler(self, signum: int) -> Any: ...
+
+
+_UNCATCHABLE = frozenset({signal.SIGKILL, signal.SIGSTOP})
+
 
 def _signal_number(sig: Any, *, refused: Callable[[], BaseException]) -> int:
     number = operator.index(sig)  # Python's own TypeError for a non-integer
@@ -42,8 +52,9 @@ def _signal_number(sig: Any, *, refused: Callable[[], BaseException]) -> int:
 
 
 class ProcessCallsInBodies:
-    """While active, ``os._exit``, ``os.kill``, ``os.abort`` and ``signal.raise_signal``
-    act on the emulated child when a task body calls them.
+    """While active, ``os._exit``, ``os.kill``, ``os.abort``, ``signal.raise_signal``,
+    ``signal.signal`` and ``signal.getsignal`` act on the emulated child when a
+    task body calls them.
 
     ``current`` returns the execution whose body runs on the calling thread,
     if any. Entered and left once per drain, re-entrant.
@@ -54,7 +65,11 @@ class ProcessCallsInBodies:
         self._depth = 0
         self._saved: dict[tuple[Any, str], Any] = {}
         real_exit, real_kill, real_abort = os._exit, os.kill, os.abort
-        real_raise_signal = signal.raise_signal
+        real_raise_signal, real_signal, real_getsignal = (
+            signal.raise_signal,
+            signal.signal,
+            signal.getsignal,
+        )
 
         def _exit(status: int) -> None:
             execution = current()
@@ -102,11 +117,37 @@ class ProcessCallsInBodies:
                 execution.signal_process(number)
             return None
 
+        def set_signal(signalnum: int, handler: Any) -> Any:
+            execution = current()
+            if execution is None:
+                return real_signal(signalnum, handler)
+            number = _signal_number(
+                signalnum, refused=lambda: ValueError("signal number out of range")
+            )
+            if number in _UNCATCHABLE:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            if not callable(handler) and handler not in (signal.SIG_IGN, signal.SIG_DFL):
+                raise TypeError(
+                    "signal handler must be signal.SIG_IGN, signal.SIG_DFL, or a callable object"
+                )
+            return execution.set_handler(number, handler)
+
+        def getsignal(signalnum: int) -> Any:
+            execution = current()
+            if execution is None:
+                return real_getsignal(signalnum)
+            number = _signal_number(
+                signalnum, refused=lambda: ValueError("signal number out of range")
+            )
+            return execution.get_handler(number)
+
         self._replacements: dict[tuple[Any, str], Any] = {
             (os, "_exit"): _exit,
             (os, "kill"): kill,
             (os, "abort"): abort,
             (signal, "raise_signal"): raise_signal,
+            (signal, "signal"): set_signal,
+            (signal, "getsignal"): getsignal,
         }
 
     def __enter__(self) -> ProcessCallsInBodies:

@@ -144,6 +144,8 @@ class ChildExecution:
     soft_timeout: Callable[[], None] = lambda: None
     on_note: Callable[[str, str], None] = lambda task_id, text: None
     gone: ChildGone | None = None  # the child died under the task (os._exit, a fatal signal)
+    #: The handlers tasks installed with ``signal.signal`` in this child (its worker's).
+    handlers: dict[int, Any] = field(default_factory=dict)
     terminating: int | None = None  # the signal billiard's shutdown handler ran for
 
     def start(self) -> None:
@@ -219,11 +221,36 @@ class ChildExecution:
         self.on_note(self.task_id, f"the task sent {describe_signal(signum)} to its own process")
         self.receive(signum)
 
+    def set_handler(self, signum: int, handler: Any) -> Any:
+        """``signal.signal`` in the body: the handler stays in this child, for later tasks too."""
+        previous = self.get_handler(signum)
+        if handler is internals.child_initial_handler(signum):
+            self.handlers.pop(signum, None)
+        else:
+            self.handlers[signum] = handler
+        return previous
+
+    def get_handler(self, signum: int) -> Any:
+        """``signal.getsignal`` in the body: what this child would answer."""
+        handler = self.handlers.get(signum)
+        return internals.child_initial_handler(signum) if handler is None else handler
+
     def receive(self, signum: int) -> None:
-        """The child gets ``signum``: what a prefork child does with it, on the task's stack."""
+        """The child gets ``signum``: what a prefork child does with it, on the task's stack.
+
+        A handler the task installed runs (and may return: the child goes on);
+        else the child's own: billiard's and Celery's, or the system's default.
+        """
         if signum == signal.SIGKILL:
             self._gone(-signum, "child killed")
-        disposition = internals.child_signal_disposition(signum)
+        handler = self.handlers.get(signum)
+        if handler == signal.SIG_IGN:
+            return
+        if callable(handler):
+            handler(signum, sys._getframe(1))
+            return
+        disposition = "default" if handler == signal.SIG_DFL else None
+        disposition = disposition or internals.child_signal_disposition(signum)
         if disposition == "shutdown":
             self.terminating = signum
             raise TerminatedBySignal(signum)
@@ -600,6 +627,8 @@ class EmulatedWorker:
         self._order = itertools.count()
         self._children = itertools.count(1)
         self.child_pid = self._next_pid()
+        #: The signal handlers tasks installed in the current child (signal.signal).
+        self.child_handlers: dict[int, Any] = {}
         self._request_classes: dict[str, type[Any]] = {}
         self.connection = broker.connection()
         self.channel = self.connection.default_channel
@@ -617,8 +646,9 @@ class EmulatedWorker:
         return 10_000 * self.index + 100 * self.generation + next(self._children)
 
     def replace_child(self) -> None:
-        """The pool starts a fresh child after one died."""
+        """The pool starts a fresh child after one died: with billiard's signal handlers."""
         self.child_pid = self._next_pid()
+        self.child_handlers = {}
 
     def needs_own_stack(self, execution: ChildExecution, hard_limit: float | None) -> bool:
         """Whether the execution could be frozen or overlap another (else it runs inline)."""
@@ -738,6 +768,7 @@ class EmulatedWorker:
             request_stop=self.request_stop,
             broker_delivery=delivery,
             on_note=self.on_note,
+            handlers=self.child_handlers,
         )
         if step is not None and step.kind == "ack_lost":
             self.broker.drop_ack(delivery.tag, lambda: self._ack_lost(record, step))
@@ -868,6 +899,7 @@ class EmulatedWorker:
         self.generation += 1
         self.consumer = f"{self.hostname}#{self.generation}"
         self.child_pid = self._next_pid()
+        self.child_handlers = {}
         self.alive = True
         self.stop_requested = self.broken_connection = False
         self.extra_slots = 0

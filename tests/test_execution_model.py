@@ -598,3 +598,60 @@ def test_a_frozen_stack_leaves_no_worker_state_on_the_test_thread(app: Celery) -
         assert faults.scheduler.stacks  # the killed child is still frozen here
         # result.get() is the test's, not a task's: Celery's join guard is off again
         assert task.AsyncResult(outcome.task_id).get(timeout=1) == "skipped"
+
+
+# -- asyncio and time.sleep's own errors inside a body (#19.6) -------------------------
+
+
+@pytest.mark.timeout(30)  # before: the loop's timer never came due on the virtual clock
+@pytest.mark.parametrize("own_stack", [False, True], ids=["inline", "stack"])
+def test_asyncio_sleeps_in_a_body_run_on_the_virtual_clock(app: Celery, own_stack: bool) -> None:
+    import asyncio
+
+    @app.task(shared=False, time_limit=60 if own_stack else None)
+    def waits() -> list[float]:
+        async def main() -> list[float]:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.sleep(30), timeout=2)
+            return [loop.time() - started, time.time()]
+
+        return asyncio.run(main())
+
+    with CeleryFaults(app) as faults:
+        real = time.monotonic()
+        outcome = faults.run(waits.s())
+        assert outcome.state == "SUCCESS", outcome.story
+        waited, wall = outcome.result
+        assert waited == pytest.approx(2.5)
+        assert wall == pytest.approx(faults.clock.start + 2.5)
+        assert faults.clock.elapsed == pytest.approx(2.5)
+        assert time.monotonic() - real < 2.5  # no real waiting
+
+
+@pytest.mark.timeout(30)  # before: NaN spun until the time limit, infinity returned
+@pytest.mark.parametrize(
+    ("seconds", "error"),
+    [
+        (float("nan"), ValueError),
+        (float("inf"), OverflowError),
+        (1e10, OverflowError),
+        (-1, ValueError),
+        ("1", TypeError),
+    ],
+)
+def test_time_sleep_raises_pythons_own_errors_in_a_body(
+    app: Celery, seconds: Any, error: type[Exception]
+) -> None:
+    @app.task(shared=False)
+    def naps(seconds: Any) -> None:
+        time.sleep(seconds)
+
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(naps.s(seconds))
+    assert (outcome.state, type(outcome.exception)) == ("FAILURE", error), outcome.story
+    with pytest.raises(error) as raised:
+        time.sleep(seconds)  # the real one: it raises at once
+    assert str(outcome.exception) == str(raised.value)

@@ -119,3 +119,93 @@ def test_outside_a_task_the_calls_are_the_real_ones(pytester: pytest.Pytester) -
     pytester.makeini("[pytest]\ncelery_faults_app = proj:app\n")
     result = pytester.runpytest_subprocess("-p", "no:randomly")
     assert result.ret == 7
+
+
+# -- what a task may do in a prefork child: install signal handlers (#19.6) ------------
+
+HANDLERS = """
+import signal
+import pytest
+from celery import Celery
+
+app = Celery("proj", set_as_current=False)
+log = []
+
+
+def on_term(signum, frame):
+    log.append("on_term")
+    raise SystemExit(3)
+
+
+def installs(name):
+    previous = signal.signal(signal.SIGTERM, on_term)
+    log.append(getattr(previous, "__name__", repr(previous)))
+    log.append("installed")
+
+
+def work():
+    log.append("work")
+
+
+@app.task(name="proj.graceful", shared=False, time_limit=60)  # a stack of its own
+def graceful():
+    installs("graceful")
+    work()
+    return "done"
+
+
+@app.task(name="proj.graceful_inline", shared=False)
+def graceful_inline():
+    installs("graceful_inline")
+    return "done"
+
+
+@app.task(name="proj.handler_now", shared=False)
+def handler_now():
+    handler = signal.getsignal(signal.SIGTERM)
+    return getattr(handler, "__name__", repr(handler))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log():
+    log.clear()
+"""
+
+HANDLER_TESTS = """
+import signal
+import proj
+
+
+def test_a_sigterm_fault_runs_the_handler_the_task_installed(celery_faults):
+    celery_faults.track("proj.work")
+    outcome = celery_faults.run(proj.graceful.s(), "sigterm@1")
+    assert proj.log == ["_shutdown_cleanup", "installed", "work", "on_term"]
+    assert (outcome.ended, outcome.state) == ("exit", "FAILURE"), outcome.story
+    assert str(outcome.exception) == "Worker exited prematurely: exitcode 3."
+    # The child that ran it is gone, and its handler with it.
+    assert celery_faults.run(proj.handler_now.s()).result == "_shutdown_cleanup"
+
+
+def test_a_handler_stays_in_the_child_for_its_next_task(celery_faults):
+    assert celery_faults.run(proj.graceful_inline.s()).result == "done"
+    assert celery_faults.run(proj.handler_now.s()).result == "on_term"
+
+
+def test_the_test_process_keeps_its_own_handlers(celery_faults):
+    def own(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, own)
+    try:
+        celery_faults.run(proj.graceful_inline.s())  # inline: on the test's own thread
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, before)
+"""
+
+
+def test_signal_handlers_a_task_installs_live_in_its_child(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(proj=HANDLERS, test_it=HANDLER_TESTS)
+    pytester.makeini("[pytest]\ncelery_faults_app = proj:app\n")
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
