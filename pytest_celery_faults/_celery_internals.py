@@ -147,6 +147,11 @@ def _workloop_reports_exit() -> bool:
 _WORKLOOP_REPORTS_BASE_EXCEPTIONS = _workloop_reports_exit()
 
 
+#: How long billiard's ``Pool._trywaitkill`` waits after SIGTERM before SIGKILL when a
+#: hard time limit passes (``worker._popen.wait(timeout=0.1)``; billiard 4.2 and 4.3).
+HARD_TIMEOUT_TERM_GRACE = 0.1
+
+
 def time_limit_info(timeout: float | None) -> ExceptionInfo:
     """What billiard's ``TimeoutHandler.on_hard_timeout`` hands to the error callback."""
     try:

@@ -140,8 +140,10 @@ class ChildExecution:
     started: bool = False
     label: str = ""  # what a schedule names it by: "1" and "2" for an overlapping pair
     stack: Stack | None = None
-    pending: BaseException | None = None  # an inline execution's interrupt, raised at its wait
+    #: An inline execution's interrupt, raised (or called) at its wait.
+    pending: BaseException | Callable[[], None] | None = None
     soft_timeout: Callable[[], None] = lambda: None
+    hard_timeout: Callable[[], None] = lambda: None  # the pool's reaction to a hard limit, now
     on_note: Callable[[str, str], None] = lambda task_id, text: None
     gone: ChildGone | None = None  # the child died under the task (os._exit, a fatal signal)
     #: The handlers tasks installed with ``signal.signal`` in this child (its worker's).
@@ -186,18 +188,24 @@ class ChildExecution:
         wake = self.clock.time() + seconds
         if self.stack is not None:
             self.stack.sleep_until(wake)
+            while self.clock.time() < wake:  # a signal's handler returned: sleep on (PEP 475)
+                if self.dead:
+                    raise ExecutionDiscarded()
+                self.stack.sleep_until(wake)
             return
         # Inline: nothing else can run meanwhile, so the clock moves from here.
         while True:
             due = self.clock.next_due()
             self.clock.advance_to(wake if due is None or due > wake else due)
             pending, self.pending = self.pending, None
-            if pending is not None:
+            if isinstance(pending, BaseException):
                 raise pending
+            if pending is not None:
+                pending()
             if self.clock.time() >= wake:
                 return
 
-    def interrupt(self, exc: BaseException) -> None:
+    def interrupt(self, exc: BaseException | Callable[[], None]) -> None:
         """A signal for the child (a soft time limit): raised where the body waits."""
         if self.stack is not None:
             self.stack.interrupt(exc)
@@ -297,6 +305,14 @@ class ChildExecution:
         if kind == "sigterm":
             self.receive(signal.SIGTERM)
             return  # the task's own handler ran and returned: the child goes on
+        if kind == "timeout":
+            if self.stack is None:  # pragma: no cover - the worker gives these a stack
+                raise RuntimeError(f"{step} fired on an execution without a stack of its own")
+            # The hard limit passes here: the parent reacts (its SIGTERM lands where
+            # this waits), and whatever still runs after the grace is killed.
+            self.hard_timeout()
+            self.stack.sleep_until(self.clock.time())
+            return
         if kind in FREEZING_KINDS:
             if self.stack is None:  # pragma: no cover - the worker gives these a stack
                 raise RuntimeError(f"{step} fired on an execution without a stack of its own")
@@ -348,6 +364,7 @@ class Job:
     soft_timeout: float | None
     timeout: float | None
     timers: list[Any] = field(default_factory=list)
+    timed_out: bool = False  # the hard limit passed: the parent has its result already
 
 
 class InProcessPool:
@@ -391,6 +408,7 @@ class InProcessPool:
         execution.soft_timeout = lambda: self._safely(
             timeout_callback, soft=True, timeout=soft_timeout
         )
+        execution.hard_timeout = lambda: self._hard_hit_now(job)
         if accept_callback is not None:
             accept_callback(worker.child_pid, time.monotonic())
         self.running[job.number] = job
@@ -424,12 +442,39 @@ class InProcessPool:
         self._safely(job.timeout_callback, soft=True, timeout=job.soft_timeout)
         job.execution.interrupt(internals.SoftTimeLimitExceeded())
 
-    def _hard_hit(self, job: Job) -> None:
-        """billiard's ``on_hard_timeout``: the child is killed where it stands."""
-        if job.number not in self.running or job.execution.stack is None:
+    def _hard_hit(self, job: Job, *, fault: bool = False) -> None:
+        """billiard's ``on_hard_timeout``, then ``_trywaitkill``: SIGTERM, a grace, SIGKILL.
+
+        The job fails with ``TimeLimitExceeded`` and the timeout callback runs
+        at once. Then the child gets SIGTERM where it waits: its handler runs
+        (billiard's raises ``SystemExit``, so ``finally`` blocks and
+        ``__exit__`` run), and what still runs once the grace has passed on the
+        virtual clock is killed: frozen where it stands.
+        """
+        execution = job.execution
+        if job.number not in self.running or execution.stack is None or job.timed_out:
             return
-        self.worker.note(job.execution, f"hard time limit ({job.timeout:g}s) exceeded")
+        if not fault:
+            self.worker.note(execution, f"hard time limit ({job.timeout:g}s) exceeded")
+        job.timed_out = True
+        limit = job.timeout or job.soft_timeout
+        self._safely(job.error_callback, internals.time_limit_info(limit))
+        self._safely(job.timeout_callback, soft=False, timeout=limit)
+        execution.interrupt(lambda: execution.receive(signal.SIGTERM))
+        clock = self.worker.clock
+        grace_over = clock.time() + internals.HARD_TIMEOUT_TERM_GRACE
+        job.timers.append(clock.call_at(grace_over, lambda: self._kill_after_grace(job)))
+
+    def _hard_hit_now(self, job: Job) -> None:
+        """A ``timeout@N`` fault: the hard limit passes now, the parent reacts next."""
+        clock = self.worker.clock
+        clock.call_at(clock.time(), lambda: self._hard_hit(job, fault=True))
+
+    def _kill_after_grace(self, job: Job) -> None:
+        """``_trywaitkill``'s SIGKILL: the child did not end within the grace."""
         stack = job.execution.stack
+        if job.number not in self.running or stack is None:
+            return
         job.execution.dead = True
         self.worker.scheduler.freeze_where(lambda candidate: candidate is stack, None)
         self._frozen(job, Step("timeout"))
@@ -478,7 +523,11 @@ class InProcessPool:
         self._settled(job)
         # The child's end comes before the parent's reaction.
         worker.on_record(job.execution.record)
-        if died is not None:
+        if job.timed_out:
+            # billiard set the job's result at the limit, and kills the child after
+            # the grace whatever it did meanwhile: its own end is not heard.
+            worker.replace_child()
+        elif died is not None:
             worker.replace_child()
             self._safely(job.error_callback, internals.child_gone_info(died, job.number))
         elif success:
@@ -504,10 +553,7 @@ class InProcessPool:
             worker.effects.execution_ended(job.execution, record.ended)
         worker.replace_child()
         if kind == "timeout":
-            # billiard's TimeoutHandler.on_hard_timeout: error first, then the timeout.
-            limit = job.timeout or job.soft_timeout
-            self._safely(job.error_callback, internals.time_limit_info(limit))
-            self._safely(job.timeout_callback, soft=False, timeout=limit)
+            pass  # the parent reacted at the limit (_hard_hit), before the grace
         elif isinstance(why, ChildGone):
             self._safely(job.error_callback, internals.child_gone_info(why.status, job.number))
         else:

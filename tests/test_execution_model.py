@@ -247,21 +247,74 @@ def test_a_task_can_catch_its_soft_time_limit_and_clean_up(app: Celery) -> None:
     assert faults.clock.elapsed == 30.0
 
 
-def test_a_declared_hard_time_limit_kills_without_unwinding(app: Celery) -> None:
+@pytest.mark.parametrize(
+    ("cleanup_takes", "done_after"),
+    [(0.0, ["lock released"]), (0.05, ["lock released"]), (0.5, [])],
+)
+def test_a_hard_time_limit_is_sigterm_then_sigkill_after_billiards_grace(
+    app: Celery, cleanup_takes: float, done_after: list[str]
+) -> None:
+    """billiard's ``_trywaitkill``: SIGTERM unwinds the task, SIGKILL 0.1 s later."""
+
     @app.task(name="reports.stuck", shared=False, time_limit=3)
     def stuck() -> None:
+        take_lock("report")
         try:
             time.sleep(10)  # virtual
         finally:
-            cleanups.append("finally")
+            time.sleep(cleanup_takes)  # virtual: the cleanup's own time
+            release_lock("report")
+            cleanups.append("lock released")
 
     with CeleryFaults(app) as faults:
         outcome = faults.run(stuck.s())
         during = list(cleanups)
-    assert during == []
+        held = dict(locks)
+    assert during == done_after
+    assert held == ({} if done_after else {"report": "held"})
     assert outcome.state == "FAILURE"
     assert type(outcome.exception).__name__ == "TimeLimitExceeded"
-    assert faults.clock.elapsed == 3.0
+    assert outcome.ended == "child killed"
+    assert faults.clock.elapsed == pytest.approx(3.0 + min(cleanup_takes, 0.1))
+
+
+def test_a_sigterm_handler_that_swallows_the_hard_limit_is_killed_after_the_grace(
+    app: Celery,
+) -> None:
+    import signal
+
+    @app.task(name="reports.stubborn", shared=False, time_limit=3)
+    def stubborn() -> None:
+        signal.signal(signal.SIGTERM, lambda signum, frame: cleanups.append("ignored TERM"))
+        time.sleep(10)  # virtual: returns after the handler, then sleeps on
+        cleanups.append("finished")
+
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(stubborn.s())
+        during = list(cleanups)
+    assert during == ["ignored TERM"]
+    assert (outcome.state, outcome.ended) == ("FAILURE", "child killed")
+    assert type(outcome.exception).__name__ == "TimeLimitExceeded"
+
+
+def test_a_timeout_fault_unwinds_within_the_grace_too(app: Celery) -> None:
+    @app.task(name="reports.limited", shared=False, time_limit=30)
+    def limited() -> None:
+        take_lock("report")
+        try:
+            charge(1)
+            charge(2)
+        finally:
+            release_lock("report")
+
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.charge")
+        outcome = faults.run(limited.s(), "timeout@1")
+        held = dict(locks)  # before the harness ends (then a frozen stack unwinds)
+    assert charges == [1]
+    assert held == {}
+    assert (outcome.state, outcome.ended) == ("FAILURE", "child killed")
+    assert type(outcome.exception).__name__ == "TimeLimitExceeded"
 
 
 def test_a_tracked_effect_can_take_time(app: Celery) -> None:
