@@ -7,6 +7,9 @@ the whole session (exit code 0, no report), so the outer run must survive it.
 from __future__ import annotations
 
 import pytest
+from celery import Celery
+
+from pytest_celery_faults import CeleryFaults
 
 APP_MODULE = """
 import os, signal
@@ -213,3 +216,21 @@ def test_signal_handlers_a_task_installs_live_in_its_child(pytester: pytest.Pyte
     pytester.makeini("[pytest]\ncelery_faults_app = proj:app\n")
     result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
+
+
+def test_signalling_the_workers_main_process_is_refused_in_one_line(app: Celery) -> None:
+    """In a worker the parent is Celery's main process; here it is whatever started pytest."""
+    import os
+    import signal
+
+    @app.task(shared=False)
+    def restarts_the_worker() -> None:
+        os.kill(os.getppid(), signal.SIGCONT)  # harmless if it went through
+
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(restarts_the_worker.s())
+    assert (outcome.state, type(outcome.exception)) == ("FAILURE", RuntimeError)
+    message = str(outcome.exception)
+    assert "\n" not in message
+    assert message.startswith("celery_faults: the task called os.kill(")
+    assert "signal the worker's main process" in message
