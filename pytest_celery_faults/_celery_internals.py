@@ -10,6 +10,7 @@ import contextlib
 import copy
 import functools
 import pickle
+import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,9 @@ __all__ = [
     "app_behind_proxy",
     "cancel_active_requests",
     "child_death_info",
+    "child_gone_info",
+    "child_initial_handler",
+    "child_signal_disposition",
     "code_summaries_cached",
     "in_worker_child",
     "worker_process_state",
@@ -51,6 +55,7 @@ __all__ = [
     "request_class_for",
     "safe_repr",
     "takeover_problems",
+    "status_after_shutdown",
     "time_limit_info",
     "unpickled_exception",
 ]
@@ -69,6 +74,68 @@ def child_death_info(signum: int, job: int) -> ExceptionInfo:
     return _worker_lost_info(-signum, job)
 
 
+def child_gone_info(status: int, job: int) -> ExceptionInfo:
+    """What billiard's pool reports for a child that died with ``status``.
+
+    ``status`` is what the pool reads from the dead process: its exit code
+    (``os._exit(n)``), or minus the signal that killed it.
+    """
+    return _worker_lost_info(status, job)
+
+
+#: What a prefork child does with a signal it receives, before any task code runs:
+#: billiard's ``Worker.after_fork`` installs ``_shutdown_cleanup`` for its terminate
+#: signals (``reset_signals``, the ``sigprotection`` set off as Celery runs it) and
+#: the soft time limit's handler; Celery's ``process_initializer`` and billiard
+#: ignore SIGINT. Read from the installed billiard and Celery.
+def child_signal_disposition(signum: int) -> str:
+    """``"shutdown"``, ``"soft_timeout"``, ``"ignore"`` or ``"default"`` (the OS's action)."""
+    from billiard import common
+    from billiard.pool import SIG_SOFT_TIMEOUT
+    from celery.concurrency.prefork import WORKER_SIGIGNORE
+
+    if signum == SIG_SOFT_TIMEOUT:
+        return "soft_timeout"
+    names = {name for name in common.TERMSIGS_DEFAULT if name not in common.TERMSIGS_IGNORE}
+    if signum in {getattr(signal, name, None) for name in names}:
+        return "shutdown"
+    ignored = {*WORKER_SIGIGNORE, *common.TERMSIGS_IGNORE, "SIGINT"}
+    if signum in {getattr(signal, name, None) for name in ignored}:
+        return "ignore"
+    return "default"
+
+
+def child_initial_handler(signum: int) -> Any:
+    """What ``signal.getsignal(signum)`` answers in a fresh prefork child."""
+    from billiard import common
+    from billiard.pool import soft_timeout_sighandler
+
+    disposition = child_signal_disposition(signum)
+    if disposition == "shutdown":
+        return common._shutdown_cleanup
+    if disposition == "soft_timeout":
+        return soft_timeout_sighandler
+    if disposition == "ignore":
+        return signal.SIG_IGN
+    return signal.SIG_DFL
+
+
+def status_after_shutdown(signum: int) -> int:
+    """How a child that ran ``_shutdown_cleanup`` for ``signum`` ends, as the pool reads it.
+
+    The handler resets ``signum`` to its default action and raises
+    ``SystemExit``; the child unwinds, tells the parent it is dying
+    (``_do_exit``: DEATH, then a second's sleep), and the parent answers
+    with its terminate signal (``on_death``). For the terminate signal
+    itself that kills the child (``signal 15 (SIGTERM)``, measured); for
+    another, the child's terminate handler runs a second time and leaves
+    with ``os._exit(EX_SOFTWARE)``.
+    """
+    from billiard import common
+
+    return -signum if signum == common.TERM_SIGNAL else int(common.EX_SOFTWARE)
+
+
 def _workloop_reports_exit() -> bool:
     from billiard.pool import Worker
 
@@ -79,6 +146,11 @@ def _workloop_reports_exit() -> bool:
 #: (``exit_exc``), sends it as the job's result, then leaves; billiard 4.2's catches
 #: only ``Exception``. Read from the installed billiard.
 _WORKLOOP_REPORTS_BASE_EXCEPTIONS = _workloop_reports_exit()
+
+
+#: How long billiard's ``Pool._trywaitkill`` waits after SIGTERM before SIGKILL when a
+#: hard time limit passes (``worker._popen.wait(timeout=0.1)``; billiard 4.2 and 4.3).
+HARD_TIMEOUT_TERM_GRACE = 0.1
 
 
 def time_limit_info(timeout: float | None) -> ExceptionInfo:

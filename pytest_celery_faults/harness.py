@@ -60,6 +60,7 @@ from .history import LOSSES, NOT_IDEMPOTENT, History
 from .idempotency import Scenario, SweepReport
 from .integrations import django_configured
 from .outcome import Outcome, Timeline, safe_repr
+from .process_calls import ProcessCallsInBodies
 from .replay import PublishedMessage
 from .results import InMemoryResultBackend
 from .scheduler import Scheduler, current_stack
@@ -189,6 +190,7 @@ class CeleryFaults:
         self.scheduler = Scheduler(self.random)
         self.body_time = TimeInBodies(self.clock, self.effects.sleep)
         undo.callback(self.body_time.close)
+        self.process_calls = ProcessCallsInBodies(lambda: self.effects.execution)
         self._patches: list[Patch] = []
         self._on_stop: list[Callable[[], None]] = []
         self.tracked: list[str] = []  # the dotted targets tracked, for real-broker mode
@@ -311,6 +313,7 @@ class CeleryFaults:
             _exiter(self._tracers),
             _exiter(self._installed),
             self.body_time.close,
+            self.process_calls.close,
             self.broker.close,
         ]
         failures: list[BaseException] = []
@@ -396,7 +399,7 @@ class CeleryFaults:
         if not self.scheduler.stacks:
             self.scheduler.forget()
             return
-        with self.body_time, internals.worker_process_state():  # the worker side, as in _drain
+        with self.body_time, self.process_calls, internals.worker_process_state():  # as _drain
             hung = self.scheduler.discard_all()
         if hung:
             names = ", ".join(repr(stack.owner.execution.task_name) for stack in hung)
@@ -499,7 +502,7 @@ class CeleryFaults:
         # What holds process-wide while the worker side runs: virtual time, a child's state.
         self._draining += 1
         try:
-            with self.body_time, internals.worker_process_state():
+            with self.body_time, self.process_calls, internals.worker_process_state():
                 self._run_until_quiet()
         finally:
             self._draining -= 1

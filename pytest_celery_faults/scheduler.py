@@ -92,7 +92,8 @@ class Stack:
         self.result: Any = None
         self.wake_at: float | None = None
         self.frozen_by: Any = None
-        self.pending: BaseException | None = None  # raised where it parked, when resumed
+        #: Raised (or called: a signal's handler) where it parked, when resumed.
+        self.pending: BaseException | Callable[[], None] | None = None
         self.escaped: BaseException | None = None  # not the task's: re-raised by the harness
         self.discarding = False
         self._go = threading.Semaphore(0)
@@ -125,8 +126,10 @@ class Stack:
                 self.before_discard()
             raise ExecutionDiscarded()
         pending, self.pending = self.pending, None
-        if pending is not None:
+        if isinstance(pending, BaseException):
             raise pending
+        if pending is not None:
+            pending()
 
     def switch_point(self) -> None:
         """A side-effect boundary: another execution may run here."""
@@ -158,8 +161,8 @@ class Stack:
         """Its body returned or unwound (set on its own thread, so read it fresh)."""
         return self.state == "done"
 
-    def interrupt(self, exc: BaseException) -> None:
-        """Raise ``exc`` in the stack where it parked (a signal such as a soft time limit)."""
+    def interrupt(self, exc: BaseException | Callable[[], None]) -> None:
+        """Raise ``exc`` in the stack where it parked, or call it there (a signal's handler)."""
         self.pending = exc
         if self.state == "sleeping":
             self.state = "runnable"

@@ -61,16 +61,51 @@ _FROZEN_ENDING = {
 
 
 class TerminatedBySignal(SystemExit):
-    """What billiard's ``_shutdown_cleanup`` raises in a child that got SIGTERM.
+    """What billiard's ``_shutdown_cleanup`` raises in a child that got ``signum`` (SIGTERM).
 
     The child unwinds (``finally`` blocks run, and may perform side effects),
     reports no result, and dies; the pool then reports ``signal 15 (SIGTERM)``.
     Measured on a real prefork worker (Celery 5.7, billiard 4.3.2).
     """
 
-    def __init__(self, step: Step) -> None:
-        super().__init__(-(256 - signal.SIGTERM))
-        self.step = step
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(-(256 - signum))
+        self.signum = signum
+
+
+class ChildGone(BaseException):
+    """The child process died under its task at once: ``os._exit``, a fatal signal.
+
+    An execution on a stack of its own freezes there (nothing more of it
+    runs); one running inline on the caller's stack can only unwind with
+    this, and while it unwinds its side effects are refused and no result
+    is stored, as for a discarded stack.
+    """
+
+    def __init__(self, status: int, ending: str) -> None:
+        super().__init__(status, ending)
+        self.status = status  # what billiard reads: the exit code, or minus the signal
+        self.ending = ending  # the record's ending: "exit" or "child killed"
+
+
+#: Signals whose default action is to do nothing; and those that stop the process.
+_IGNORED_BY_DEFAULT = frozenset(
+    getattr(signal, name)
+    for name in ("SIGCHLD", "SIGURG", "SIGWINCH", "SIGCONT")
+    if hasattr(signal, name)
+)
+_STOPPING = frozenset(
+    getattr(signal, name)
+    for name in ("SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU")
+    if hasattr(signal, name)
+)
+
+
+def describe_signal(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 @dataclass
@@ -106,8 +141,15 @@ class ChildExecution:
     dead: bool = False
     started: bool = False
     stack: Stack | None = None
-    pending: BaseException | None = None  # an inline execution's interrupt, raised at its wait
+    #: An inline execution's interrupt, raised (or called) at its wait.
+    pending: BaseException | Callable[[], None] | None = None
     soft_timeout: Callable[[], None] = lambda: None
+    hard_timeout: Callable[[], None] = lambda: None  # the pool's reaction to a hard limit, now
+    on_note: Callable[[str, str], None] = lambda task_id, text: None
+    gone: ChildGone | None = None  # the child died under the task (os._exit, a fatal signal)
+    #: The handlers tasks installed with ``signal.signal`` in this child (its worker's).
+    handlers: dict[int, Any] = field(default_factory=dict)
+    terminating: int | None = None  # the signal billiard's shutdown handler ran for
 
     def start(self) -> None:
         """The child took the job: a fault at boundary 0 fires now, before the body."""
@@ -147,23 +189,105 @@ class ChildExecution:
         wake = self.clock.time() + seconds
         if self.stack is not None:
             self.stack.sleep_until(wake)
+            while self.clock.time() < wake:  # a signal's handler returned: sleep on (PEP 475)
+                if self.dead:
+                    raise ExecutionDiscarded()
+                self.stack.sleep_until(wake)
             return
         # Inline: nothing else can run meanwhile, so the clock moves from here.
         while True:
             due = self.clock.next_due()
             self.clock.advance_to(wake if due is None or due > wake else due)
             pending, self.pending = self.pending, None
-            if pending is not None:
+            if isinstance(pending, BaseException):
                 raise pending
+            if pending is not None:
+                pending()
             if self.clock.time() >= wake:
                 return
 
-    def interrupt(self, exc: BaseException) -> None:
+    def interrupt(self, exc: BaseException | Callable[[], None]) -> None:
         """A signal for the child (a soft time limit): raised where the body waits."""
         if self.stack is not None:
             self.stack.interrupt(exc)
         else:
             self.pending = exc
+
+    # -- what the task does to its own process (see :mod:`.process_calls`) ------
+
+    def exit_process(self, code: int) -> None:
+        """``os._exit(code)`` in the body: the child is gone, nothing more of it runs."""
+        self.on_note(self.task_id, f"the task called os._exit({code})")
+        self._gone(code & 0xFF, "exit")
+
+    def abort_process(self) -> None:
+        """``os.abort()`` in the body: SIGABRT's default action, no Python handler."""
+        self.on_note(self.task_id, "the task called os.abort()")
+        self._gone(-signal.SIGABRT, "child killed")
+
+    def signal_process(self, signum: int) -> None:
+        """``os.kill(os.getpid(), signum)`` or ``signal.raise_signal(signum)`` in the body."""
+        self.on_note(self.task_id, f"the task sent {describe_signal(signum)} to its own process")
+        self.receive(signum)
+
+    def set_handler(self, signum: int, handler: Any) -> Any:
+        """``signal.signal`` in the body: the handler stays in this child, for later tasks too."""
+        previous = self.get_handler(signum)
+        if handler is internals.child_initial_handler(signum):
+            self.handlers.pop(signum, None)
+        else:
+            self.handlers[signum] = handler
+        return previous
+
+    def get_handler(self, signum: int) -> Any:
+        """``signal.getsignal`` in the body: what this child would answer."""
+        handler = self.handlers.get(signum)
+        return internals.child_initial_handler(signum) if handler is None else handler
+
+    def receive(self, signum: int) -> None:
+        """The child gets ``signum``: what a prefork child does with it, on the task's stack.
+
+        A handler the task installed runs (and may return: the child goes on);
+        else the child's own: billiard's and Celery's, or the system's default.
+        """
+        if signum == signal.SIGKILL:
+            self._gone(-signum, "child killed")
+        handler = self.handlers.get(signum)
+        if handler == signal.SIG_IGN:
+            return
+        if callable(handler):
+            handler(signum, sys._getframe(1))
+            return
+        disposition = "default" if handler == signal.SIG_DFL else None
+        disposition = disposition or internals.child_signal_disposition(signum)
+        if disposition == "shutdown":
+            self.terminating = signum
+            raise TerminatedBySignal(signum)
+        if disposition == "soft_timeout":
+            raise internals.SoftTimeLimitExceeded()
+        if disposition == "ignore" or signum in _IGNORED_BY_DEFAULT:
+            return
+        if signum in _STOPPING:
+            raise RuntimeError(
+                f"celery_faults: the task stopped its own process with {describe_signal(signum)}; "
+                "a stopped worker child is not emulated (it would hang until a time limit)"
+            )
+        self._gone(-signum, "child killed")
+
+    def died_status(self) -> int | None:
+        """How the child running this execution died, as billiard reads it; ``None`` if alive."""
+        if self.gone is not None:
+            return self.gone.status
+        if self.terminating is not None:
+            return internals.status_after_shutdown(self.terminating)
+        return None
+
+    def _gone(self, status: int, ending: str) -> None:
+        gone = self.gone = ChildGone(status, ending)
+        self.dead = True
+        if self.stack is not None:
+            self.stack.freeze(gone)
+        raise gone
 
     def _mark(self, step: Step) -> None:
         self.step = None  # a step fires once
@@ -180,7 +304,16 @@ class ChildExecution:
             self.soft_timeout()
             raise internals.SoftTimeLimitExceeded()
         if kind == "sigterm":
-            raise TerminatedBySignal(step)
+            self.receive(signal.SIGTERM)
+            return  # the task's own handler ran and returned: the child goes on
+        if kind == "timeout":
+            if self.stack is None:  # pragma: no cover - the worker gives these a stack
+                raise RuntimeError(f"{step} fired on an execution without a stack of its own")
+            # The hard limit passes here: the parent reacts (its SIGTERM lands where
+            # this waits), and whatever still runs after the grace is killed.
+            self.hard_timeout()
+            self.stack.sleep_until(self.clock.time())
+            return
         if kind in FREEZING_KINDS:
             if self.stack is None:  # pragma: no cover - the worker gives these a stack
                 raise RuntimeError(f"{step} fired on an execution without a stack of its own")
@@ -232,6 +365,7 @@ class Job:
     soft_timeout: float | None
     timeout: float | None
     timers: list[Any] = field(default_factory=list)
+    timed_out: bool = False  # the hard limit passed: the parent has its result already
 
 
 class InProcessPool:
@@ -275,6 +409,7 @@ class InProcessPool:
         execution.soft_timeout = lambda: self._safely(
             timeout_callback, soft=True, timeout=soft_timeout
         )
+        execution.hard_timeout = lambda: self._hard_hit_now(job)
         if accept_callback is not None:
             accept_callback(worker.child_pid, time.monotonic())
         self.running[job.number] = job
@@ -307,18 +442,49 @@ class InProcessPool:
         self._safely(job.timeout_callback, soft=True, timeout=job.soft_timeout)
         job.execution.interrupt(internals.SoftTimeLimitExceeded())
 
-    def _hard_hit(self, job: Job) -> None:
-        """billiard's ``on_hard_timeout``: the child is killed where it stands."""
-        if job.number not in self.running or job.execution.stack is None:
+    def _hard_hit(self, job: Job, *, fault: bool = False) -> None:
+        """billiard's ``on_hard_timeout``, then ``_trywaitkill``: SIGTERM, a grace, SIGKILL.
+
+        The job fails with ``TimeLimitExceeded`` and the timeout callback runs
+        at once. Then the child gets SIGTERM where it waits: its handler runs
+        (billiard's raises ``SystemExit``, so ``finally`` blocks and
+        ``__exit__`` run), and what still runs once the grace has passed on the
+        virtual clock is killed: frozen where it stands.
+        """
+        execution = job.execution
+        if job.number not in self.running or execution.stack is None or job.timed_out:
             return
-        self.worker.note(job.execution, f"hard time limit ({job.timeout:g}s) exceeded")
+        if not fault:
+            self.worker.note(execution, f"hard time limit ({job.timeout:g}s) exceeded")
+        job.timed_out = True
+        limit = job.timeout or job.soft_timeout
+        self._safely(job.error_callback, internals.time_limit_info(limit))
+        self._safely(job.timeout_callback, soft=False, timeout=limit)
+        execution.interrupt(lambda: execution.receive(signal.SIGTERM))
+        clock = self.worker.clock
+        grace_over = clock.time() + internals.HARD_TIMEOUT_TERM_GRACE
+        job.timers.append(clock.call_at(grace_over, lambda: self._kill_after_grace(job)))
+
+    def _hard_hit_now(self, job: Job) -> None:
+        """A ``timeout@N`` fault: the hard limit passes now, the parent reacts next."""
+        clock = self.worker.clock
+        clock.call_at(clock.time(), lambda: self._hard_hit(job, fault=True))
+
+    def _kill_after_grace(self, job: Job) -> None:
+        """``_trywaitkill``'s SIGKILL: the child did not end within the grace."""
         stack = job.execution.stack
+        if job.number not in self.running or stack is None:
+            return
         job.execution.dead = True
         self.worker.scheduler.freeze_where(lambda candidate: candidate is stack, None)
         self._frozen(job, Step("timeout"))
 
-    def _run_child(self, job: Job) -> tuple[bool, Any, Step | None]:
-        """The child's side: run the trace; how it ended, as billiard's workloop sees it."""
+    def _run_child(self, job: Job) -> tuple[bool, Any, int | None]:
+        """The child's side: run the trace; how it ended, as billiard's workloop sees it.
+
+        The third item is how the child died without reporting (billiard's
+        status: an exit code, or minus a signal), ``None`` while it lives.
+        """
         worker = self.worker
         execution = job.execution
         record = execution.record
@@ -329,31 +495,41 @@ class InProcessPool:
                     worker.effects.execution_started(execution)
                     execution.start()
                     value = job.target(*job.args, **job.kwargs)
-                except TerminatedBySignal as death:
-                    how = record.ended = "child killed"
-                    return False, None, death.step
                 except ExecutionDiscarded:
                     raise
                 except BaseException as exc:  # billiard's workloop reports what the job raised
+                    died = execution.died_status()
+                    if died is not None:  # unwinding from the child's death: no result
+                        how = record.ended = (
+                            execution.gone.ending if execution.gone else "child killed"
+                        )
+                        return False, None, died
                     if stops_the_test_run(exc):
                         raise
                     how = record.ended = "exit" if isinstance(exc, CHILD_LEAVES) else "raised"
                     return False, internals.job_error_info(exc, job.number), None
+            if execution.gone is not None:  # the task swallowed its own death: still dead
+                how = record.ended = execution.gone.ending
+                return False, None, execution.gone.status
             how = record.ended = "returned"
             return True, value, None
         finally:
             if how:
                 worker.effects.execution_ended(execution, how)
 
-    def _finish(self, job: Job, success: bool, value: Any, killed: Step | None) -> None:
+    def _finish(self, job: Job, success: bool, value: Any, died: int | None) -> None:
         """The parent's side of a job that ended by itself: billiard's result handler."""
         worker = self.worker
         self._settled(job)
         # The child's end comes before the parent's reaction.
         worker.on_record(job.execution.record)
-        if killed is not None:
+        if job.timed_out:
+            # billiard set the job's result at the limit, and kills the child after
+            # the grace whatever it did meanwhile: its own end is not heard.
             worker.replace_child()
-            self._died_by(job, signal.SIGTERM)
+        elif died is not None:
+            worker.replace_child()
+            self._safely(job.error_callback, internals.child_gone_info(died, job.number))
         elif success:
             self._safely(job.callback, value)
         else:
@@ -362,31 +538,29 @@ class InProcessPool:
             self._safely(job.error_callback, value)
         worker.job_ended(job)
 
-    def _frozen(self, job: Job, step: Step) -> None:
+    def _frozen(self, job: Job, why: Step | ChildGone) -> None:
         """The parent's side of a kill: the child is gone, its stack frozen."""
         worker = self.worker
-        kind = step.kind
+        kind = why.kind if isinstance(why, Step) else "gone"
         if kind in ("power_loss", "cold_shutdown"):
             worker.lose_power(graceful=kind == "cold_shutdown", cause=job)
             return
         record = job.execution.record
         self._settled(job)
-        record.ended = _FROZEN_ENDING[kind]
+        record.ended = why.ending if isinstance(why, ChildGone) else _FROZEN_ENDING[kind]
         worker.on_record(record)
         if job.execution.started:  # watchers hear of the executions they saw start
             worker.effects.execution_ended(job.execution, record.ended)
         worker.replace_child()
         if kind == "timeout":
-            # billiard's TimeoutHandler.on_hard_timeout: error first, then the timeout.
-            limit = job.timeout or job.soft_timeout
-            self._safely(job.error_callback, internals.time_limit_info(limit))
-            self._safely(job.timeout_callback, soft=False, timeout=limit)
+            pass  # the parent reacted at the limit (_hard_hit), before the grace
+        elif isinstance(why, ChildGone):
+            self._safely(job.error_callback, internals.child_gone_info(why.status, job.number))
         else:
-            self._died_by(job, signal.SIGKILL)
+            self._safely(
+                job.error_callback, internals.child_death_info(signal.SIGKILL, job.number)
+            )
         worker.job_ended(job)
-
-    def _died_by(self, job: Job, signum: int) -> None:
-        self._safely(job.error_callback, internals.child_death_info(signum, job.number))
 
     def _settled(self, job: Job) -> None:
         self.running.pop(job.number, None)
@@ -503,6 +677,8 @@ class EmulatedWorker:
         self._order = itertools.count()
         self._children = itertools.count(1)
         self.child_pid = self._next_pid()
+        #: The signal handlers tasks installed in the current child (signal.signal).
+        self.child_handlers: dict[int, Any] = {}
         self._request_classes: dict[str, type[Any]] = {}
         self.connection = broker.connection()
         self.channel = self.connection.default_channel
@@ -522,8 +698,9 @@ class EmulatedWorker:
         return 10_000 * self.index + 100 * self.generation + next(self._children)
 
     def replace_child(self) -> None:
-        """The pool starts a fresh child after one died."""
+        """The pool starts a fresh child after one died: with billiard's signal handlers."""
         self.child_pid = self._next_pid()
+        self.child_handlers = {}
 
     def needs_own_stack(self, execution: ChildExecution, hard_limit: float | None) -> bool:
         """Whether the execution could be frozen or overlap another (else it runs inline)."""
@@ -659,6 +836,8 @@ class EmulatedWorker:
             on_fired=lambda ex, fired: self.on_fired(ex.record, fired),
             request_stop=self.request_stop,
             broker_delivery=delivery,
+            on_note=self.on_note,
+            handlers=self.child_handlers,
         )
         if step is not None and step.kind == "ack_lost":
             self.broker.drop_ack(delivery.tag, lambda: self._ack_lost(record, step))
@@ -786,6 +965,7 @@ class EmulatedWorker:
         self.generation += 1
         self.consumer = f"{self.hostname}#{self.generation}"
         self.child_pid = self._next_pid()
+        self.child_handlers = {}
         self.alive = True
         self.stop_requested = self.broken_connection = False
         self.extra_slots = 0

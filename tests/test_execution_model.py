@@ -247,21 +247,74 @@ def test_a_task_can_catch_its_soft_time_limit_and_clean_up(app: Celery) -> None:
     assert faults.clock.elapsed == 30.0
 
 
-def test_a_declared_hard_time_limit_kills_without_unwinding(app: Celery) -> None:
+@pytest.mark.parametrize(
+    ("cleanup_takes", "done_after"),
+    [(0.0, ["lock released"]), (0.05, ["lock released"]), (0.5, [])],
+)
+def test_a_hard_time_limit_is_sigterm_then_sigkill_after_billiards_grace(
+    app: Celery, cleanup_takes: float, done_after: list[str]
+) -> None:
+    """billiard's ``_trywaitkill``: SIGTERM unwinds the task, SIGKILL 0.1 s later."""
+
     @app.task(name="reports.stuck", shared=False, time_limit=3)
     def stuck() -> None:
+        take_lock("report")
         try:
             time.sleep(10)  # virtual
         finally:
-            cleanups.append("finally")
+            time.sleep(cleanup_takes)  # virtual: the cleanup's own time
+            release_lock("report")
+            cleanups.append("lock released")
 
     with CeleryFaults(app) as faults:
         outcome = faults.run(stuck.s())
         during = list(cleanups)
-    assert during == []
+        held = dict(locks)
+    assert during == done_after
+    assert held == ({} if done_after else {"report": "held"})
     assert outcome.state == "FAILURE"
     assert type(outcome.exception).__name__ == "TimeLimitExceeded"
-    assert faults.clock.elapsed == 3.0
+    assert outcome.ended == "child killed"
+    assert faults.clock.elapsed == pytest.approx(3.0 + min(cleanup_takes, 0.1))
+
+
+def test_a_sigterm_handler_that_swallows_the_hard_limit_is_killed_after_the_grace(
+    app: Celery,
+) -> None:
+    import signal
+
+    @app.task(name="reports.stubborn", shared=False, time_limit=3)
+    def stubborn() -> None:
+        signal.signal(signal.SIGTERM, lambda signum, frame: cleanups.append("ignored TERM"))
+        time.sleep(10)  # virtual: returns after the handler, then sleeps on
+        cleanups.append("finished")
+
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(stubborn.s())
+        during = list(cleanups)
+    assert during == ["ignored TERM"]
+    assert (outcome.state, outcome.ended) == ("FAILURE", "child killed")
+    assert type(outcome.exception).__name__ == "TimeLimitExceeded"
+
+
+def test_a_timeout_fault_unwinds_within_the_grace_too(app: Celery) -> None:
+    @app.task(name="reports.limited", shared=False, time_limit=30)
+    def limited() -> None:
+        take_lock("report")
+        try:
+            charge(1)
+            charge(2)
+        finally:
+            release_lock("report")
+
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.charge")
+        outcome = faults.run(limited.s(), "timeout@1")
+        held = dict(locks)  # before the harness ends (then a frozen stack unwinds)
+    assert charges == [1]
+    assert held == {}
+    assert (outcome.state, outcome.ended) == ("FAILURE", "child killed")
+    assert type(outcome.exception).__name__ == "TimeLimitExceeded"
 
 
 def test_a_tracked_effect_can_take_time(app: Celery) -> None:
@@ -467,6 +520,7 @@ def test_a_stopped_test_says_where_a_task_on_its_own_stack_hung(
     pytester.makepyfile(
         proj="""
         import os, signal
+        from os import kill as alarm_from_outside  # os.kill in a task signals its child
         from celery import Celery
 
         app = Celery("proj", set_as_current=False)
@@ -477,7 +531,7 @@ def test_a_stopped_test_says_where_a_task_on_its_own_stack_hung(
         @app.task(name="proj.spin", shared=False, time_limit=600)
         def spin():
             fetch(1)
-            os.kill(os.getpid(), signal.SIGALRM)
+            alarm_from_outside(os.getpid(), signal.SIGALRM)
             while True:
                 pass
         """
@@ -658,3 +712,60 @@ def test_a_refusal_the_task_swallows_still_fails_the_test(app: Celery) -> None:
     assert "as it waited for a result, not the task: RuntimeError: a task running beside" in (
         str(failed.value)
     )
+
+
+# -- asyncio and time.sleep's own errors inside a body (#19.6) -------------------------
+
+
+@pytest.mark.timeout(30)  # before: the loop's timer never came due on the virtual clock
+@pytest.mark.parametrize("own_stack", [False, True], ids=["inline", "stack"])
+def test_asyncio_sleeps_in_a_body_run_on_the_virtual_clock(app: Celery, own_stack: bool) -> None:
+    import asyncio
+
+    @app.task(shared=False, time_limit=60 if own_stack else None)
+    def waits() -> list[float]:
+        async def main() -> list[float]:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.sleep(30), timeout=2)
+            return [loop.time() - started, time.time()]
+
+        return asyncio.run(main())
+
+    with CeleryFaults(app) as faults:
+        real = time.monotonic()
+        outcome = faults.run(waits.s())
+        assert outcome.state == "SUCCESS", outcome.story
+        waited, wall = outcome.result
+        assert waited == pytest.approx(2.5)
+        assert wall == pytest.approx(faults.clock.start + 2.5)
+        assert faults.clock.elapsed == pytest.approx(2.5)
+        assert time.monotonic() - real < 2.5  # no real waiting
+
+
+@pytest.mark.timeout(30)  # before: NaN spun until the time limit, infinity returned
+@pytest.mark.parametrize(
+    ("seconds", "error"),
+    [
+        (float("nan"), ValueError),
+        (float("inf"), OverflowError),
+        (1e10, OverflowError),
+        (-1, ValueError),
+        ("1", TypeError),
+    ],
+)
+def test_time_sleep_raises_pythons_own_errors_in_a_body(
+    app: Celery, seconds: Any, error: type[Exception]
+) -> None:
+    @app.task(shared=False)
+    def naps(seconds: Any) -> None:
+        time.sleep(seconds)
+
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(naps.s(seconds))
+    assert (outcome.state, type(outcome.exception)) == ("FAILURE", error), outcome.story
+    with pytest.raises(error) as raised:
+        time.sleep(seconds)  # the real one: it raises at once
+    assert str(outcome.exception) == str(raised.value)

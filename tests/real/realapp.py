@@ -187,3 +187,31 @@ def spawner() -> str:
 def spawner_late() -> str:
     """acks_late: publishes a task, then another side effect."""
     return _spawn()
+
+
+@app.task(name="realapp.locked_past_its_limit", time_limit=1, shared=False)
+def locked_past_its_limit(key: str, cleanup_takes: float = 0.0) -> str:
+    """Holds a lock past its hard time limit; ``finally`` releases it after ``cleanup_takes``."""
+    store = state()
+    store.set(f"{key}:lock", "held", ex=60)
+    try:
+        time.sleep(5)
+        return "finished"
+    finally:
+        time.sleep(cleanup_takes)
+        store.delete(f"{key}:lock")
+
+
+@app.task(name="realapp.ends_its_process", shared=False)
+def ends_its_process(how: str) -> str:
+    """Ends (or signals) its own process the way ``how`` names."""
+    import os
+    import signal
+
+    if how == "os._exit(0)":
+        os._exit(0)
+    if how == "os._exit(3)":
+        os._exit(3)
+    if how in ("SIGTERM", "SIGHUP", "SIGKILL"):
+        os.kill(os.getpid(), getattr(signal, how))
+    return "survived"

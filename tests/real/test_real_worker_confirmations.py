@@ -20,7 +20,12 @@ from celery import group
 from pytest_celery_faults import CeleryFaults, Outcome
 from pytest_celery_faults._celery_internals import redis_restore_cadence
 from pytest_celery_faults.real.plan import RESTORE_SWEEP_EVERY_SECOND
-from pytest_celery_faults.real.runner import RealBrokerRunner, RealOutcome
+from pytest_celery_faults.real.runner import (
+    RealBrokerRunner,
+    RealOutcome,
+    exception_text,
+    normalise_exception,
+)
 
 pytestmark = pytest.mark.real_broker
 
@@ -204,3 +209,40 @@ def test_a_message_published_during_an_execution_is_taken_while_the_body_runs(
     assert [view for name, view in views.items() if name.startswith("realapp.spawned")] == (
         spawned
     ), views
+
+
+@pytest.mark.parametrize(("cleanup_takes", "released"), [(0.0, True), (1.0, False)])
+def test_a_hard_time_limit_lets_a_quick_finally_run_before_sigkill(
+    runner: RealBrokerRunner, key: str, cleanup_takes: float, released: bool
+) -> None:
+    """billiard's ``_trywaitkill``: SIGTERM (the child unwinds), 0.1 s, then SIGKILL."""
+    real = runner.run("realapp.locked_past_its_limit", (key, cleanup_takes), timeout=20)
+    store = realapp.state()
+    assert (store.get(f"{key}:lock") is None) is released, real.timeline()
+    assert real.state == "FAILURE"
+    assert real.exception is not None
+    assert real.exception.startswith("TimeLimitExceeded"), real.exception
+    twin = f"{key}:emulated"
+    [outcome], lock = emulated(
+        realapp.locked_past_its_limit.s(twin, cleanup_takes),
+        inspect=lambda: store.get(f"{twin}:lock"),
+    )
+    assert (lock is None) is released, outcome.story
+    assert outcome.state == "FAILURE"
+    assert type(outcome.exception).__name__ == "TimeLimitExceeded"
+
+
+@pytest.mark.parametrize("how", ["os._exit(0)", "os._exit(3)", "SIGTERM", "SIGHUP", "SIGKILL"])
+def test_a_task_that_ends_its_own_process_loses_its_child_as_billiard_says(
+    runner: RealBrokerRunner, how: str
+) -> None:
+    real = runner.run("realapp.ends_its_process", (how,), timeout=20)
+    # billiard reports a lost child after its lost_worker_timeout (10 s): an early
+    # acked message may settle before the result is stored.
+    stored = runner.client.AsyncResult(real.task_id)
+    stored.get(timeout=30, propagate=False)
+    assert stored.state == "FAILURE", real.timeline()
+    [outcome], _ = emulated(realapp.ends_its_process.s(how))
+    assert outcome.state == "FAILURE", outcome.story
+    emulated_text = f"{type(outcome.exception).__name__}: {outcome.exception}"
+    assert exception_text(stored.result) == normalise_exception(emulated_text)
