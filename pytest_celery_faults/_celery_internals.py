@@ -560,13 +560,17 @@ def _environment_blind_class(base: type[Any]) -> type[Any]:
     if cached is not None:
         return cached
 
-    def harness_broker(self: Any) -> Any:
-        return self.__dict__[_HARNESS_BROKER]
+    def harness_broker(name: str) -> property:
+        configured = getattr(base, name)
 
-    namespace: dict[str, Any] = {
-        name: property(harness_broker)
-        for name in ("broker_url", "broker_read_url", "broker_write_url")
-    }
+        def read(self: Any) -> Any:
+            url = self.__dict__.get(_HARNESS_BROKER)  # absent on a copy of the view
+            return configured.__get__(self) if url is None else url
+
+        return property(read)
+
+    names = ("broker_url", "broker_read_url", "broker_write_url")
+    namespace: dict[str, Any] = {name: harness_broker(name) for name in names}
     namespace.update(__module__=base.__module__, __qualname__=base.__qualname__)
     cached = _environment_blind_classes[base] = type(base.__name__, (base,), namespace)
     return cached
@@ -790,7 +794,9 @@ def _snapshotting_class(base: type[Any]) -> type[Any]:
     lookup = base.__getitem__
 
     def __getitem__(self: Any, key: str) -> Any:
-        snapshot = self.__dict__[_SNAPSHOT]
+        snapshot = self.__dict__.get(_SNAPSHOT)
+        if snapshot is None:  # a copy of the view (Settings.copy): answered as Celery does
+            return lookup(self, key)
         changes = self.changes
         if key in changes:
             if self.prefix is None and self.key_t is None:
@@ -806,7 +812,9 @@ def _snapshotting_class(base: type[Any]) -> type[Any]:
         write = getattr(base, name)
 
         def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            self.__dict__[_SNAPSHOT].clear()
+            snapshot = self.__dict__.get(_SNAPSHOT)
+            if snapshot:
+                snapshot.clear()
             return write(self, *args, **kwargs)
 
         method.__name__ = name

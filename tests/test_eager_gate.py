@@ -130,6 +130,28 @@ def test_the_gate_catches_the_eager_non_idempotent_task(eshop: pytest.Pytester) 
     ]
 
 
+def test_the_gate_runs_an_app_configured_the_django_way(eshop: pytest.Pytester) -> None:
+    """(#19.1) CELERY_-prefixed settings (Celery's Django guide) do not keep the gate eager."""
+    django_style = APP.replace(
+        "app.conf.task_always_eager = True\napp.conf.task_eager_propagates = True\n",
+        """
+class Settings:
+    CELERY_TASK_ALWAYS_EAGER = True
+    CELERY_TASK_EAGER_PROPAGATES = True
+    CELERY_BROKER_URL = "redis://127.0.0.1:1/0"  # never reached: nothing listens on port 1
+    CELERY_RESULT_BACKEND = "redis://127.0.0.1:1/1"
+
+
+app.config_from_object(Settings, namespace="CELERY")
+""",
+    )
+    assert django_style != APP
+    eshop.makepyfile(eshop=django_style)
+    result = eshop.runpytest("-p", "no:randomly", "--celery-faults=redeliver*1")
+    result.assert_outcomes(passed=3, failed=2)
+    result.stdout.fnmatch_lines(["*the gate (--celery-faults='redeliver*1') ran 5 eager call(s)*"])
+
+
 def test_a_gated_test_with_specs_of_its_own_runs_under_those(eshop: pytest.Pytester) -> None:
     eshop.makepyfile(
         test_own="""

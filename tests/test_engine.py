@@ -300,6 +300,20 @@ def test_what_the_harness_sets_wins_however_the_app_was_configured(
     project.close()
 
 
+@pytest.mark.skipif(CELERY < (5, 7), reason="Settings.copy() fails on its own before 5.7")
+def test_a_copy_of_the_settings_reads_as_the_app_does_under_the_harness(app: Celery) -> None:
+    """``app.conf.copy()`` (Celery's Settings.copy) works while the harness holds the app."""
+    app.conf.broker_url = "redis://127.0.0.1:1/0"
+    app.finalize()
+    with CeleryFaults(app) as faults:
+        copied = app.conf.copy()
+        copied.task_default_queue = "elsewhere"  # a write to the copy
+        assert copied.task_always_eager is False
+        assert app.conf.task_default_queue == "celery"
+        assert faults.broker.url == app.conf.broker_url
+    assert copied.broker_url == faults.broker.url  # a copy of the settings of that moment
+
+
 def test_an_app_the_harness_cannot_take_over_is_refused_in_one_line(app: Celery) -> None:
     """(#19.1) A settings class that answers task_always_eager itself: refused, app restored."""
     task = make_task(app)

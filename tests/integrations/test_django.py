@@ -180,8 +180,11 @@ def test_executions_get_worker_connections_without_asking(django_tests: RunTests
         from django.db import connection
         from djshop.models import Order, Payment, Receipt
         from djshop.tasks import pay
+        from pytest_celery_faults.integrations.django import worker_connections
 
         def test_pay_after_a_kill(transactional, celery_faults):
+            attached = celery_faults.django_connections
+            assert worker_connections(celery_faults) is attached  # to count writes, if asked
             order = Order.objects.create()
             blocks = list(connection.atomic_blocks)
             outcome = celery_faults.run(pay.s(order.id), "sigkill@0")
