@@ -35,12 +35,16 @@ effect is refused and no result is stored.
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import random
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .clock import VirtualClock
 
 #: How long (real seconds) a discarded stack may take to unwind before it is abandoned.
 DISCARD_SECONDS = 5.0
@@ -168,10 +172,16 @@ class Stack:
 
 
 class _Carrier:
-    """A pooled thread: runs one stack at a time, then waits for the next."""
+    """A pooled thread: runs one stack at a time, then waits for the next.
+
+    It is a worker child's main thread: its executions run in a context of its
+    own (``contextvars``), fresh when the carrier starts, kept from one of its
+    executions to the next as a child process keeps its own, never the test's.
+    """
 
     def __init__(self) -> None:
         self.stack: Stack | None = None
+        self.context = contextvars.Context()
         self._assigned = threading.Semaphore(0)
         self.thread = threading.Thread(target=self._loop, name="celery-faults idle", daemon=True)
         self.thread.start()
@@ -195,7 +205,7 @@ class _Carrier:
                     return
                 _here.stack = stack
                 try:
-                    stack._main()
+                    self.context.run(stack._main)
                 finally:
                     _here.stack = None
         except ExecutionDiscarded:
@@ -292,6 +302,31 @@ class Scheduler:
             return False
         stack = self._choose(candidates)
         self._resume(stack)
+        self._settle(stack)
+        return True
+
+    def run_alone(self, stack: Stack, clock: VirtualClock) -> None:
+        """Run ``stack`` to its end now: nothing can cut it off or run beside it.
+
+        The virtual clock moves from here while it sleeps (a timer due on the
+        way, such as a soft time limit, fires at its instant), so an execution
+        alone ends before the worker takes its next step, as it did inline.
+        """
+        while True:
+            if stack.state == "runnable":
+                self._resume(stack)
+            if stack.state == "sleeping" and stack.wake_at is not None:
+                due = clock.next_due()
+                wake = stack.wake_at
+                clock.advance_to(wake if due is None or due > wake else due)
+                self.wake(clock.time())
+                continue
+            if stack.state in ("done", "frozen"):
+                self._settle(stack)
+                return
+
+    def _settle(self, stack: Stack) -> None:
+        """The harness's side of a stack that gave the baton back ended or frozen."""
         if stack.state == "done":
             self.stacks.remove(stack)
             if stack.escaped is not None:
@@ -299,7 +334,6 @@ class Scheduler:
             stack.on_done(stack)
         elif stack.state == "frozen":
             stack.on_frozen(stack)
-        return True
 
     def _choose(self, candidates: list[Stack]) -> Stack:
         if len(candidates) == 1:

@@ -10,14 +10,15 @@ for a child killed by a signal, ``TimeLimitExceeded`` (followed by the timeout
 callback) for a hard time limit. Every ack, reject, requeue and stored state is
 therefore Celery's own decision for the installed version.
 
-The child runs in this process. An execution that could be cut off or
-overlap another runs on a stack of its own (:mod:`.scheduler`); a kill
-(SIGKILL, a hard time limit, power loss, a cold shutdown) freezes that stack
-where it stands, so nothing more of the task runs, and the parent reacts as
-billiard's would. An execution that nothing can interrupt (no kill armed, no
-hard time limit, no other execution that could run beside it) runs inline on
-the caller's stack: the same code, one thread switch fewer. ``sys.exit`` and
-SIGTERM unwind the task, as billiard's handling does, on either.
+The child runs in this process, each execution on a stack of its own (a
+pooled thread, :mod:`.scheduler`), never on the test's thread: it sees none
+of the test's context variables or thread-locals, as a worker child would
+not. A kill (SIGKILL, a hard time limit, power loss, a cold shutdown) freezes
+that stack where it stands, so nothing more of the task runs, and the parent
+reacts as billiard's would. An execution that nothing can interrupt (no kill
+armed, no hard time limit, no other execution that could run beside it) runs
+to its end at once, before the worker's next step. ``sys.exit`` and SIGTERM
+unwind the task, as billiard's handling does.
 """
 
 from __future__ import annotations
@@ -104,8 +105,7 @@ class ChildExecution:
     dead: bool = False
     started: bool = False
     label: str = ""  # what a schedule names it by: "1" and "2" for an overlapping pair
-    stack: Stack | None = None
-    pending: BaseException | None = None  # an inline execution's interrupt, raised at its wait
+    stack: Stack | None = None  # the child's thread it runs on
     soft_timeout: Callable[[], None] = lambda: None
 
     def start(self) -> None:
@@ -143,26 +143,13 @@ class ChildExecution:
             raise ValueError("sleep length must be non-negative")
         if self.dead:
             raise ExecutionDiscarded()
-        wake = self.clock.time() + seconds
         if self.stack is not None:
-            self.stack.sleep_until(wake)
-            return
-        # Inline: nothing else can run meanwhile, so the clock moves from here.
-        while True:
-            due = self.clock.next_due()
-            self.clock.advance_to(wake if due is None or due > wake else due)
-            pending, self.pending = self.pending, None
-            if pending is not None:
-                raise pending
-            if self.clock.time() >= wake:
-                return
+            self.stack.sleep_until(self.clock.time() + seconds)
 
     def interrupt(self, exc: BaseException) -> None:
         """A signal for the child (a soft time limit): raised where the body waits."""
         if self.stack is not None:
             self.stack.interrupt(exc)
-        else:
-            self.pending = exc
 
     def _mark(self, step: Step) -> None:
         self.step = None  # a step fires once
@@ -278,17 +265,18 @@ class InProcessPool:
             accept_callback(worker.child_pid, time.monotonic())
         self.running[job.number] = job
         self._arm_time_limits(job)
-        if worker.needs_own_stack(execution, timeout):
-            execution.stack = worker.scheduler.spawn(
-                lambda: self._run_child(job),
-                label=execution.label or str(execution.delivery),
-                owner=job,
-                on_done=lambda stack: self._finish(job, *stack.result),
-                on_frozen=lambda stack: self._frozen(job, stack.frozen_by),
-                before_discard=lambda: worker.effects.execution_discarded(execution),
-            )
-        else:
-            self._finish(job, *self._run_child(job))
+        # Every execution runs on a child's thread of its own, never the test's: a
+        # worker child has none of the test's context variables or thread-locals.
+        execution.stack = stack = worker.scheduler.spawn(
+            lambda: self._run_child(job),
+            label=execution.label or str(execution.delivery),
+            owner=job,
+            on_done=lambda stack: self._finish(job, *stack.result),
+            on_frozen=lambda stack: self._frozen(job, stack.frozen_by),
+            before_discard=lambda: worker.effects.execution_discarded(execution),
+        )
+        if not worker.could_be_cut_off_or_overlap(execution, timeout):
+            worker.scheduler.run_alone(stack, worker.clock)  # it ends before the next step
         return _AppliedJob(job.number)
 
     def _arm_time_limits(self, job: Job) -> None:
@@ -519,8 +507,10 @@ class EmulatedWorker:
         """The pool starts a fresh child after one died."""
         self.child_pid = self._next_pid()
 
-    def needs_own_stack(self, execution: ChildExecution, hard_limit: float | None) -> bool:
-        """Whether the execution could be frozen or overlap another (else it runs inline)."""
+    def could_be_cut_off_or_overlap(
+        self, execution: ChildExecution, hard_limit: float | None
+    ) -> bool:
+        """Whether the execution could be frozen or overlap another (else it runs alone now)."""
         step = execution.step
         return (
             self.concurrent

@@ -7,6 +7,7 @@ executions ran one after another, and when only ``app.now()`` was virtual.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import threading
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery import signals as celery_signals
 from celery.exceptions import SoftTimeLimitExceeded
 
 from pytest_celery_faults import CeleryFaults
@@ -200,6 +202,57 @@ def test_a_killed_execution_s_thread_state_reaches_no_later_execution(app: Celer
         after = faults.run(task.s())
     assert (killed.deliveries, killed.ended) == (1, "child killed")
     assert after.result[1] == "none"  # a fresh child: the killed one's session is gone
+
+
+#: What a test sets for itself: a worker child has none of it.
+test_context: contextvars.ContextVar[str] = contextvars.ContextVar("test_context", default="unset")
+test_local = threading.local()
+
+
+def context_reader(app: Celery) -> Any:
+    @app.task(name="orders.read_context", shared=False, acks_late=True, reject_on_worker_lost=True)
+    def read_context() -> tuple[str, str]:
+        seen = (test_context.get(), getattr(test_local, "value", "unset"))
+        charge(seen)
+        return seen
+
+    return read_context
+
+
+@pytest.mark.parametrize("fault", [None, "sigkill@1", "power_loss@1", "exit(1)@1"])
+def test_an_execution_sees_none_of_the_test_s_context(app: Celery, fault: str | None) -> None:
+    task = context_reader(app)
+    token = test_context.set("the test's")
+    test_local.value = "the test's"
+    try:
+        with tracked(app) as faults:
+            outcome = faults.run(task.s(), *([fault] if fault else []))
+    finally:
+        test_context.reset(token)
+        del test_local.value
+    assert outcome.result == ["unset", "unset"]  # a tuple, through JSON
+    assert charges == [("unset", "unset")] * outcome.executions  # the same fault-free or not
+
+
+def test_context_an_execution_sets_stays_out_of_the_test(app: Celery) -> None:
+    """The app's own per-task setup (a prerun receiver) provides context, in the child only."""
+
+    @app.task(name="orders.in_context", shared=False)
+    def in_context() -> str:
+        return test_context.get()
+
+    def set_up(**_: Any) -> None:
+        test_context.set("the task's")
+        test_local.value = "the task's"
+
+    celery_signals.task_prerun.connect(set_up, weak=False)
+    try:
+        with tracked(app) as faults:
+            outcome = faults.run(in_context.s())
+    finally:
+        celery_signals.task_prerun.disconnect(set_up)
+    assert outcome.result == "the task's"
+    assert (test_context.get(), getattr(test_local, "value", "unset")) == ("unset", "unset")
 
 
 @pytest.mark.parametrize("fault", ["sigterm@2", "exit(1)@2"])
