@@ -441,6 +441,9 @@ class CeleryFaults:
                 continue
             due = self._next_due()
             if due is None:
+                if self.scheduler.any_blocked:  # it waits on something outside: real time
+                    self.scheduler.wait_for_blocked()
+                    continue
                 break
             if due - self.clock.start > DEFAULT_HORIZON:
                 raise DrainError(

@@ -42,7 +42,7 @@ from .clock import VirtualClock
 from .effects import Effect, EffectLog
 from .faults import FaultPlan, Step
 from .interruptions import stops_the_test_run
-from .scheduler import ExecutionDiscarded, Scheduler, Stack
+from .scheduler import BLOCKED_SECONDS, ExecutionDiscarded, Scheduler, Stack
 
 #: What a job raises that makes billiard's child report it and then leave.
 CHILD_LEAVES = (SystemExit, KeyboardInterrupt)
@@ -274,6 +274,12 @@ class InProcessPool:
             on_done=lambda stack: self._finish(job, *stack.result),
             on_frozen=lambda stack: self._frozen(job, stack.frozen_by),
             before_discard=lambda: worker.effects.execution_discarded(execution),
+            on_blocked=lambda stack: worker.note(
+                execution,
+                f"execution {stack.label} blocked for {BLOCKED_SECONDS:g}s of real time inside "
+                f"a call (on a lock another execution holds?): the others run on meanwhile, a "
+                f"schedule forced by real time",
+            ),
         )
         if not worker.could_be_cut_off_or_overlap(execution, timeout):
             worker.scheduler.run_alone(stack, worker.clock)  # it ends before the next step
@@ -336,6 +342,8 @@ class InProcessPool:
     def _finish(self, job: Job, success: bool, value: Any, killed: Step | None) -> None:
         """The parent's side of a job that ended by itself: billiard's result handler."""
         worker = self.worker
+        if job.number not in self.running:
+            return  # cut off while it was blocked (power loss, a hard limit): reported then
         self._settled(job)
         # The child's end comes before the parent's reaction.
         worker.on_record(job.execution.record)

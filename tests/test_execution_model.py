@@ -474,6 +474,28 @@ def test_every_interleaving_of_a_lock_guarded_charge_charges_once(app: Celery) -
     assert all(made == [7] for made in results.values()), results
 
 
+def test_a_copy_blocked_on_a_lock_a_parked_copy_holds_lets_it_run_on(app: Celery) -> None:
+    # Copy 1 takes the lock and parks at its charge; copy 2 then waits on the lock, where
+    # no switch point is. Held to one runner, both would wait forever.
+    guard = threading.Lock()
+
+    @app.task(name="orders.charge_under_lock", shared=False, acks_late=True)
+    def charge_under_lock(order: int) -> str:
+        with guard:
+            if order in paid:
+                return "already paid"
+            charge(order)
+            paid.add(order)
+            return "charged"
+
+    with tracked(app) as faults:
+        outcome = faults.run(charge_under_lock.s(1), "overlap(12)")
+        endings = [record.ended for record in faults.records]
+    assert charges == [1]
+    assert endings == ["returned", "returned"]
+    assert "execution 2 blocked" in outcome.story
+
+
 def test_a_worker_with_concurrency_two_overlaps_duplicate_publishes(app: Celery) -> None:
     app.conf.worker_concurrency = 2
     task = check_then_act(app, acks_late=True)
