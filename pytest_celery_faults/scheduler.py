@@ -46,6 +46,7 @@ effect is refused and no result is stored.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import ctypes
 import random
@@ -86,6 +87,24 @@ class ScheduleError(RuntimeError):
     """A replayed schedule names an execution that is not there to run."""
 
 
+class _Signal:
+    """A binary semaphore on a bare lock: a hand-over costs a C call, not a ``Condition``.
+
+    ``release`` sets it (setting it twice is once), ``acquire`` waits for it and clears it.
+    """
+
+    __slots__ = ("_lock", "acquire")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.acquire = self._lock.acquire
+
+    def release(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already set
+            self._lock.release()
+
+
 def current_stack() -> Stack | None:
     """The stack running on this thread, if this thread is an execution's."""
     return getattr(_here, "stack", None)
@@ -124,8 +143,8 @@ class Stack:
         # Taken as blocked where no switch point is: it runs on its own until it gives
         # the baton back (``_back``), and is not scheduled before that.
         self.blocked = False
-        self._go = threading.Semaphore(0)
-        self._back = threading.Semaphore(0)  # released each time it gives the baton back
+        self._go = _Signal()
+        self._back = _Signal()  # released each time it gives the baton back
         self.carrier: _Carrier | None = None  # the thread it runs on, from the scheduler's pool
 
     # -- on the stack's own thread ---------------------------------------------
@@ -210,7 +229,7 @@ class _Carrier:
     def __init__(self) -> None:
         self.stack: Stack | None = None
         self.context = contextvars.Context()
-        self._assigned = threading.Semaphore(0)
+        self._assigned = _Signal()
         self.thread = threading.Thread(target=self._loop, name="celery-faults idle", daemon=True)
         self.thread.start()
 
@@ -432,13 +451,15 @@ class Scheduler:
         self.running = stack
         stack.state = "running"
         stack._go.release()
-        watch = _Progress([stack])
+        watch: _Progress | None = None
         try:
             # Woken now and then: a signal for the test (pytest-timeout's SIGALRM,
             # Ctrl-C) may land on the stack's thread, and Python runs its handler only
             # when this, the main thread, runs again.
             while not stack._back.acquire(timeout=SIGNAL_POLL_SECONDS):
-                if watch.idle_for(BLOCKED_SECONDS) and self._others_could_run(stack):
+                if watch is None:
+                    watch = _Progress([stack], since=_real_monotonic() - SIGNAL_POLL_SECONDS)
+                elif watch.idle_for(BLOCKED_SECONDS) and self._others_could_run(stack):
                     # Waiting inside a call, most likely on what a parked execution
                     # holds: it goes on alone, and the others run meanwhile.
                     stack.blocked = True
@@ -519,9 +540,9 @@ class Scheduler:
 class _Progress:
     """Whether stacks' threads stayed idle (off the CPU) for a stretch of real time."""
 
-    def __init__(self, stacks: list[Stack]) -> None:
+    def __init__(self, stacks: list[Stack], since: float | None = None) -> None:
         self.stacks = stacks
-        self.since = _real_monotonic()
+        self.since = _real_monotonic() if since is None else since
         self.cpu = self._cpu()
 
     def _cpu(self) -> float | None:

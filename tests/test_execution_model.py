@@ -20,7 +20,7 @@ from celery import signals as celery_signals
 from celery.exceptions import SoftTimeLimitExceeded
 
 from pytest_celery_faults import CeleryFaults
-from pytest_celery_faults.scheduler import every_schedule
+from pytest_celery_faults.scheduler import BLOCKED_SECONDS, every_schedule
 
 #: The world the tasks below change: a lock table, charges made, cleanups run.
 locks: dict[str, str] = {}
@@ -494,6 +494,20 @@ def test_a_copy_blocked_on_a_lock_a_parked_copy_holds_lets_it_run_on(app: Celery
     assert charges == [1]
     assert endings == ["returned", "returned"]
     assert "execution 2 blocked" in outcome.story
+
+
+def test_a_copy_that_computes_past_the_bound_is_not_taken_as_blocked(app: Celery) -> None:
+    @app.task(name="orders.charge_slowly", shared=False, acks_late=True)
+    def charge_slowly(order: int) -> None:
+        start = time.perf_counter()  # real time: the body's time.monotonic is virtual
+        while time.perf_counter() - start < 2 * BLOCKED_SECONDS:
+            sum(range(1000))  # on the CPU all along, between two switch points
+        charge(order)
+
+    with tracked(app) as faults:
+        outcome = faults.run(charge_slowly.s(1), "overlap(12)")
+    assert "blocked" not in outcome.story
+    assert charges == [1, 1]
 
 
 def test_a_worker_with_concurrency_two_overlaps_duplicate_publishes(app: Celery) -> None:
