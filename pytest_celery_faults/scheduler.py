@@ -46,7 +46,6 @@ effect is refused and no result is stored.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import ctypes
 import random
@@ -101,8 +100,10 @@ class _Signal:
         self.acquire = self._lock.acquire
 
     def release(self) -> None:
-        with contextlib.suppress(RuntimeError):  # already set
+        try:  # noqa: SIM105 - on every hand-over: suppress() costs a context manager
             self._lock.release()
+        except RuntimeError:  # already set
+            pass
 
 
 def current_stack() -> Stack | None:
@@ -181,8 +182,8 @@ class Stack:
         """A side-effect boundary: another execution may run here."""
         if self.discarding:
             raise ExecutionDiscarded()
-        if self.scheduler.others_runnable(self):
-            self.state = "runnable"
+        if self.blocked or self.scheduler.others_runnable(self):
+            self.state = "runnable"  # a blocked one rejoins: it waits for the baton here
             self._park()
 
     def sleep_until(self, moment: float) -> None:
@@ -500,7 +501,8 @@ class Scheduler:
     def discard_all(self) -> list[Stack]:
         """Drop every stack still parked: unwound now, effects refused; those that hang."""
         hung = []
-        for stack in self.stacks:
+        # Blocked ones last: what they wait on may be a lock a parked one still holds.
+        for stack in sorted(self.stacks, key=lambda stack: stack.blocked):
             stack.discarding = True
             carrier = stack.carrier
             if stack.blocked and stack._back.acquire(blocking=False):
