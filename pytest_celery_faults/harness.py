@@ -539,7 +539,7 @@ class CeleryFaults:
             if len(live) > 1:
                 live = list(live)
                 self.random.shuffle(live)  # which worker runs first: the seed's choice
-            if any(worker.start_next() for worker in live):
+            if self._start_next(live):
                 executions += 1
                 if executions > self.max_executions:
                     raise DrainError(self._no_quiet_message(executions, first_delivery))
@@ -548,6 +548,9 @@ class CeleryFaults:
                 continue
             due = self._next_due()
             if due is None:
+                if self.scheduler.any_blocked:  # it waits on something outside: real time
+                    self.scheduler.wait_for_blocked()
+                    continue
                 break
             if self._only_chords_waiting_forever(live):
                 for worker in live:
@@ -587,6 +590,16 @@ class CeleryFaults:
         unacked = [delivery.message for delivery in self.broker.unacked.values()]
         return all(message.task_name == internals.CHORD_UNLOCK for message in queued + unacked)
 
+    def _start_next(self, live: Sequence[EmulatedWorker]) -> bool:
+        """One start on the first worker that can (an execution alone runs to its end)."""
+        try:
+            return any(worker.start_next() for worker in live)
+        except BaseException as interruption:
+            stack = self.scheduler.interrupted
+            if stack is not None:
+                interruption.add_note(where_it_hung(stack.owner.execution, self.effects))
+            raise
+
     def _step_scheduler(self) -> bool:
         try:
             return self.scheduler.step()
@@ -607,11 +620,11 @@ class CeleryFaults:
     def _drain_for_result(self) -> None:
         self._require_active()
         if current_stack() is not None:
-            # A task on a stack of its own waits for a result (a chord's join):
+            # A task waits for a result (a chord's join, get(disable_sync_subtasks=False)):
             # only the harness's thread may run the worker side.
             refused = RuntimeError(
-                "celery_faults: a task running beside others waited for a result that is "
-                "not ready; the emulated worker cannot run other tasks from inside it"
+                "celery_faults: a task waited for a result that is not ready; the emulated "
+                "worker runs other tasks between executions, not from inside one"
             )
             execution = self.effects.execution
             self.effects.plugin_failed(execution, refused, "as it waited for a result")

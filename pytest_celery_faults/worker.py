@@ -10,14 +10,15 @@ for a child killed by a signal, ``TimeLimitExceeded`` (followed by the timeout
 callback) for a hard time limit. Every ack, reject, requeue and stored state is
 therefore Celery's own decision for the installed version.
 
-The child runs in this process. An execution that could be cut off or
-overlap another runs on a stack of its own (:mod:`.scheduler`); a kill
-(SIGKILL, a hard time limit, power loss, a cold shutdown) freezes that stack
-where it stands, so nothing more of the task runs, and the parent reacts as
-billiard's would. An execution that nothing can interrupt (no kill armed, no
-hard time limit, no other execution that could run beside it) runs inline on
-the caller's stack: the same code, one thread switch fewer. ``sys.exit`` and
-SIGTERM unwind the task, as billiard's handling does, on either.
+The child runs in this process, each execution on a stack of its own (a
+pooled thread, :mod:`.scheduler`), never on the test's thread: it sees none
+of the test's context variables or thread-locals, as a worker child would
+not. A kill (SIGKILL, a hard time limit, power loss, a cold shutdown) freezes
+that stack where it stands, so nothing more of the task runs, and the parent
+reacts as billiard's would. An execution that nothing can interrupt (no kill
+armed, no hard time limit, no other execution that could run beside it) runs
+to its end at once, before the worker's next step. ``sys.exit`` and SIGTERM
+unwind the task, as billiard's handling does.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .effects import Effect, EffectLog
 from .errors import ConfigError
 from .faults import FaultPlan, Step
 from .interruptions import stops_the_test_run
-from .scheduler import ExecutionDiscarded, Scheduler, Stack
+from .scheduler import BLOCKED_SECONDS, ExecutionDiscarded, Scheduler, Stack
 
 #: What a job raises that makes billiard's child report it and then leave.
 CHILD_LEAVES = (SystemExit, KeyboardInterrupt)
@@ -140,9 +141,7 @@ class ChildExecution:
     effect_count: int = 0
     dead: bool = False
     started: bool = False
-    stack: Stack | None = None
-    #: An inline execution's interrupt, raised (or called) at its wait.
-    pending: BaseException | Callable[[], None] | None = None
+    stack: Stack | None = None  # the child's thread it runs on
     soft_timeout: Callable[[], None] = lambda: None
     hard_timeout: Callable[[], None] = lambda: None  # the pool's reaction to a hard limit, now
     on_note: Callable[[str, str], None] = lambda task_id, text: None
@@ -193,25 +192,11 @@ class ChildExecution:
                 if self.dead:
                     raise ExecutionDiscarded()
                 self.stack.sleep_until(wake)
-            return
-        # Inline: nothing else can run meanwhile, so the clock moves from here.
-        while True:
-            due = self.clock.next_due()
-            self.clock.advance_to(wake if due is None or due > wake else due)
-            pending, self.pending = self.pending, None
-            if isinstance(pending, BaseException):
-                raise pending
-            if pending is not None:
-                pending()
-            if self.clock.time() >= wake:
-                return
 
     def interrupt(self, exc: BaseException | Callable[[], None]) -> None:
         """A signal for the child (a soft time limit): raised where the body waits."""
         if self.stack is not None:
             self.stack.interrupt(exc)
-        else:
-            self.pending = exc
 
     # -- what the task does to its own process (see :mod:`.process_calls`) ------
 
@@ -414,16 +399,23 @@ class InProcessPool:
             accept_callback(worker.child_pid, time.monotonic())
         self.running[job.number] = job
         self._arm_time_limits(job)
-        if worker.needs_own_stack(execution, timeout):
-            execution.stack = worker.scheduler.spawn(
-                lambda: self._run_child(job),
-                owner=job,
-                on_done=lambda stack: self._finish(job, *stack.result),
-                on_frozen=lambda stack: self._frozen(job, stack.frozen_by),
-                before_discard=lambda: worker.effects.execution_discarded(execution),
-            )
-        else:
-            self._finish(job, *self._run_child(job))
+        # Every execution runs on a child's thread of its own, never the test's: a
+        # worker child has none of the test's context variables or thread-locals.
+        execution.stack = stack = worker.scheduler.spawn(
+            lambda: self._run_child(job),
+            owner=job,
+            on_done=lambda stack: self._finish(job, *stack.result),
+            on_frozen=lambda stack: self._frozen(job, stack.frozen_by),
+            before_discard=lambda: worker.effects.execution_discarded(execution),
+            on_blocked=lambda stack: worker.note(
+                execution,
+                f"execution {stack.label} blocked for {BLOCKED_SECONDS:g}s of real time inside "
+                f"a call (on a lock another execution holds?): the others run on meanwhile, a "
+                f"schedule forced by real time",
+            ),
+        )
+        if not worker.could_be_cut_off_or_overlap(execution, timeout):
+            worker.scheduler.run_alone(stack, worker.clock)  # it ends before the next step
         return _AppliedJob(job.number)
 
     def _arm_time_limits(self, job: Job) -> None:
@@ -520,6 +512,8 @@ class InProcessPool:
     def _finish(self, job: Job, success: bool, value: Any, died: int | None) -> None:
         """The parent's side of a job that ended by itself: billiard's result handler."""
         worker = self.worker
+        if job.number not in self.running:
+            return  # cut off while it was blocked (power loss, a hard limit): reported then
         self._settled(job)
         # The child's end comes before the parent's reaction.
         worker.on_record(job.execution.record)
@@ -702,8 +696,10 @@ class EmulatedWorker:
         self.child_pid = self._next_pid()
         self.child_handlers = {}
 
-    def needs_own_stack(self, execution: ChildExecution, hard_limit: float | None) -> bool:
-        """Whether the execution could be frozen or overlap another (else it runs inline)."""
+    def could_be_cut_off_or_overlap(
+        self, execution: ChildExecution, hard_limit: float | None
+    ) -> bool:
+        """Whether the execution could be frozen or overlap another (else it runs alone now)."""
         step = execution.step
         return (
             self.concurrent

@@ -7,6 +7,7 @@ executions ran one after another, and when only ``app.now()`` was virtual.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import threading
 import time
@@ -15,10 +16,11 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery import signals as celery_signals
 from celery.exceptions import SoftTimeLimitExceeded
 
 from pytest_celery_faults import CeleryFaults
-from pytest_celery_faults.scheduler import every_schedule
+from pytest_celery_faults.scheduler import BLOCKED_SECONDS, every_schedule
 
 #: The world the tasks below change: a lock table, charges made, cleanups run.
 locks: dict[str, str] = {}
@@ -200,6 +202,57 @@ def test_a_killed_execution_s_thread_state_reaches_no_later_execution(app: Celer
         after = faults.run(task.s())
     assert (killed.deliveries, killed.ended) == (1, "child killed")
     assert after.result[1] == "none"  # a fresh child: the killed one's session is gone
+
+
+#: What a test sets for itself: a worker child has none of it.
+test_context: contextvars.ContextVar[str] = contextvars.ContextVar("test_context", default="unset")
+test_local = threading.local()
+
+
+def context_reader(app: Celery) -> Any:
+    @app.task(name="orders.read_context", shared=False, acks_late=True, reject_on_worker_lost=True)
+    def read_context() -> tuple[str, str]:
+        seen = (test_context.get(), getattr(test_local, "value", "unset"))
+        charge(seen)
+        return seen
+
+    return read_context
+
+
+@pytest.mark.parametrize("fault", [None, "sigkill@1", "power_loss@1", "exit(1)@1"])
+def test_an_execution_sees_none_of_the_test_s_context(app: Celery, fault: str | None) -> None:
+    task = context_reader(app)
+    token = test_context.set("the test's")
+    test_local.value = "the test's"
+    try:
+        with tracked(app) as faults:
+            outcome = faults.run(task.s(), *([fault] if fault else []))
+    finally:
+        test_context.reset(token)
+        del test_local.value
+    assert outcome.result == ["unset", "unset"]  # a tuple, through JSON
+    assert charges == [("unset", "unset")] * outcome.executions  # the same fault-free or not
+
+
+def test_context_an_execution_sets_stays_out_of_the_test(app: Celery) -> None:
+    """The app's own per-task setup (a prerun receiver) provides context, in the child only."""
+
+    @app.task(name="orders.in_context", shared=False)
+    def in_context() -> str:
+        return test_context.get()
+
+    def set_up(**_: Any) -> None:
+        test_context.set("the task's")
+        test_local.value = "the task's"
+
+    celery_signals.task_prerun.connect(set_up, weak=False)
+    try:
+        with tracked(app) as faults:
+            outcome = faults.run(in_context.s())
+    finally:
+        celery_signals.task_prerun.disconnect(set_up)
+    assert outcome.result == "the task's"
+    assert (test_context.get(), getattr(test_local, "value", "unset")) == ("unset", "unset")
 
 
 @pytest.mark.parametrize("fault", ["sigterm@2", "exit(1)@2"])
@@ -474,6 +527,42 @@ def test_every_interleaving_of_a_lock_guarded_charge_charges_once(app: Celery) -
     assert all(made == [7] for made in results.values()), results
 
 
+def test_a_copy_blocked_on_a_lock_a_parked_copy_holds_lets_it_run_on(app: Celery) -> None:
+    # Copy 1 takes the lock and parks at its charge; copy 2 then waits on the lock, where
+    # no switch point is. Held to one runner, both would wait forever.
+    guard = threading.Lock()
+
+    @app.task(name="orders.charge_under_lock", shared=False, acks_late=True)
+    def charge_under_lock(order: int) -> str:
+        with guard:
+            if order in paid:
+                return "already paid"
+            charge(order)
+            paid.add(order)
+            return "charged"
+
+    with tracked(app) as faults:
+        outcome = faults.run(charge_under_lock.s(1), "overlap(12)")
+        endings = [record.ended for record in faults.records]
+    assert charges == [1]
+    assert endings == ["returned", "returned"]
+    assert "execution 2 blocked" in outcome.story
+
+
+def test_a_copy_that_computes_past_the_bound_is_not_taken_as_blocked(app: Celery) -> None:
+    @app.task(name="orders.charge_slowly", shared=False, acks_late=True)
+    def charge_slowly(order: int) -> None:
+        start = time.perf_counter()  # real time: the body's time.monotonic is virtual
+        while time.perf_counter() - start < 2 * BLOCKED_SECONDS:
+            sum(range(1000))  # on the CPU all along, between two switch points
+        charge(order)
+
+    with tracked(app) as faults:
+        outcome = faults.run(charge_slowly.s(1), "overlap(12)")
+    assert "blocked" not in outcome.story
+    assert charges == [1, 1]
+
+
 def test_a_worker_with_concurrency_two_overlaps_duplicate_publishes(app: Celery) -> None:
     app.conf.worker_concurrency = 2
     task = check_then_act(app, acks_late=True)
@@ -709,7 +798,7 @@ def test_a_refusal_the_task_swallows_still_fails_the_test(app: Celery) -> None:
 
     with CeleryFaults(app) as faults, pytest.raises(EmulationError) as failed:
         faults.run(report.s(), "overlap")
-    assert "as it waited for a result, not the task: RuntimeError: a task running beside" in (
+    assert "as it waited for a result, not the task: RuntimeError: a task waited for a result" in (
         str(failed.value)
     )
 
