@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+#: Where the plugin's own code lives: an error raised from a frame here is the plugin's.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
 
 class CeleryFaultsError(Exception):
     """Base class of the plugin's errors."""
@@ -59,3 +64,17 @@ class TimeLimitPassed(BaseException):
 
 class CeleryFaultsWarning(UserWarning):
     """A problem noticed in the code under test; an error under ``--celery-faults-strict``."""
+
+
+def raised_by_the_plugin(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in the plugin's own code (not Celery's, kombu's or a task's).
+
+    Celery's callbacks that fail on what a task gave them (a result the
+    serializer refuses) fail the same way on a real worker, whose pool logs
+    and swallows them; an error raised in the plugin's code is the
+    emulation's own and must fail the test.
+    """
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_code.co_filename.startswith(_PACKAGE)

@@ -370,7 +370,8 @@ def _work_done(baseline: Evidence, faulted: Evidence) -> str:
     if baseline.effect_count and all(
         faulted.effects[label] >= n for label, n in baseline.effects.items()
     ):
-        return f"after its last side effect ({faulted.effect_count} done)"
+        state = faulted.outcome.state
+        return f"after its last side effect ({faulted.effect_count} done, state {state})"
     return ""
 
 

@@ -41,7 +41,7 @@ from . import _celery_internals as internals
 from .broker import Delivery, InMemoryBroker
 from .clock import VirtualClock
 from .effects import Effect, EffectLog
-from .errors import ConfigError
+from .errors import ConfigError, raised_by_the_plugin
 from .faults import FaultPlan, Step
 from .interruptions import stops_the_test_run
 from .scheduler import BLOCKED_SECONDS, ExecutionDiscarded, Scheduler, Stack
@@ -569,9 +569,10 @@ class InProcessPool:
             callback(*args, **kwargs)
         except Exception as exc:
             self.worker.callback_errors.append(exc)
-            # Celery's own callbacks (ack, reject, store) run on the plugin's broker and
-            # backend here: an error in them is the emulation's, not the task's.
-            self.worker.effects.plugin_failed(None, exc, "in a pool callback")
+            # Celery's callbacks (ack, reject, store) run on the plugin's broker and
+            # backend here: an error raised in the plugin's code is the emulation's.
+            if raised_by_the_plugin(exc):
+                self.worker.effects.plugin_failed(None, exc, "in a pool callback")
 
     # The pool API Celery's requests may call.
     def terminate_job(self, pid: int, signum: int | None = None) -> None:
@@ -844,7 +845,7 @@ class EmulatedWorker:
             request.execute_using_pool(self.pool)
         except Exception as exc:  # TaskRevokedError and friends: Celery's own refusal
             self.callback_errors.append(exc)
-            if not isinstance(exc, CeleryError):  # the pool's: the emulation failed
+            if not isinstance(exc, CeleryError) and raised_by_the_plugin(exc):
                 self.effects.plugin_failed(execution, exc, "as the pool took it")
             self.on_record(record)
         finally:

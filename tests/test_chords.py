@@ -205,3 +205,31 @@ def test_a_chord_whose_member_is_lost_is_a_loss_not_a_divergence(
         "shop.total never ran (state FAILURE, ChordError); the 1 side effect(s) done "
         "(Ledger.write x1) leave the world half done"
     ), scenarios[0].problem
+
+
+def test_a_chain_whose_first_task_is_lost_is_a_loss(app: Celery) -> None:
+    """Early ack: the chain stops where its task was lost; its last task never runs."""
+    from celery import chain
+
+    @app.task(name="shop.line", shared=False)
+    def line(order: str, amount: int) -> int:
+        ledger.write(order, amount)
+        return amount
+
+    @app.task(name="shop.total", shared=False)
+    def total(amount: int) -> int:
+        ledger.write("total", amount)
+        return amount
+
+    with CeleryFaults(app) as faults:
+        scenarios = faults.assert_idempotent(
+            chain(line.s("a", 1), total.s()),
+            lambda: dict(ledger.rows),
+            ledger.rows.clear,
+            specs=["power_loss@0"],
+        )
+    assert [s.verdict for s in scenarios] == ["lost"]
+    assert scenarios[0].problem.endswith(
+        "never completed and nothing ran it again (the worker lost power; the broker holds "
+        "no copy), so shop.total never ran (state PENDING)"
+    )

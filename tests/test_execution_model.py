@@ -858,3 +858,19 @@ def test_time_sleep_raises_pythons_own_errors_in_a_body(
     with pytest.raises(error) as raised:
         time.sleep(seconds)  # the real one: it raises at once
     assert str(outcome.exception) == str(raised.value)
+
+
+def test_only_an_error_raised_in_the_plugin_s_code_is_its_own() -> None:
+    """A Celery callback failing on what a task gave it fails so on a real worker too (logged)."""
+    from kombu.exceptions import EncodeError
+    from kombu.serialization import dumps
+
+    from pytest_celery_faults import parse_spec
+    from pytest_celery_faults.errors import raised_by_the_plugin
+
+    with pytest.raises(EncodeError) as celery_side:
+        dumps(object(), serializer="json")
+    with pytest.raises(ValueError) as ours:
+        parse_spec("sigkill@x")
+    assert not raised_by_the_plugin(celery_side.value)
+    assert raised_by_the_plugin(ours.value)

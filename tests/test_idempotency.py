@@ -497,7 +497,8 @@ def test_killed_after_its_last_side_effect(tracked):
     report.assert_ok()
     assert "sigkill@1" not in [s.spec for s in report.losses]
     assert report.ended_otherwise[0].problem.startswith(
-        "ended otherwise: the worker was shut down cold after its last side effect (1 done)"
+        "ended otherwise: the worker was shut down cold after its last side effect (1 done, "
+        "state "
     )
 
 
@@ -516,7 +517,8 @@ def test_a_task_killed_after_its_work_is_done_ended_otherwise(store: pytest.Pyte
             "E   *under 'sigkill@0'*",
             "E   *Ended otherwise, nothing lost (no assertion fails on these):",
             "E   *'sigkill@1': ended otherwise: its child process was killed after its last "
-            "side effect (1 done) and nothing ran it again, but nothing was lost: observe() "
+            "side effect (1 done, state FAILURE) and nothing ran it again, but nothing was "
+            "lost: observe() "
             "matches the fault-free run",
             "*= celery-faults =*",
             "ended_otherwise (went away after its work was done, nothing lost): "
