@@ -44,11 +44,12 @@ LEAN = [(celery, PYTHONS[0]) for celery in CELERY if celery != NEWEST] + [
 ]
 #: The real-broker conformance suite on the oldest Celery (the README's run has the newest).
 REAL = [OLDEST, NEWEST]
-#: The oldest pytest the plugin supports (pyproject's floor), with the oldest pytest-timeout
-#: and pytest-xdist pyproject allows beside it: teams pin pytest, and installing the plugin
-#: must not upgrade it. One cell, on the newest Celery and the oldest Python: what differs
-#: between Celery releases is the other cells' business, what differs between pytests is this.
-OLDEST_PYTEST = {"pytest": "7.4", "pytest-timeout": "2.2", "pytest-xdist": "3.5"}
+#: The oldest pytest the plugin supports (pyproject's floor), with the oldest pluggy (1.2:
+#: ``hookimpl(wrapper=True)``), pytest-timeout and pytest-xdist pyproject allows beside it:
+#: teams pin pytest, and installing the plugin must not upgrade it. One cell, on the newest
+#: Celery and the oldest Python: what differs between Celery releases is the other cells'
+#: business, what differs between pytests is this one's.
+OLDEST_PYTEST = {"pytest": "7.4", "pluggy": "1.2", "pytest-timeout": "2.2", "pytest-xdist": "3.5"}
 #: What ``.ci/run`` runs: the unit cells, and the real-broker cell beside them.
 CI_UNIT_CELLS = [f"tests-{python}(celery='{celery}')" for celery, python in LEAN] + [
     "oldest_pytest"
@@ -60,7 +61,7 @@ RESULTS = Path(__file__).resolve().parent / ".nox" / "results"
 VERSIONS = (
     "import json, platform; from importlib.metadata import version; "
     "print(json.dumps({name: version(name) for name in ('celery', 'billiard', 'kombu', "
-    "'pytest')} | {'python': platform.python_version()}))"
+    "'pytest', 'pluggy')} | {'python': platform.python_version()}))"
 )
 
 

@@ -199,6 +199,8 @@ class CeleryFaults:
         #: while installed: scenarios then go through run(), never a copy, so each is compared.
         self.comparison: Any = None
         self.suite_wide: list[str | FaultSpec] = []
+        #: Suite-wide specs that fired in a scenario since ended by reset() (the plan forgets).
+        self._suite_wide_fired: set[str] = set()
         self.backend = InMemoryResultBackend(
             app=app,
             on_wait=self._drain_for_result,
@@ -357,6 +359,7 @@ class CeleryFaults:
         self.clock.reset()
         self.backend.clear()
         self.effects.clear()
+        self._suite_wide_fired |= self._fired_now()
         self.plan.clear()
         self.history.clear()
         self.http.calls.reset()
@@ -798,6 +801,13 @@ class CeleryFaults:
         return idempotency.sweep(self, signature, observe, reset, hows, pairs)
 
     # -- unfired specs ----------------------------------------------------------
+
+    def _fired_now(self) -> set[str]:
+        return {str(a.spec) for a in self.plan.armed if not a.explicit and a.has_fired}
+
+    def suite_wide_fired(self) -> set[str]:
+        """The suite-wide specs (one spelling each) that fired in any scenario of this harness."""
+        return self._suite_wide_fired | self._fired_now()
 
     def unfired(self, *, explicit_only: bool = True) -> list[ArmedSpec]:
         return self.plan.unfired(explicit_only=explicit_only)

@@ -110,13 +110,14 @@ def record_harness(
     """What the harness of one test did, read after the test ran."""
     suite_wide = [str(spec) for spec in harness.suite_wide]
     unfired = [str(armed.spec) for armed in harness.unfired(explicit_only=True)]
+    fired = harness.suite_wide_fired()  # in any scenario, also one a reset() ended
     suite_unfired = [
-        str(armed.spec) for armed in harness.unfired(explicit_only=False) if not armed.explicit
+        str(armed.spec)
+        for armed in harness.unfired(explicit_only=False)
+        if not armed.explicit and str(armed.spec) not in fired
     ]
     outcomes = [outcome_json(outcome) for outcome in harness.outcomes()]
     record = TestRecord(nodeid, specs, suite_wide, outcomes, unfired, suite_unfired, warnings)
-    fired = {str(armed.spec) for armed in harness.plan.armed if not armed.explicit}
-    fired -= {str(armed.spec) for armed in harness.unfired(explicit_only=False)}
     record.suite_wide_fired = [spec for spec in suite_wide if _normal(spec) in fired]
     count(record, harness)
     return record

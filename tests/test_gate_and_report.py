@@ -153,6 +153,27 @@ def test_a_spec_that_fired_nowhere_fails_a_session_that_ran_no_task(
     )
 
 
+def test_a_spec_that_fired_before_a_reset_counts_as_fired(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        test_suite="""
+        import proj
+
+        def test_upsert_then_reset(celery_faults):
+            proj.ledger.clear()
+            proj.upsert_row.delay(1)
+            celery_faults.drain()
+            assert proj.ledger == [1]
+            celery_faults.reset()  # a fresh scenario: the spec is armed again
+        """
+    )
+    result = project.runpytest("-p", "no:randomly", "--celery-faults=redeliver")
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(
+        ["--celery-faults='redeliver' fired in 1 of the 1 test(s) that ran tasks under it"]
+    )
+
+
 def test_xdist_workers_counts_add_up_on_the_controller(project: pytest.Pytester) -> None:
     # One file per worker (--dist=loadfile): the spec fires on one worker only.
     head, append, upsert = SUITE.split("\n\n\n")[:3]

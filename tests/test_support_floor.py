@@ -29,7 +29,7 @@ def test_the_pytest_floors_are_the_ones_the_oldest_pytest_cell_runs() -> None:
         sys.path.remove(str(ROOT))
     declared = floors()
     assert {
-        name: declared[name] for name in ("pytest", "pytest-timeout", "pytest-xdist")
+        name: declared[name] for name in ("pytest", "pluggy", "pytest-timeout", "pytest-xdist")
     } == noxfile.OLDEST_PYTEST
     assert declared["pytest"] == "7.4"  # teams pin 7.4: installing the plugin must not upgrade it
     assert "oldest_pytest" in noxfile.CI_UNIT_CELLS
