@@ -1031,16 +1031,17 @@ def redis_restore_cadence(options: dict[str, Any]) -> tuple[float, int]:
     return float(interval), max(int(throttle), 1)  # a throttle of 0 scans on every call
 
 
-def consumer_qos(app: Celery, initial: int) -> Any:
-    """The prefetch count a worker's consumer keeps: kombu's own ``QoS``, as Celery builds it.
+def consumer_qos(app: Celery) -> Callable[[int], Any]:
+    """What makes the prefetch count a worker's consumer keeps: kombu's own ``QoS``.
 
-    Celery's ``Tasks`` bootstep sets ``basic.qos`` to ``initial`` (concurrency
-    times ``worker_prefetch_multiplier``; 0 means no limit) and wraps it in
-    ``kombu.common.QoS``, capped by ``worker_eta_task_limit`` where the
-    installed Celery has that setting (5.5 and later, with a kombu whose QoS
-    takes ``max_prefetch``). Its strategy raises the count by one for each
+    Celery's ``Tasks`` bootstep sets ``basic.qos`` to the initial count
+    (concurrency times ``worker_prefetch_multiplier``; 0 means no limit) and
+    wraps it in ``kombu.common.QoS``, capped by ``worker_eta_task_limit`` where
+    the installed Celery has that setting (5.5 and later, with a kombu whose
+    QoS takes ``max_prefetch``). Its strategy raises the count by one for each
     message held for its ETA (``increment_eventually``) and lowers it when the
-    ETA comes (``decrement_eventually``); the value is read here as set.
+    ETA comes (``decrement_eventually``). The setting is read once; each new
+    connection of the consumer calls the returned function for a fresh count.
     """
     from celery.app.defaults import NAMESPACES
     from kombu.common import QoS
@@ -1051,8 +1052,8 @@ def consumer_qos(app: Celery, initial: int) -> Any:
     known = "eta_task_limit" in NAMESPACES["worker"]
     limit = app.conf.get("worker_eta_task_limit") if known else None
     if limit is not None:
-        return QoS(applied, initial, max_prefetch=limit)
-    return QoS(applied, initial)
+        return lambda initial: QoS(applied, initial, max_prefetch=limit)
+    return lambda initial: QoS(applied, initial)
 
 
 def prefetch_disabled(app: Celery, profile: str) -> bool:

@@ -681,7 +681,8 @@ class EmulatedWorker:
         multiplier = app.conf.worker_prefetch_multiplier
         #: basic.qos as the consumer starts: concurrency x multiplier; 0 (multiplier 0): no limit.
         self.initial_prefetch = max(1, int(multiplier)) * self.concurrency if multiplier else 0
-        self.qos = internals.consumer_qos(app, self.initial_prefetch)
+        self._fresh_qos = internals.consumer_qos(app)
+        self.qos = self._fresh_qos(self.initial_prefetch)
         self.one_per_child = internals.prefetch_disabled(app, broker.profile.name)
         self.broken_connection = False
         self.stop_requested = False
@@ -723,8 +724,10 @@ class EmulatedWorker:
             return False
         if self.one_per_child and len(self.reserved) + len(self.pool.running) >= self.concurrency:
             return False
-        limit = self.qos.value
-        return not limit or self.broker.unacked_by(self.consumer) < limit
+        limit: int = self.qos.value
+        if not limit or len(self.broker.unacked) < limit:  # every consumer's: room for sure
+            return True
+        return self.broker.unacked_by(self.consumer) < limit
 
     def fetch(self) -> bool:
         """Take one ready message from the broker; ``False`` when there was none."""
@@ -981,7 +984,8 @@ class EmulatedWorker:
         self.reserved.clear()
         self.scheduled.clear()
         # A new consumer (a new connection or channel) starts from the initial count.
-        self.qos = internals.consumer_qos(self.app, self.initial_prefetch)
+        if self.qos.value != self.initial_prefetch:
+            self.qos = self._fresh_qos(self.initial_prefetch)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

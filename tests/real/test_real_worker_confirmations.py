@@ -246,3 +246,26 @@ def test_a_task_that_ends_its_own_process_loses_its_child_as_billiard_says(
     assert outcome.state == "FAILURE", outcome.story
     emulated_text = f"{type(outcome.exception).__name__}: {outcome.exception}"
     assert exception_text(stored.result) == normalise_exception(emulated_text)
+
+
+def test_a_message_held_for_its_countdown_leaves_room_for_the_next(
+    runner: RealBrokerRunner,
+) -> None:
+    """Multiplier 1: the consumer raises its prefetch count for the message it holds for
+    its countdown (Celery's ``qos.increment_eventually``), so the next message is taken and
+    runs at once, before the countdown ends."""
+    pair = group(realapp.late.si().set(countdown=3), realapp.late.si())
+    pair.freeze()
+    held, plain = runner.run_signature(pair)
+
+    def started(real: RealOutcome) -> float:
+        return float(next(entry["at"] for entry in real.log if entry["event"] == "start"))
+
+    assert started(plain) < started(held) - 1.0, [held.timeline(), plain.timeline()]
+    with CeleryFaults(realapp.app, profile=runner.profile) as faults:
+        faults.run(group(realapp.late.si().set(countdown=3), realapp.late.si()))
+        first, second = faults.outcomes()
+        ended = [record.task_id for record in faults.records]
+        elapsed = faults.clock.elapsed
+    assert ended == [second.task_id, first.task_id]
+    assert elapsed == 3.0
