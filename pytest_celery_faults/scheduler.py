@@ -147,6 +147,7 @@ class Stack:
         # Taken as blocked where no switch point is: it runs on its own until it gives
         # the baton back (``_back``), and is not scheduled before that.
         self.blocked = False
+        self.cut_off = False  # blocked when its process died: nothing waits for it
         self._go = _Signal()
         self._back = _Signal()  # released each time it gives the baton back
         self.carrier: _Carrier | None = None  # the thread it runs on, from the scheduler's pool
@@ -166,7 +167,7 @@ class Stack:
         finally:
             self.state = "done"
             if self.carrier is not None:
-                self.scheduler._idle(self.carrier, reusable=not self.discarding)
+                self.scheduler._idle(self.carrier, reusable=not (self.discarding or self.cut_off))
             self._back.release()
 
     def _park(self) -> None:
@@ -359,7 +360,8 @@ class Scheduler:
     def others_runnable(self, stack: Stack) -> bool:
         """On a stack's thread: another could run here (a blocked one may rejoin here)."""
         return any(
-            other is not stack and (other.blocked or other.state == "runnable")
+            other is not stack
+            and ((other.blocked and not other.cut_off) or other.state == "runnable")
             for other in self.stacks
         )
 
@@ -384,7 +386,8 @@ class Scheduler:
 
     @property
     def any_blocked(self) -> bool:
-        return any(stack.blocked for stack in self.stacks)
+        """A blocked stack is still to rejoin (one cut off while blocked is not waited for)."""
+        return any(stack.blocked and not stack.cut_off for stack in self.stacks)
 
     def step(self) -> bool:
         """Run one runnable stack until it gives the baton back; ``False`` if none could run."""
@@ -450,7 +453,7 @@ class Scheduler:
             for stack in came:
                 stack.blocked = False
                 self._settle(stack)
-            if came or (bounded and watch.idle_for(BLOCKED_SECONDS)):
+            if came or not self.any_blocked or (bounded and watch.idle_for(BLOCKED_SECONDS)):
                 return
 
     def _choose(self, candidates: list[Stack]) -> Stack:
@@ -515,7 +518,10 @@ class Scheduler:
         """
         frozen = []
         for stack in self.stacks:
-            if stack.state in ("runnable", "sleeping") and not stack.blocked and predicate(stack):
+            if stack.blocked and predicate(stack):
+                stack.cut_off = True
+                continue
+            if stack.state in ("runnable", "sleeping") and predicate(stack):
                 stack.state = "frozen"
                 stack.frozen_by = why
                 stack.wake_at = None

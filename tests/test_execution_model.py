@@ -549,6 +549,28 @@ def test_a_copy_blocked_on_a_lock_a_parked_copy_holds_lets_it_run_on(app: Celery
     assert "execution 2 blocked" in outcome.story
 
 
+def test_a_blocked_copy_whose_worker_lost_power_is_not_waited_for(app: Celery) -> None:
+    # Copy 2 takes the lock and parks at its charge; copy 1 waits on the lock; copy 2
+    # runs on, charges, and the worker loses power under both. The frozen holder keeps
+    # the lock while the scenario lasts, so copy 1 cannot come free: it died with its
+    # worker, and the drain does not wait for it.
+    guard = threading.Lock()
+
+    @app.task(name="orders.charge_under_lock", shared=False)  # early ack: no redelivery
+    def charge_under_lock(order: int) -> str:
+        with guard:
+            charge(order)
+            return "charged"
+
+    with tracked(app) as faults:
+        outcome = faults.run(charge_under_lock.s(1), "overlap(2);power_loss@1")
+        endings = [record.ended for record in faults.records]
+    assert "execution 1 blocked" in outcome.story
+    assert endings == ["power lost", "power lost"]
+    assert outcome.lost
+    assert charges == [1]  # discarded at the harness's exit, the blocked copy charges nothing
+
+
 def test_a_copy_that_computes_past_the_bound_is_not_taken_as_blocked(app: Celery) -> None:
     @app.task(name="orders.charge_slowly", shared=False, acks_late=True)
     def charge_slowly(order: int) -> None:

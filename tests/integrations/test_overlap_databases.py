@@ -182,12 +182,18 @@ def test_a_blocked_copy_lets_the_parked_holder_commit_and_says_so(app: Celery, s
     try:
         # Copy 1 takes the lock with its UPDATE and parks before its INSERT; copy 2's
         # UPDATE then waits for that lock inside the driver, where no switch point is.
-        outcome = faults.run(task.s(1), "overlap(1122)")
-        endings = [(record.delivery, record.ended) for record in faults.records]
+        runs = []
+        for _ in range(2):  # the same replay string twice: the same schedule
+            faults.reset()
+            shop.reset()
+            outcome = faults.run(task.s(1), "overlap(1122)")
+            endings = [(record.delivery, record.ended) for record in faults.records]
+            runs.append((list(faults.scheduler.choices), endings))
         world = shop.observe()
     finally:
         faults.stop()
     story = outcome.story
+    assert runs[0] == runs[1]
     assert endings == [(1, "returned"), (2, "returned")], story
     assert "execution 2 blocked" in story
     assert "a schedule forced by real time" in story
