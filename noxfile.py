@@ -44,26 +44,37 @@ LEAN = [(celery, PYTHONS[0]) for celery in CELERY if celery != NEWEST] + [
 ]
 #: The real-broker conformance suite on the oldest Celery (the README's run has the newest).
 REAL = [OLDEST, NEWEST]
+#: The oldest pytest the plugin supports (pyproject's floor), with the oldest pluggy (1.2:
+#: ``hookimpl(wrapper=True)``), pytest-timeout and pytest-xdist pyproject allows beside it:
+#: teams pin pytest, and installing the plugin must not upgrade it. One cell, on the newest
+#: Celery and the oldest Python: what differs between Celery releases is the other cells'
+#: business, what differs between pytests is this one's.
+OLDEST_PYTEST = {"pytest": "7.4", "pluggy": "1.2", "pytest-timeout": "2.2", "pytest-xdist": "3.5"}
 #: What ``.ci/run`` runs: the unit cells, and the real-broker cell beside them.
-CI_UNIT_CELLS = [f"tests-{python}(celery='{celery}')" for celery, python in LEAN]
+CI_UNIT_CELLS = [f"tests-{python}(celery='{celery}')" for celery, python in LEAN] + [
+    "oldest_pytest"
+]
 CI_REAL_CELL = f"real(celery='{OLDEST}')"
 nox.options.sessions = [*CI_UNIT_CELLS, CI_REAL_CELL, "matrix"]
 RESULTS = Path(__file__).resolve().parent / ".nox" / "results"
 
 VERSIONS = (
     "import json, platform; from importlib.metadata import version; "
-    "print(json.dumps({name: version(name) for name in ('celery', 'billiard', 'kombu')} "
-    "| {'python': platform.python_version()}))"
+    "print(json.dumps({name: version(name) for name in ('celery', 'billiard', 'kombu', "
+    "'pytest', 'pluggy')} | {'python': platform.python_version()}))"
 )
 
 
-def run_suite(session: nox.Session, celery: str, name: str, *pytest_args: str) -> None:
-    session.install("-e", ".[test]", f"celery=={celery}.*", f"billiard=={CELERY[celery]}.*")
+def run_suite(
+    session: nox.Session, celery: str, name: str, *pytest_args: str, pins: tuple[str, ...] = ()
+) -> None:
+    session.install("-e", ".[test]", f"celery=={celery}.*", f"billiard=={CELERY[celery]}.*", *pins)
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = RESULTS / f"{name}.xml"
     report.unlink(missing_ok=True)
     versions = session.run("python", "-c", VERSIONS, silent=True)
-    assert isinstance(versions, str)
+    if not isinstance(versions, str):  # nox --install-only runs nothing
+        return
     (RESULTS / f"{name}.json").write_text(versions.strip().splitlines()[-1], encoding="utf-8")
     session.run("pytest", *pytest_args, f"--junitxml={report}", *session.posargs)
 
@@ -75,6 +86,14 @@ def tests(session: nox.Session, celery: str) -> None:
     run_suite(
         session, celery, f"tests-{celery}-py{session.python}", "--ignore=tests/real", "-n", "2"
     )
+
+
+@nox.session(python=PYTHONS[0])
+def oldest_pytest(session: nox.Session) -> None:
+    """The suite but the real-broker tests on pytest 7.4 (and the pytest-timeout and
+    pytest-xdist of its time), the newest Celery, the oldest Python."""
+    pins = tuple(f"{name}=={minor}.*" for name, minor in OLDEST_PYTEST.items())
+    run_suite(session, NEWEST, "oldest-pytest", "--ignore=tests/real", "-n", "2", pins=pins)
 
 
 @nox.session(python=PYTHONS[0])
@@ -107,6 +126,7 @@ def matrix(session: nox.Session) -> None:
     """One line per Celery release and Python with its counts; fails unless all passed."""
     cells = [(f"tests-{c}-py{p}", "suite") for c in CELERY for p in PYTHONS]
     cells += [(f"real-{c}", "tests/real") for c in REAL]
+    cells += [("oldest-pytest", "suite, oldest pytest")]
     ran = [cell for cell in cells if (RESULTS / f"{cell[0]}.json").exists()]
     print(f"cells run: {len(ran)} of {len(cells)} (the others run by name)", flush=True)
     problems: list[str] = []
@@ -118,7 +138,8 @@ def matrix(session: nox.Session) -> None:
         pythons_run.add(versions["python"])
         label = (
             f"celery {versions['celery']} (billiard {versions['billiard']}, kombu "
-            f"{versions['kombu']}) on python {versions['python']}, {suite}"
+            f"{versions['kombu']}) on python {versions['python']}, pytest "
+            f"{versions.get('pytest', '?')}, {suite}"
         )
         found = counts(report) if report.exists() else {"passed": 0, "failed": 0, "errors": 1}
         passed += found["passed"]

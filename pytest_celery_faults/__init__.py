@@ -15,12 +15,17 @@ if TYPE_CHECKING:
     from .errors import (
         CeleryFaultsError,
         CeleryFaultsWarning,
+        ConfigError,
         DrainError,
+        EmulationError,
         FaultSpecError,
+        RefusedError,
+        TimeLimitPassed,
         UnfiredFaultError,
     )
     from .faults import FaultSpec, Step, parse_spec
     from .harness import CeleryFaults
+    from .idempotency import Scenario, SweepReport
     from .outcome import Outcome, Timeline
 
 __all__ = [
@@ -28,13 +33,19 @@ __all__ = [
     "CeleryFaults",
     "CeleryFaultsError",
     "CeleryFaultsWarning",
+    "ConfigError",
     "DrainError",
+    "EmulationError",
     "FaultSpec",
     "FaultSpecError",
     "InMemoryBroker",
     "Ledger",
     "Outcome",
+    "Scenario",
+    "RefusedError",
     "Step",
+    "SweepReport",
+    "TimeLimitPassed",
     "Timeline",
     "UnfiredFaultError",
     "VirtualClock",
@@ -48,13 +59,19 @@ _HOMES = {
     "VirtualClock": "clock",
     "CeleryFaultsError": "errors",
     "CeleryFaultsWarning": "errors",
+    "ConfigError": "errors",
     "DrainError": "errors",
+    "EmulationError": "errors",
     "FaultSpecError": "errors",
+    "TimeLimitPassed": "errors",
+    "RefusedError": "errors",
     "UnfiredFaultError": "errors",
     "FaultSpec": "faults",
     "Step": "faults",
     "parse_spec": "faults",
     "CeleryFaults": "harness",
+    "Scenario": "idempotency",
+    "SweepReport": "idempotency",
     "Outcome": "outcome",
     "Timeline": "outcome",
 }

@@ -25,14 +25,17 @@ from celery import Celery
 from celery import _state as celery_state
 from celery._state import _set_current_app, get_current_app
 from celery.app import trace as celery_trace
-from celery.app.trace import trace_task_ret
 from celery.utils import time as celery_time
 from celery.utils.serialization import get_pickled_exception
 from celery.worker import request as _request_module
 from celery.worker import state as worker_state
 from celery.worker.pidbox import Pidbox
 from celery.worker.request import create_request_cls
+from kombu.connection import Connection, ConnectionPool
+from kombu.exceptions import ConnectionLimitExceeded
 from kombu.utils.encoding import safe_repr
+
+from .errors import BrokerPoolExhausted
 
 __all__ = [
     "ExceptionInfo",
@@ -42,6 +45,9 @@ __all__ = [
     "app_behind_proxy",
     "cancel_active_requests",
     "child_death_info",
+    "child_gone_info",
+    "child_initial_handler",
+    "child_signal_disposition",
     "code_summaries_cached",
     "in_worker_child",
     "worker_process_state",
@@ -50,12 +56,11 @@ __all__ = [
     "jitter_drawn_from",
     "request_class_for",
     "safe_repr",
+    "takeover_problems",
+    "status_after_shutdown",
     "time_limit_info",
     "unpickled_exception",
 ]
-
-#: The body that Celery's ``Request.execute_using_pool`` hands to the pool.
-TRACE_TARGET = trace_task_ret
 
 
 def _worker_lost_info(exitcode: int, job: int) -> ExceptionInfo:
@@ -71,6 +76,68 @@ def child_death_info(signum: int, job: int) -> ExceptionInfo:
     return _worker_lost_info(-signum, job)
 
 
+def child_gone_info(status: int, job: int) -> ExceptionInfo:
+    """What billiard's pool reports for a child that died with ``status``.
+
+    ``status`` is what the pool reads from the dead process: its exit code
+    (``os._exit(n)``), or minus the signal that killed it.
+    """
+    return _worker_lost_info(status, job)
+
+
+#: What a prefork child does with a signal it receives, before any task code runs:
+#: billiard's ``Worker.after_fork`` installs ``_shutdown_cleanup`` for its terminate
+#: signals (``reset_signals``, the ``sigprotection`` set off as Celery runs it) and
+#: the soft time limit's handler; Celery's ``process_initializer`` and billiard
+#: ignore SIGINT. Read from the installed billiard and Celery.
+def child_signal_disposition(signum: int) -> str:
+    """``"shutdown"``, ``"soft_timeout"``, ``"ignore"`` or ``"default"`` (the OS's action)."""
+    from billiard import common
+    from billiard.pool import SIG_SOFT_TIMEOUT
+    from celery.concurrency.prefork import WORKER_SIGIGNORE
+
+    if signum == SIG_SOFT_TIMEOUT:
+        return "soft_timeout"
+    names = {name for name in common.TERMSIGS_DEFAULT if name not in common.TERMSIGS_IGNORE}
+    if signum in {getattr(signal, name, None) for name in names}:
+        return "shutdown"
+    ignored = {*WORKER_SIGIGNORE, *common.TERMSIGS_IGNORE, "SIGINT"}
+    if signum in {getattr(signal, name, None) for name in ignored}:
+        return "ignore"
+    return "default"
+
+
+def child_initial_handler(signum: int) -> Any:
+    """What ``signal.getsignal(signum)`` answers in a fresh prefork child."""
+    from billiard import common
+    from billiard.pool import soft_timeout_sighandler
+
+    disposition = child_signal_disposition(signum)
+    if disposition == "shutdown":
+        return common._shutdown_cleanup
+    if disposition == "soft_timeout":
+        return soft_timeout_sighandler
+    if disposition == "ignore":
+        return signal.SIG_IGN
+    return signal.SIG_DFL
+
+
+def status_after_shutdown(signum: int) -> int:
+    """How a child that ran ``_shutdown_cleanup`` for ``signum`` ends, as the pool reads it.
+
+    The handler resets ``signum`` to its default action and raises
+    ``SystemExit``; the child unwinds, tells the parent it is dying
+    (``_do_exit``: DEATH, then a second's sleep), and the parent answers
+    with its terminate signal (``on_death``). For the terminate signal
+    itself that kills the child (``signal 15 (SIGTERM)``, measured); for
+    another, the child's terminate handler runs a second time and leaves
+    with ``os._exit(EX_SOFTWARE)``.
+    """
+    from billiard import common
+
+    return -signum if signum == common.TERM_SIGNAL else int(common.EX_SOFTWARE)
+
+
 def _workloop_reports_exit() -> bool:
     from billiard.pool import Worker
 
@@ -81,6 +148,11 @@ def _workloop_reports_exit() -> bool:
 #: (``exit_exc``), sends it as the job's result, then leaves; billiard 4.2's catches
 #: only ``Exception``. Read from the installed billiard.
 _WORKLOOP_REPORTS_BASE_EXCEPTIONS = _workloop_reports_exit()
+
+
+#: How long billiard's ``Pool._trywaitkill`` waits after SIGTERM before SIGKILL when a
+#: hard time limit passes (``worker._popen.wait(timeout=0.1)``; billiard 4.2 and 4.3).
+HARD_TIMEOUT_TERM_GRACE = 0.1
 
 
 def time_limit_info(timeout: float | None) -> ExceptionInfo:
@@ -193,7 +265,7 @@ def _node_name() -> str:
 _real_gethostname = celery_trace.gethostname
 
 
-class worker_process_state:  # noqa: N801 - a context manager, entered on every drain
+class worker_process_state:
     """What Celery sets up process-wide in a prefork child, while the worker side runs.
 
     ``task_join_will_block`` is on, so ``AsyncResult.get()`` inside a task
@@ -218,7 +290,7 @@ class worker_process_state:  # noqa: N801 - a context manager, entered on every 
         celery_state._set_task_join_will_block(self.previous_blocks)
 
 
-class in_worker_child:  # noqa: N801 - a context manager, entered on every execution
+class in_worker_child:
     """One execution's child: ``app`` is the current app and ``hostname`` the node name.
 
     Both are per thread (Celery keeps the current app in a thread-local), so
@@ -293,6 +365,41 @@ def forget_worker_state(request_ids: Iterable[str]) -> None:
                     bucket.discard(request)
 
 
+class CountedConnectionPool(ConnectionPool):
+    """kombu's connection pool for the app, counting, and never waiting for a connection.
+
+    kombu's ``acquire(block=True)`` (what Celery's ``connection_or_acquire``
+    asks for) waits until another thread releases a connection. In the
+    emulation one execution runs at a time, so nothing could ever release one
+    meanwhile: a pool with every connection taken is a leak, and waiting would
+    hang the test. It raises :class:`BrokerPoolExhausted` instead, saying so.
+    ``acquired`` and ``released`` count the connections handed out and given back.
+    """
+
+    def __init__(self, connection: Any, limit: int | None = None, **kwargs: Any) -> None:
+        self.acquired = 0
+        self.released = 0
+        super().__init__(connection, limit=limit, **kwargs)  # type: ignore[no-untyped-call]
+
+    def acquire(self, block: bool = False, timeout: float | None = None) -> Any:
+        try:
+            connection = super().acquire(block=False)  # type: ignore[no-untyped-call]
+        except ConnectionLimitExceeded:
+            raise BrokerPoolExhausted(
+                f"celery_faults: all {self.limit} connections of the app's broker pool "
+                f"(broker_pool_limit) are taken and none was given back: a connection taken "
+                f"with app.pool.acquire() or app.connection_or_acquire() and never released "
+                f"leaks; release it (use it as `with`). Waiting would hang: one execution "
+                f"runs at a time here, so none could give one back"
+            ) from None
+        self.acquired += 1
+        return connection
+
+    def release(self, resource: Any) -> None:
+        self.released += 1
+        super().release(resource)  # type: ignore[no-untyped-call]
+
+
 #: ``app.amqp`` cached properties that hold a broker connection or settings.
 _AMQP_CACHES = ("_event_dispatcher", "send_task_message")
 
@@ -303,7 +410,7 @@ _apps_installed: weakref.WeakKeyDictionary[Celery, installed_app_state] = (
 )
 
 
-class installed_app_state:  # noqa: N801 - used as a context manager, reads as one
+class installed_app_state:
     """Point ``app`` at a broker, a result backend and a clock; undo all of it on exit.
 
     Celery caches its broker connection pool, its producer pool and its result
@@ -353,10 +460,24 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
             "now": app.__dict__.get("now", missing),
             "missing": missing,
         }
-        conf.update(self.conf, broker_url=self.broker_url)
+        conf.update(
+            _spelt_as_read(
+                conf,
+                {
+                    **self.conf,
+                    "broker_url": self.broker_url,
+                    # Unset, they read broker_url (Settings.broker_read_url/broker_write_url).
+                    "broker_read_url": None,
+                    "broker_write_url": None,
+                },
+            )
+        )
+        self._saved["class"] = type(conf)
+        conf.__dict__[_HARNESS_BROKER] = self.broker_url
+        object.__setattr__(conf, "__class__", _environment_blind_class(type(conf)))
         connection = self.connection_factory()
         limit = conf.broker_pool_limit or 10
-        app._pool = connection.Pool(limit)
+        app._pool = CountedConnectionPool(connection, limit=limit)
         from kombu.pools import ProducerPool
 
         amqp._producer_pool = ProducerPool(app._pool, limit=limit)
@@ -391,14 +512,98 @@ class installed_app_state:  # noqa: N801 - used as a context manager, reads as o
             app.__dict__.pop("now", None)
         else:
             app.now = saved["now"]
-        changes = app.conf.changes
+        conf = app.conf
+        if "class" in saved:
+            object.__setattr__(conf, "__class__", saved["class"])
+            conf.__dict__.pop(_HARNESS_BROKER, None)
+        changes = conf.changes
         changes.clear()
         changes.update(saved["conf"])
         _apps_installed.pop(app, None)
 
 
-def signal_name(signum: int) -> str:
-    return signal.Signals(signum).name
+#: Where the taken-over ``app.conf`` keeps the broker URL its broker properties answer.
+_HARNESS_BROKER = "_celery_faults_broker_url"
+_environment_blind_classes: dict[type[Any], type[Any]] = {}
+
+
+def _spelt_as_read(conf: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` under every spelling the app reads before the plain key.
+
+    An app configured with a namespace (``config_from_object(obj, namespace="CELERY")``,
+    Celery's Django guide) reads ``CELERY_TASK_ALWAYS_EAGER`` before
+    ``task_always_eager``: Celery 5.3 to 5.6 try the prefixed key in every map
+    first (``ConfigurationView.__getitem__``), so the project's prefixed setting
+    wins over an override written under the plain key; 5.7 looks in the changes
+    map first. Writing both spellings makes the harness's value win on each.
+    """
+    prefix = conf.__dict__.get("prefix")
+    if not prefix:
+        return dict(settings)
+    from celery.utils.text import match_case
+
+    spelt = dict(settings)
+    for key, value in settings.items():
+        spelt[match_case(prefix + key, prefix)] = value
+    return spelt
+
+
+def _environment_blind_class(base: type[Any]) -> type[Any]:
+    """``base`` (Celery's ``Settings``) whose broker URLs are the harness's, whatever the env says.
+
+    ``Settings.broker_url``, ``broker_read_url`` and ``broker_write_url`` read
+    ``CELERY_BROKER_URL`` (``_READ_URL``, ``_WRITE_URL``) from the environment
+    before any setting, so no override reaches them; while the harness holds the
+    app they answer its broker. ``result_backend`` still reads as the project
+    configures it: the harness replaces the backend object, and the chord
+    semantics follow the configured backend.
+    """
+    cached = _environment_blind_classes.get(base)
+    if cached is not None:
+        return cached
+
+    def harness_broker(name: str) -> property:
+        configured = getattr(base, name)
+
+        def read(self: Any) -> Any:
+            url = self.__dict__.get(_HARNESS_BROKER)  # absent on a copy of the view
+            return configured.__get__(self) if url is None else url
+
+        return property(read)
+
+    names = ("broker_url", "broker_read_url", "broker_write_url")
+    namespace: dict[str, Any] = {name: harness_broker(name) for name in names}
+    namespace.update(__module__=base.__module__, __qualname__=base.__qualname__)
+    cached = _environment_blind_classes[base] = type(base.__name__, (base,), namespace)
+    return cached
+
+
+def takeover_problems(app: Celery, broker_url: str, backend: Any) -> list[str]:
+    """What still keeps ``app`` off the harness's broker, backend or worker (empty: nothing).
+
+    Read back after the harness took the app over, the way Celery reads them
+    when a task is called: ``Task.apply_async`` runs the task eagerly when
+    ``task_always_eager`` reads true, publishes through
+    ``app.amqp.producer_pool`` (whose pool clones ``connections.connection``),
+    and stores results through ``app.backend``.
+    """
+    conf = app.conf
+    problems = []
+    eager = getattr(conf, "task_always_eager", None)  # as Task.apply_async reads it
+    if eager:
+        problems.append(f"task_always_eager reads {eager!r}")
+    for name in ("broker_url", "broker_read_url", "broker_write_url"):
+        value = getattr(conf, name, None)
+        if value != broker_url:
+            problems.append(f"{name} reads {value!r}")
+    connections = getattr(app.amqp.producer_pool, "connections", None)
+    connection = getattr(connections, "connection", None)
+    target = None if connection is None else connection.as_uri()
+    if target != Connection(broker_url).as_uri():  # as_uri() spells every URL its own way
+        problems.append(f"the producer pool publishes to {target!r}")
+    if app.backend is not backend:
+        problems.append(f"results go to {type(app.backend).__name__}")
+    return problems
 
 
 def accept_content(app: Celery) -> set[str]:
@@ -415,10 +620,15 @@ def chord_semantics(app: Celery) -> str:
     chord support (its ``on_chord_part_return``), Celery's key/value counting
     for classes that implement ``incr``, else the ``celery.chord_unlock``
     fallback of ``Backend.apply_chord``.
+
+    ``celery.backends.redis`` imports redis-py, which an app on another
+    backend need not have installed: it is looked at only once the configured
+    class was imported, which imported it when that class is Redis's.
     """
+    import sys
+
     from celery.app.backends import by_url
     from celery.backends.base import KeyValueStoreBackend
-    from celery.backends.redis import RedisBackend
 
     configured = app.conf.result_backend
     if not configured:
@@ -427,7 +637,9 @@ def chord_semantics(app: Celery) -> str:
         backend_class, _ = by_url(configured, app.loader)
     except Exception:  # an unknown scheme fails the same way in production, elsewhere
         return "unlock"
-    if issubclass(backend_class, RedisBackend):
+    redis_backends = sys.modules.get("celery.backends.redis")
+    redis_backend = getattr(redis_backends, "RedisBackend", None)
+    if redis_backend is not None and issubclass(backend_class, redis_backend):
         return "redis"
     if issubclass(backend_class, KeyValueStoreBackend) and backend_class.implements_incr:
         return "incr"
@@ -583,8 +795,10 @@ def _snapshotting_class(base: type[Any]) -> type[Any]:
         return cached
     lookup = base.__getitem__
 
-    def __getitem__(self: Any, key: str) -> Any:  # noqa: N807
-        snapshot = self.__dict__[_SNAPSHOT]
+    def __getitem__(self: Any, key: str) -> Any:
+        snapshot = self.__dict__.get(_SNAPSHOT)
+        if snapshot is None:  # a copy of the view (Settings.copy): answered as Celery does
+            return lookup(self, key)
         changes = self.changes
         if key in changes:
             if self.prefix is None and self.key_t is None:
@@ -600,7 +814,9 @@ def _snapshotting_class(base: type[Any]) -> type[Any]:
         write = getattr(base, name)
 
         def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            self.__dict__[_SNAPSHOT].clear()
+            snapshot = self.__dict__.get(_SNAPSHOT)
+            if snapshot:
+                snapshot.clear()
             return write(self, *args, **kwargs)
 
         method.__name__ = name
@@ -1026,3 +1242,70 @@ def child_memory_kb() -> int:
     from billiard.compat import mem_rss
 
     return int(mem_rss())
+
+
+def consumer_qos(app: Celery) -> Callable[[int], Any]:
+    """What makes the prefetch count a worker's consumer keeps: kombu's own ``QoS``.
+
+    Celery's ``Tasks`` bootstep sets ``basic.qos`` to the initial count
+    (concurrency times ``worker_prefetch_multiplier``; 0 means no limit) and
+    wraps it in ``kombu.common.QoS``, capped by ``worker_eta_task_limit`` where
+    the installed Celery has that setting (5.5 and later, with a kombu whose
+    QoS takes ``max_prefetch``). Its strategy raises the count by one for each
+    message held for its ETA (``increment_eventually``) and lowers it when the
+    ETA comes (``decrement_eventually``). The setting is read once; each new
+    connection of the consumer calls the returned function for a fresh count.
+    """
+    from celery.app.defaults import NAMESPACES
+    from kombu.common import QoS
+
+    def applied(prefetch_count: int) -> None:
+        """``basic.qos``: the emulated consumer reads ``QoS.value`` itself."""
+
+    known = "eta_task_limit" in NAMESPACES["worker"]
+    limit = app.conf.get("worker_eta_task_limit") if known else None
+    if limit is not None:
+        return lambda initial: QoS(applied, initial, max_prefetch=limit)
+    return lambda initial: QoS(applied, initial)
+
+
+def prefetch_disabled(app: Celery, profile: str) -> bool:
+    """``worker_disable_prefetch``: whether the consumer takes only what a free child can run.
+
+    Read where the installed Celery has the setting (5.5 and later), and, as
+    its ``Tasks`` bootstep applies it, on Redis only (it warns and ignores the
+    setting on other brokers): ``can_consume`` then also requires fewer
+    reserved requests (those waiting and those running) than the pool has
+    processes.
+    """
+    from celery.app.defaults import NAMESPACES
+
+    if "disable_prefetch" not in NAMESPACES["worker"] or profile != "redis":
+        return False
+    return bool(app.conf.get("worker_disable_prefetch"))
+
+
+#: Celery's poller for a chord on a backend without native chord support.
+CHORD_UNLOCK = "celery.chord_unlock"
+
+
+def chord_unlock_waits_forever(request: Any, app: Celery) -> bool:
+    """Whether a held ``celery.chord_unlock`` request polls a header that is not ready, for good.
+
+    Celery's fallback (``celery.app.builtins.add_unlock_chord_task``) gets the
+    header's results as ``result`` (each ``AsyncResult.as_tuple()``) and
+    retries every ``interval`` with ``max_retries`` (``None``: forever) until
+    ``GroupResult.ready()``; the caller knows nothing else can make it ready.
+    """
+    if request.name != CHORD_UNLOCK:
+        return False
+    kwargs = request.kwargs or {}
+    if kwargs.get("max_retries") is not None:
+        return False
+    from celery.result import result_from_tuple
+
+    try:
+        header = [result_from_tuple(item, app=app) for item in kwargs.get("result") or ()]
+        return not all(result.ready() for result in header)
+    except Exception:  # a form this reading does not know: let it poll as before
+        return False

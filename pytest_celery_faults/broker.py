@@ -27,6 +27,7 @@ from kombu.transport import TRANSPORT_ALIASES, virtual
 
 from ._celery_internals import redis_restore_cadence
 from .clock import VirtualClock
+from .errors import ConfigError
 
 SCHEME = "celery-faults"
 TRANSPORT_OPTION = "celery_faults_broker"
@@ -77,7 +78,7 @@ class BrokerProfile:
         if name == "rabbitmq":
             return cls(name, "on_disconnect", consumer_timeout=RABBITMQ_CONSUMER_TIMEOUT)
         if name == "redis":
-            timeout = float(options.get("visibility_timeout", 3600.0))
+            timeout = _visibility_timeout(options, 3600.0)
             interval, throttle = redis_restore_cadence(options)
             return cls(
                 name,
@@ -87,11 +88,22 @@ class BrokerProfile:
                 restore_sweep_period=interval * throttle,
             )
         if name == "sqs":
-            timeout = float(options.get("visibility_timeout", 1800.0))
+            timeout = _visibility_timeout(options, 1800.0)
             return cls(name, "after_visibility_timeout", timeout)
         raise ValueError(
             f"unknown broker profile {name!r}; expected one of 'rabbitmq', 'redis', 'sqs'"
         )
+
+
+def _visibility_timeout(options: dict[str, Any], default: float) -> float:
+    """``broker_transport_options['visibility_timeout']``, a number as kombu needs it."""
+    value = options.get("visibility_timeout", default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ConfigError(
+            f"broker_transport_options['visibility_timeout']={value!r}: expected a finite "
+            f"number of seconds >= 0 (kombu computes with it as a number)"
+        )
+    return float(value)
 
 
 @dataclass
@@ -377,6 +389,10 @@ class InMemoryBroker:
                 lambda: self._consumer_timed_out(delivery),
             )
         return delivery
+
+    def unacked_by(self, consumer: str) -> int:
+        """How many deliveries ``consumer`` holds unacked: what a prefetch count limits."""
+        return sum(delivery.consumer == consumer for delivery in self.unacked.values())
 
     def kombu_payload(self, delivery: Delivery) -> dict[str, Any]:
         """The raw payload kombu's virtual ``Message`` is built from, for this delivery."""
@@ -738,9 +754,13 @@ class BoundProducer(Producer):
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         # kombu replaces (closes) the pooled connection of a producer that
         # raised; the next publish then binds a new producer, as kombu's pool would.
+        # A producer already replaced (a killed execution left its ``with`` only
+        # when discarded, after another had replaced it) has nothing left to give
+        # back, and must not close the connection that now serves the next one.
+        if exc_type is None or self is not self.pool.bound:
+            return
         super().__exit__(exc_type, exc, tb)
-        if exc_type is not None:
-            self.pool.forget(self)
+        self.pool.forget(self)
 
 
 class BoundProducerPool:
@@ -767,10 +787,25 @@ class BoundProducerPool:
             self._producer = producer
         return producer  # its release() (on leaving ``with``) does nothing: it stays bound
 
+    @property
+    def bound(self) -> BoundProducer | None:
+        """The producer every publish uses until one raises."""
+        return self._producer
+
     def forget(self, producer: BoundProducer) -> None:
-        """``producer``'s connection was replaced in its pool: bind a new one next time."""
-        if producer is self._producer:
-            self._producer = self._connection = None
+        """``producer``'s connection was replaced in its pool: bind a new one next time.
+
+        The replaced connection goes back to the connection pool, as kombu's
+        ``ProducerPool.release`` gives it back after ``Producer.__exit__``
+        replaced it; kept, every fault at a publish would leak one, and after
+        ``broker_pool_limit`` of them no publish could get a connection.
+        """
+        if producer is not self._producer:
+            return
+        connection = self._connection
+        self._producer = self._connection = None
+        if connection is not None:
+            connection.release()
 
     def release(self, resource: Any) -> None:
         """Nothing to give back: the one producer stays bound."""

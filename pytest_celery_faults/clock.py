@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
+import operator
+import selectors
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,11 +88,6 @@ class VirtualClock:
             for listener in self.on_move:
                 listener(moment)
 
-    def advance(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError(f"cannot move the clock back: advance({seconds!r})")
-        self.advance_to(self._now + seconds)
-
     def reset(self) -> None:
         """Back to the start, with no timers: a fresh scenario on the same clock."""
         self._now = self.start
@@ -102,6 +100,80 @@ class VirtualClock:
 
     def __repr__(self) -> str:
         return f"<VirtualClock t=+{self.elapsed:.3f}s>"
+
+
+#: The longest sleep ``time.sleep`` takes: its argument in nanoseconds fits a C int64.
+_LONGEST_SLEEP = 2**63 / 1e9
+
+
+def _refused_by_sleep(seconds: Any) -> bool:
+    """Whether ``time.sleep(seconds)`` raises at once (NaN, infinite, negative, not a number)."""
+    if isinstance(seconds, float):
+        return math.isnan(seconds) or not 0 <= seconds < _LONGEST_SLEEP
+    try:
+        whole = operator.index(seconds)
+    except TypeError:
+        return True
+    return not 0 <= whole < _LONGEST_SLEEP
+
+
+def _waits_only_for_its_loop(selector: selectors.BaseSelector) -> bool:
+    """Whether ``selector`` is an asyncio loop's with nothing but the loop's own wake-up
+    pipe registered and no thread pool to wait for: its wait is only for timers."""
+    keys = list(selector.get_map().values())
+    if len(keys) != 1:
+        return False
+    data = keys[0].data
+    callback = getattr(data[0], "_callback", None) if isinstance(data, tuple) and data else None
+    loop = getattr(callback, "__self__", None)
+    return (
+        getattr(callback, "__name__", "") == "_read_from_self"
+        and getattr(loop, "_default_executor", None) is None
+    )
+
+
+def _virtual_time_selector(sleep: Callable[[float], bool]) -> type[selectors.BaseSelector]:
+    """``selectors.DefaultSelector`` whose asyncio timer waits in a task body are virtual.
+
+    An event loop (``asyncio.run``) computes its timers from ``time.monotonic``,
+    which is virtual in a body, and then waits for them in its selector: in real
+    time, so the clock never reaches them. Here a loop that waits only for its
+    timers waits on the virtual clock instead; one that waits for I/O or a thread
+    waits in real time, and the virtual clock then moves by the time waited.
+    Selectors of anything but an asyncio loop are the real ones.
+    """
+    base: type[selectors.BaseSelector] = selectors.DefaultSelector
+
+    class VirtualTimeSelector(base):  # type: ignore[valid-type,misc]
+        def select(self, timeout: float | None = None) -> list[tuple[Any, int]]:
+            if timeout is None or timeout <= 0 or not self._in_asyncio_loop():
+                return super().select(timeout)  # type: ignore[no-any-return]
+            ready = super().select(0)
+            if ready:
+                return ready  # type: ignore[no-any-return]
+            if _waits_only_for_its_loop(self):
+                if sleep(timeout):  # virtual: the loop's timers come due on the clock
+                    return super().select(0)  # type: ignore[no-any-return]
+                return super().select(timeout)  # type: ignore[no-any-return]
+            started = _real_monotonic()
+            ready = super().select(timeout)
+            if not ready:
+                sleep(_real_monotonic() - started)  # virtual: the time waited in real time
+            return ready  # type: ignore[no-any-return]
+
+        def _in_asyncio_loop(self) -> bool:
+            return any(
+                getattr(getattr(key.data[0], "_callback", None), "__name__", "")
+                == "_read_from_self"
+                for key in self.get_map().values()
+                if isinstance(key.data, tuple) and key.data
+            )
+
+    VirtualTimeSelector.__name__ = VirtualTimeSelector.__qualname__ = base.__name__
+    return VirtualTimeSelector
+
+
+_real_monotonic = time.monotonic
 
 
 class TimeInBodies:
@@ -123,7 +195,7 @@ class TimeInBodies:
         self._travel: Any = None
         self._traveller: Any = None
         self._monotonic_base = time.monotonic() - clock.elapsed
-        self._saved: tuple[Any, Any] | None = None
+        self._saved: tuple[Any, Any, Any] | None = None
         clock.on_move.append(self._moved)
         base = self._monotonic_base
 
@@ -131,26 +203,30 @@ class TimeInBodies:
             return base + clock.elapsed
 
         def virtual_sleep(seconds: float) -> None:  # virtual: the clock's, in a body
+            real_sleep = self._saved[0] if self._saved is not None else time.sleep
+            if _refused_by_sleep(seconds):
+                real_sleep(seconds)  # raises Python's own error at once, sleeping not at all
             if not sleep(seconds):  # virtual
-                real_sleep = self._saved[0] if self._saved is not None else time.sleep
                 real_sleep(seconds)  # virtual only in bodies: this is the caller's own
 
         self._virtual = (virtual_sleep, virtual_monotonic)
+        self._selector = _virtual_time_selector(sleep)
 
     def __enter__(self) -> TimeInBodies:
         self._depth += 1
         if self._depth == 1:
             self._travel = time_machine.travel(self.clock.time(), tick=False)
             self._traveller = self._travel.start()
-            self._saved = (time.sleep, time.monotonic)
+            self._saved = (time.sleep, time.monotonic, selectors.DefaultSelector)
             time.sleep, time.monotonic = self._virtual  # type: ignore[assignment]
+            selectors.DefaultSelector = self._selector  # type: ignore[misc,assignment]
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._depth -= 1
         if self._depth == 0:
             if self._saved is not None:
-                time.sleep, time.monotonic = self._saved
+                time.sleep, time.monotonic, selectors.DefaultSelector = self._saved  # type: ignore[misc]
                 self._saved = None
             self._travel.stop()
             self._travel = self._traveller = None

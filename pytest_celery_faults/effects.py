@@ -94,6 +94,9 @@ class EffectLog:
         self._here = threading.local()
         self.observers: list[Callable[[Effect], None]] = []
         self.watchers: list[ExecutionWatcher] = []
+        #: Errors the plugin itself raised inside executions, one line each, until
+        #: the harness raises them (:meth:`take_failures`); resets keep them.
+        self.failures: list[str] = []
 
     @property
     def execution(self) -> Execution | None:
@@ -117,18 +120,48 @@ class EffectLog:
 
     def execution_started(self, execution: Execution) -> None:
         for watcher in self.watchers:
-            watcher.started(execution)
+            try:
+                watcher.started(execution)
+            except Exception as exc:
+                self.plugin_failed(execution, exc, "as it started")
+                raise
 
     def execution_ended(self, execution: Execution, how: str) -> None:
         for watcher in self.watchers:
-            watcher.ended(execution, how)
+            try:
+                watcher.ended(execution, how)
+            except Exception as exc:
+                self.plugin_failed(execution, exc, f"as it ended ({how})")
+                raise
 
     def execution_discarded(self, execution: Execution) -> None:
         """On a frozen execution's own stack, as the scenario's end makes it unwind."""
         for watcher in self.watchers:
             discarded = getattr(watcher, "discarded", None)
             if discarded is not None:
-                discarded(execution)
+                try:
+                    discarded(execution)
+                except Exception as exc:
+                    self.plugin_failed(execution, exc, "as its frozen stack was dropped")
+                    raise
+
+    def plugin_failed(self, execution: Execution | None, exc: BaseException, where: str) -> None:
+        """Remember an error the plugin raised inside an execution (not the task's own)."""
+        said = str(exc).removeprefix("celery_faults: ") or "(no message)"
+        inside = (
+            f"{execution.task_name}[{execution.task_id}] (delivery {execution.delivery})"
+            if execution is not None
+            else "the emulated worker"
+        )
+        self.failures.append(
+            f"celery_faults: the plugin failed inside {inside} {where}, not the task: "
+            f"{type(exc).__name__}: {said}"
+        )
+
+    def take_failures(self) -> list[str]:
+        """The errors remembered by :meth:`plugin_failed` since the last call."""
+        failures, self.failures = self.failures, []
+        return failures
 
     def perform(
         self,
@@ -226,6 +259,11 @@ class Patch:
 def resolve_target(target: str | tuple[Any, str]) -> tuple[Any, str, str]:
     """``"pkg.mod.func"``, ``"pkg.mod.Class.meth"`` or ``(obj, "attr")`` -> owner, attr, name."""
     if isinstance(target, tuple):
+        if len(target) != 2 or not isinstance(target[1], str):
+            raise ValueError(
+                f"track({target!r}): expected (object, 'attribute') or a dotted path such as "
+                f"'proj.mail.send'"
+            )
         owner, attribute = target
         if not hasattr(owner, attribute):
             raise AttributeError(f"track({target!r}): {owner!r} has no attribute {attribute!r}")

@@ -5,7 +5,7 @@ the replay string a failure prints::
 
     spec   := [TASK ":"] step (";" step)*  |  [TASK ":"] "redeliver" ["*" K]
     step   := KIND "@" N  |  "exit(" CODE ")@" N  |  "raise(" DOTTED ")@" N
-            |  "ack_lost"  |  "ok"
+            |  "overlap" ["(" SCHEDULE ")"]  |  "ack_lost"  |  "ok"
 
 Step *i* applies to delivery *i* of the message it is bound to; ``@N`` is the
 side-effect boundary: after N side effects of that delivery completed (``@0``:
@@ -40,11 +40,13 @@ PLAIN_KINDS: Final[dict[str, str]] = {
     "ack_lost": "the task completes but its ack never reaches the broker",
     "ok": "this delivery runs without a fault",
     "overlap": "a second copy is delivered while this one runs; the two interleave at "
-    "side-effect boundaries (overlap(SCHEDULE) replays one interleaving: 1 and 2 name "
-    "the copy that runs next at each choice)",
+    "side-effect boundaries (overlap(SCHEDULE) replays one interleaving: each character "
+    "names the execution that runs next at each choice, 1 and 2 the two copies, 3 and on "
+    "other executions running at once)",
 }
-#: Kinds that kill the process running the task.
-CHILD_DEATHS: Final[frozenset[str]] = frozenset({"sigkill", "sigterm", "timeout"})
+#: How a schedule names the executions running at once, in the order they took a label
+#: (the first label no running execution holds): one character each.
+SCHEDULE_LABELS: Final[str] = "123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 #: Celery's internal tasks (``celery.chord_unlock``...): a spec binds to them only by name.
 INTERNAL_PREFIX: Final[str] = "celery."
@@ -84,7 +86,7 @@ class Step:
     at: int | None = None
     code: int | None = None
     exception: str | None = None
-    schedule: str | None = None  # overlap: which copy runs at each choice, "1" or "2"
+    schedule: str | None = None  # overlap: which execution runs at each choice (its label)
 
     def __str__(self) -> str:
         if self.kind == "exit":
@@ -96,10 +98,6 @@ class Step:
         else:
             head = self.kind
         return head if self.at is None else f"{head}@{self.at}"
-
-    @property
-    def kills_child(self) -> bool:
-        return self.kind in CHILD_DEATHS or self.kind == "exit"
 
     def exception_class(self) -> type[BaseException]:
         """The class ``raise(...)`` names, imported now."""
@@ -240,8 +238,11 @@ def _parse_step(token: str, source: str) -> Step:
         if arg is None:
             return Step(kind)
         schedule = arg.strip()
-        if not schedule or schedule.strip("12"):
-            raise bad(f"{token!r}: a schedule is a string of 1s and 2s, as in overlap(1212)")
+        if not schedule or schedule.strip(SCHEDULE_LABELS):
+            raise bad(
+                f"{token!r}: a schedule names the execution to run at each choice, one "
+                f"character each (1-9, a-z, A-Z; 1 and 2 the two copies), as in overlap(1212)"
+            )
         return Step(kind, schedule=schedule)
     if kind in PLAIN_KINDS:
         if arg is not None or at_text is not None:

@@ -54,11 +54,14 @@ class EagerGate:
         self,
         specs: Sequence[str],
         *,
+        suite_wide: Sequence[str] | None = None,
         seed: int = 0,
         profile: str = "rabbitmq",
         catch_async: bool = False,
     ) -> None:
         self.specs = list(specs)
+        #: Which of ``specs`` come from ``--celery-faults`` (the rest are the test's own).
+        self.suite_wide = list(specs if suite_wide is None else suite_wide)
         self.seed = seed
         self.profile = profile
         self.catch_async = catch_async
@@ -136,7 +139,9 @@ class EagerGate:
             signals.task_postrun.disconnect(on_postrun)
             harness.stop()  # nothing to undo when it did not start
             self._busy = False
-        state, value = traced.get(result.id, (outcome.state, outcome.exception or outcome.result))
+        state, value = traced.get(result.id, (None, None))
+        if not state:  # the tracer gave no state (a BaseException escaped it): the worker's
+            state, value = outcome.state, outcome.exception or outcome.result
         value = _plain(value)
         if propagate and isinstance(value, BaseException) and state == "FAILURE":
             raise value

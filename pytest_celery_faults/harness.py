@@ -14,7 +14,10 @@ virtual clock; on exit every change is undone.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import random
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from time import monotonic as real_monotonic
 from types import TracebackType
@@ -44,11 +47,20 @@ from .effects import (
     resolve_target,
     tracking_wrapper,
 )
-from .errors import DrainError, TimeLimitPassed, UnfiredFaultError
+from .errors import (
+    DrainError,
+    EmulationError,
+    HarnessMisuseError,
+    RefusedError,
+    TimeLimitPassed,
+    UnfiredFaultError,
+)
 from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .history import LOSSES, NOT_IDEMPOTENT, History
 from .idempotency import Scenario, SweepReport
-from .outcome import Outcome, Timeline
+from .integrations import django_configured
+from .outcome import Outcome, Timeline, safe_repr
+from .process_calls import ProcessCallsInBodies
 from .replay import PublishedMessage
 from .results import InMemoryResultBackend
 from .scheduler import Scheduler, current_stack
@@ -56,6 +68,7 @@ from .worker import (
     EmulatedWorker,
     ExecutionRecord,
     check_worker_settings,
+    check_workers,
     where_it_hung,
     worker_concurrency,
 )
@@ -83,9 +96,13 @@ class CeleryFaults:
         app = internals.app_behind_proxy(app)  # celery.current_app: the app behind it
         if not isinstance(app, Celery):
             raise TypeError(f"CeleryFaults(app={app!r}): expected a Celery app")
-        for name, value in (("workers", workers), ("max_executions", max_executions)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a whole number >= 1")
+        check_workers(workers)
+        if (
+            not isinstance(max_executions, int)
+            or isinstance(max_executions, bool)
+            or max_executions < 1
+        ):
+            raise ValueError(f"max_executions={max_executions!r}: expected a whole number >= 1")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed={seed!r}: expected a whole number or None")
         self.app = app
@@ -100,6 +117,11 @@ class CeleryFaults:
         #: A ``time.monotonic()`` instant (the test's time limit) past which drains stop.
         self.deadline: float | None = None
         self.active = False
+        #: The thread that started the harness: the one that drives it.
+        self._driver: threading.Thread | None = None
+        #: A refused use (from a task, from another thread): the driver raises it too.
+        self._misuse: HarnessMisuseError | None = None
+        self._draining = 0  # drains in progress (a task waiting for a result drains inside one)
 
     # -- life cycle -------------------------------------------------------------
 
@@ -118,29 +140,69 @@ class CeleryFaults:
             self.assert_all_fired()
 
     def start(self) -> None:
+        """Take the app over; a failure half-way undoes what was done and is raised."""
         if self.active:
             raise RuntimeError("this CeleryFaults harness is already active")
         register_transport()
+        with contextlib.ExitStack() as undo:  # popped when start() succeeds: stop() undoes it
+            self._start(undo)
+            self.active = True
+            undo.callback(setattr, self, "active", False)
+            undo.callback(self._run_on_stop)  # what integrations attached below put back
+            self._attach_integrations()
+            undo.pop_all()
+
+    def _attach_integrations(self) -> None:
+        """With Django configured, executions get a worker process's connections by themselves.
+
+        What ``worker_connections()`` gives (counting writes stays opt-in); a
+        configuration it cannot serve is refused here, in one line.
+        """
+        self.django_connections: Any = None  # the WorkerConnections attached, if any
+        if django_configured():
+            from .integrations.django import worker_connections
+
+            worker_connections(self)
+
+    def _run_on_stop(self) -> None:
+        hooks, self._on_stop[:] = list(self._on_stop), []
+        for undo in reversed(hooks):
+            undo()
+
+    def _start(self, undo: contextlib.ExitStack) -> None:
+        """What ``start()`` does, each step pushing its undo on ``undo`` as soon as it is done."""
         app = self.app
         check_worker_settings(app)  # before anything is changed: a refusal leaves nothing behind
+        self._driver = threading.current_thread()
+        self._misuse = None
         self.clock = VirtualClock()
         self.profile = BrokerProfile.named(
             self.profile_name, app.conf.broker_transport_options or {}
         )
         self.broker = InMemoryBroker(self.clock, self.profile)
+        undo.callback(self.broker.close)
         self.ledger: Ledger = self.broker.ledger
         self.effects = EffectLog(self.clock)
         self.plan = FaultPlan()
-        self.random = random.Random(self.seed)
+        #: Every scenario's choices start from this seed (drawn once when none is given).
+        self._scenario_seed = (
+            self.seed if self.seed is not None else random.SystemRandom().getrandbits(64)
+        )
+        self.random = random.Random(self._scenario_seed)
         self.scheduler = Scheduler(self.random)
         self.body_time = TimeInBodies(self.clock, self.effects.sleep)
+        undo.callback(self.body_time.close)
+        self.process_calls = ProcessCallsInBodies(lambda: self.effects.execution)
         self._patches: list[Patch] = []
         self._on_stop: list[Callable[[], None]] = []
         self.tracked: list[str] = []  # the dotted targets tracked, for real-broker mode
         self._calls: dict[str, int] = {}  # tracked label -> calls seen, over every scenario
-        #: Called after each run() with the signature, its specs and the emulated outcome.
-        self.after_run: list[Callable[[Any, tuple[str | FaultSpec, ...], Outcome], None]] = []
+        #: Real-broker mode's check of every run() (:class:`.real.compare.RealComparison`),
+        #: while installed: scenarios then go through run(), never a copy, so each is compared.
+        self.comparison: Any = None
         self.suite_wide: list[str | FaultSpec] = []
+        #: Suite-wide specs that fired in a scenario since ended by reset() (the plan forgets).
+        self._suite_wide_fired: set[str] = set()
         self.backend = InMemoryResultBackend(
             app=app,
             on_wait=self._drain_for_result,
@@ -181,9 +243,9 @@ class CeleryFaults:
         self._code_summaries = internals.code_summaries_cached()
         self.jitter = random.Random(self._jitter_seed)
         self._jitter = internals.jitter_drawn_from(self.jitter)
-        self._installed.__enter__()
-        self._tracers.__enter__()
-        self._code_summaries.__enter__()
+        undo.enter_context(self._installed)
+        undo.enter_context(self._tracers)
+        undo.enter_context(self._code_summaries)
         self._caches = [
             self._jitter,
             internals.producer_pool_replaced(app, BoundProducerPool(app.pool)),
@@ -191,18 +253,33 @@ class CeleryFaults:
             internals.caret_anchors_cached(),
         ]
         for cache in self._caches:
-            cache.__enter__()
+            undo.enter_context(cache)
         self.warnings: list[str] = []
         self.checks = Checks(app, self._warn)
         self.checks.start()
+        undo.callback(self.checks.stop)
         signals.task_prerun.connect(self._on_prerun, weak=False)
+        undo.callback(signals.task_prerun.disconnect, self._on_prerun)
         signals.task_postrun.connect(self._on_postrun, weak=False)
+        undo.callback(signals.task_postrun.disconnect, self._on_postrun)
         self.effects.observers.append(self.checks.effect)
         self.http = TrackedRequestsMock(self.effects)
         self.http.start()
+        undo.callback(self.http.reset)
+        undo.callback(self.http.stop, allow_assert=False)
         self.concurrent = self.worker_count * worker_concurrency(app) > 1
-        self.workers = [self._new_worker(index) for index in range(1, self.worker_count + 1)]
-        self.active = True
+        self.workers: list[EmulatedWorker] = []
+        for index in range(1, self.worker_count + 1):
+            self.workers.append(self._new_worker(index))
+            undo.callback(self.workers[-1].close)
+        problems = internals.takeover_problems(app, self.broker.url, self.backend)
+        if problems:
+            raise RefusedError(
+                f"celery_faults: cannot take the app {app.main!r} over: after the harness set "
+                f"its broker, backend and task_always_eager=False, {'; '.join(problems)}; its "
+                f"tasks would not run on the emulated worker (is app.conf a Settings class "
+                f"that answers these itself?)"
+            )
 
     def stop(self) -> None:
         """Undo everything ``start()`` did, in the reverse order.
@@ -241,6 +318,7 @@ class CeleryFaults:
             _exiter(self._tracers),
             _exiter(self._installed),
             self.body_time.close,
+            self.process_calls.close,
             self.broker.close,
         ]
         failures: list[BaseException] = []
@@ -249,6 +327,9 @@ class CeleryFaults:
                 step()
             except BaseException as failure:  # the next steps run all the same
                 failures.append(failure)
+        if self._misuse is not None:
+            failures.append(self._misuse)  # refused where it was swallowed: the test fails
+            self._misuse = None
         if len(failures) == 1:
             raise failures[0]
         if failures:
@@ -269,7 +350,7 @@ class CeleryFaults:
         Suite-wide specs (``--celery-faults``) are armed again unless
         ``suite_wide=False`` (scenarios that choose their own faults).
         """
-        self._require_active()
+        self._require_driver("reset")
         self._discard_frozen()
         request_ids: set[str] = set()
         for worker in self.workers:
@@ -281,19 +362,22 @@ class CeleryFaults:
         self.clock.reset()
         self.backend.clear()
         self.effects.clear()
+        self._suite_wide_fired |= self._fired_now()
         self.plan.clear()
         self.history.clear()
         self.http.calls.reset()
-        if self.seed is not None:
-            self.jitter.seed(self._jitter_seed)  # a scenario's retry delays replay exactly
+        # Every random source starts again from the seed, as in a fresh harness: a
+        # scenario's interleavings, worker order and retry delays replay exactly.
+        self.random.seed(self._scenario_seed)
+        self.jitter.seed(self._jitter_seed)
         if suite_wide:
             for spec in self.suite_wide:
                 self.plan.arm(spec, explicit=False)
 
     @property
-    def _jitter_seed(self) -> str | None:
+    def _jitter_seed(self) -> str:
         """``retry_jitter``'s draws come from the seed, apart from the worker order's."""
-        return None if self.seed is None else f"{self.seed}:retry_jitter"
+        return f"{self._scenario_seed}:retry_jitter"
 
     def _new_worker(self, index: int) -> EmulatedWorker:
         return EmulatedWorker(
@@ -327,7 +411,7 @@ class CeleryFaults:
         if not self.scheduler.stacks:
             self.scheduler.forget()
             return
-        with self.body_time, internals.worker_process_state():  # the worker side, as in _drain
+        with self.body_time, self.process_calls, internals.worker_process_state():  # as _drain
             hung = self.scheduler.discard_all()
         if hung:
             names = ", ".join(repr(stack.owner.execution.task_name) for stack in hung)
@@ -359,6 +443,11 @@ class CeleryFaults:
             self.plan.disarm(armed)
         self.suite_wide.clear()
 
+    def _disarm_own(self) -> None:
+        """Take back every spec armed for the test itself (scenarios cut short leave theirs)."""
+        for armed in [armed for armed in self.plan.armed if armed.explicit]:
+            self.plan.disarm(armed)
+
     def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome:
         """Publish ``signature`` with ``specs`` bound to it, drain, return its outcome.
 
@@ -366,20 +455,16 @@ class CeleryFaults:
         or chord they bind to the first matching message the canvas publishes,
         and the outcome returned is that of the canvas's frozen (last) task.
         """
-        self._require_active()
+        self._require_driver("run")
         refuse_foreign(self.app, signature)
         frozen = signature.freeze()
         plain = getattr(signature, "subtask_type", None) is None
         self._arm_for(frozen.id if plain else None, signature.task, specs)
-        original = signature.clone() if self.after_run else signature
         signature.apply_async()
         self._drain()
         while getattr(frozen, "results", None):  # a group: its last task stands for it
             frozen = frozen.results[-1]
-        outcome = self.outcome(frozen.id)
-        for hook in self.after_run:
-            hook(original, specs, outcome)
-        return outcome
+        return self.outcome(frozen.id)
 
     def _run_copy(self, published: PublishedMessage, *specs: str | FaultSpec) -> Outcome:
         """``run()`` of the signature ``published`` was recorded from, sending a copy of it.
@@ -388,9 +473,11 @@ class CeleryFaults:
         :mod:`.replay`): the same message under a fresh task id, through the
         same publish signals, broker and worker.
         """
-        self._require_active()
-        if self.after_run:
-            raise RuntimeError("a copy cannot stand in for run() with after-run hooks")
+        self._require_driver("run")
+        if self.comparison is not None:
+            raise RuntimeError(
+                "a copy cannot stand in for run() when real-broker mode compares it"
+            )
         task_id = published.task_id_for_copy()
         self._arm_for(task_id, published.task_name, specs)
         published.publish_copy(task_id)
@@ -414,7 +501,7 @@ class CeleryFaults:
 
         Returns the outcomes of the task ids delivered meanwhile, in delivery order.
         """
-        self._require_active()
+        self._require_driver("drain")
         first_event = len(self.ledger)
         self._drain()
         touched: dict[str, None] = {}
@@ -425,8 +512,26 @@ class CeleryFaults:
 
     def _drain(self) -> None:
         # What holds process-wide while the worker side runs: virtual time, a child's state.
-        with self.body_time, internals.worker_process_state():
-            self._run_until_quiet()
+        self._draining += 1
+        try:
+            with self.body_time, self.process_calls, internals.worker_process_state():
+                self._run_until_quiet()
+        finally:
+            self._draining -= 1
+        misuse = self._misuse
+        if misuse is not None and not self._draining:
+            # Refused inside a task, whatever the task did with the refusal: the test fails.
+            self._misuse = None
+            raise misuse
+        if not self._draining:  # a task's result.get() drains inside the outer drain
+            self._raise_plugin_failures()
+
+    def _raise_plugin_failures(self) -> None:
+        """An error of the plugin's own inside an execution fails the test, never reads as ok."""
+        failures = self.effects.take_failures()
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise EmulationError(failures[0] + more)
 
     def _run_until_quiet(self) -> None:
         """Start deliveries on free children, let the scheduler run stacks, move the clock.
@@ -446,7 +551,7 @@ class CeleryFaults:
             if len(live) > 1:
                 live = list(live)
                 self.random.shuffle(live)  # which worker runs first: the seed's choice
-            if any(worker.start_next() for worker in live):
+            if self._start_next(live):
                 executions += 1
                 if executions > self.max_executions:
                     raise DrainError(self._no_quiet_message(executions, first_delivery))
@@ -455,6 +560,19 @@ class CeleryFaults:
                 continue
             due = self._next_due()
             if due is None:
+                if self.scheduler.any_blocked:  # it waits on something outside: real time
+                    self.scheduler.wait_for_blocked()
+                    continue
+                break
+            if self._only_chords_waiting_forever(live):
+                for worker in live:
+                    for entry in worker.scheduled:
+                        self.history.note(
+                            entry.request.id,
+                            "a header task will never store its result: Celery's chord_unlock "
+                            "would poll forever (the body never runs); the drain stops here",
+                            depth=0,
+                        )
                 break
             if due - self.clock.start > DEFAULT_HORIZON:
                 raise DrainError(
@@ -463,6 +581,36 @@ class CeleryFaults:
                 )
             self.clock.advance_to(due)
             self.scheduler.wake(self.clock.time())
+
+    def _only_chords_waiting_forever(self, live: Sequence[EmulatedWorker]) -> bool:
+        """Nothing is left but Celery's ``chord_unlock`` polling a header that cannot complete.
+
+        With no execution under way and no other message ready, unacked or held,
+        no header task can store a result any more (one was lost): a real
+        worker's ``chord_unlock`` retries forever and the body never runs. The
+        drain is quiet there (the poll stays scheduled), not a task that
+        retries forever.
+        """
+        if any(s.state in ("runnable", "running", "sleeping") for s in self.scheduler.stacks):
+            return False
+        if any(worker.reserved for worker in live):
+            return False
+        held = [entry.request for worker in live for entry in worker.scheduled]
+        if not held or not all(internals.chord_unlock_waits_forever(r, self.app) for r in held):
+            return False
+        queued = [message for queue in self.broker.queues.values() for message in queue]
+        unacked = [delivery.message for delivery in self.broker.unacked.values()]
+        return all(message.task_name == internals.CHORD_UNLOCK for message in queued + unacked)
+
+    def _start_next(self, live: Sequence[EmulatedWorker]) -> bool:
+        """One start on the first worker that can (an execution alone runs to its end)."""
+        try:
+            return any(worker.start_next() for worker in live)
+        except BaseException as interruption:
+            stack = self.scheduler.interrupted
+            if stack is not None:
+                interruption.add_note(where_it_hung(stack.owner.execution, self.effects))
+            raise
 
     def _step_scheduler(self) -> bool:
         try:
@@ -484,12 +632,15 @@ class CeleryFaults:
     def _drain_for_result(self) -> None:
         self._require_active()
         if current_stack() is not None:
-            # A task on a stack of its own waits for a result (a chord's join):
+            # A task waits for a result (a chord's join, get(disable_sync_subtasks=False)):
             # only the harness's thread may run the worker side.
-            raise RuntimeError(
-                "celery_faults: a task running beside others waited for a result that is "
-                "not ready; the emulated worker cannot run other tasks from inside it"
+            refused = RuntimeError(
+                "celery_faults: a task waited for a result that is not ready; the emulated "
+                "worker runs other tasks between executions, not from inside one"
             )
+            execution = self.effects.execution
+            self.effects.plugin_failed(execution, refused, "as it waited for a result")
+            raise refused
         self._drain()
 
     def _live_workers(self) -> list[EmulatedWorker]:
@@ -500,6 +651,18 @@ class CeleryFaults:
         for worker in self.workers:
             worker.restart()
         return list(self.workers)
+
+    def _consume_now(self) -> None:
+        """A message was published while the workers run: consumers with room take it now.
+
+        A worker's main process keeps consuming while its children run, so a
+        message a body (or a chain, or the parent's callback) publishes is
+        fetched at the publish, up to the prefetch count, before anything else
+        happens to the execution: a power loss right after it sends it back
+        redelivered. Workers are offered it in their order, as ``_fill`` does.
+        """
+        if self._draining:
+            self._fill([worker for worker in self.workers if worker.alive])
 
     def _fill(self, live: Sequence[EmulatedWorker]) -> None:
         """Deliver ready messages round-robin to workers with room for them."""
@@ -541,13 +704,32 @@ class CeleryFaults:
         """
         self._require_active()
         owner, attribute, default_name = resolve_target(target)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(
+                f"track({default_name!r}, name={name!r}): expected a non-empty string"
+            )
         label = name or default_name
-        if isinstance(duration, bool) or not isinstance(duration, int | float) or duration < 0:
-            raise ValueError(f"track({label!r}, duration={duration!r}): expected seconds >= 0")
+        if (
+            isinstance(duration, bool)
+            or not isinstance(duration, int | float)
+            or not 0 <= duration < math.inf
+        ):
+            raise ValueError(
+                f"track({label!r}, duration={duration!r}): expected a finite number of "
+                f"seconds >= 0"
+            )
+        wrapper = tracking_wrapper(self.effects, owner, attribute, label, float(duration))
+        try:
+            patch = Patch(owner, attribute, wrapper)
+        except (AttributeError, TypeError) as exc:
+            raise TypeError(
+                f"track({label!r}): cannot replace {attribute!r} on {type(owner).__name__} "
+                f"{_short(owner)} ({exc}); track a function of your own that the task calls "
+                f"(a built-in object's methods cannot be replaced)"
+            ) from None
         if isinstance(target, str):
             self.tracked.append(target)
-        wrapper = tracking_wrapper(self.effects, owner, attribute, label, float(duration))
-        self._patches.append(Patch(owner, attribute, wrapper))
+        self._patches.append(patch)
         self._calls.setdefault(label, 0)
         return label
 
@@ -598,7 +780,7 @@ class CeleryFaults:
         is reset before and after.
         """
         __tracebackhide__ = True
-        return idempotency.check(self, signature, observe, reset, specs, NOT_IDEMPOTENT)
+        return idempotency.check(self, signature, observe, reset, _listed(specs), NOT_IDEMPOTENT)
 
     def assert_no_loss(
         self,
@@ -609,7 +791,7 @@ class CeleryFaults:
     ) -> list[Scenario]:
         """As :meth:`assert_idempotent`, failing on lost and partial scenarios instead."""
         __tracebackhide__ = True
-        return idempotency.check(self, signature, observe, reset, specs, LOSSES)
+        return idempotency.check(self, signature, observe, reset, _listed(specs), LOSSES)
 
     def sweep(
         self,
@@ -623,9 +805,18 @@ class CeleryFaults:
 
         ``"overlap"`` among ``hows`` adds every interleaving of two overlapping copies.
         """
+        if isinstance(hows, str):
+            raise TypeError(f"hows={hows!r}: expected a list of fault kinds, such as [{hows!r}]")
         return idempotency.sweep(self, signature, observe, reset, hows, pairs)
 
     # -- unfired specs ----------------------------------------------------------
+
+    def _fired_now(self) -> set[str]:
+        return {str(a.spec) for a in self.plan.armed if not a.explicit and a.has_fired}
+
+    def suite_wide_fired(self) -> set[str]:
+        """The suite-wide specs (one spelling each) that fired in any scenario of this harness."""
+        return self._suite_wide_fired | self._fired_now()
 
     def unfired(self, *, explicit_only: bool = True) -> list[ArmedSpec]:
         return self.plan.unfired(explicit_only=explicit_only)
@@ -665,6 +856,32 @@ class CeleryFaults:
         if not self.active:
             raise RuntimeError("the CeleryFaults harness is not active (use it as `with`)")
 
+    def _require_driver(self, what: str) -> None:
+        """``what()`` drives the worker: only from the test's code, on the harness's thread."""
+        self._require_active()
+        execution = self.effects.execution
+        here = threading.current_thread()
+        if execution is not None or current_stack() is not None:
+            task = f"{execution.task_name}[{execution.task_id}]" if execution else "a task"
+            problem = (
+                f"celery_faults: {what}() called from inside the task {task} while the "
+                f"emulated worker runs it; the harness drives the worker from the test: "
+                f"call it from the test, after run() or drain() returns"
+            )
+        elif here is not self._driver:
+            driver = self._driver.name if self._driver is not None else "?"
+            problem = (
+                f"celery_faults: {what}() called from the thread {here.name!r}, but this "
+                f"harness is driven from the thread that started it ({driver!r}); one "
+                f"harness runs on one thread (start a harness in each thread instead)"
+            )
+        else:
+            return
+        refused = HarnessMisuseError(problem)
+        if self._misuse is None:
+            self._misuse = refused
+        raise refused
+
     def _on_prerun(self, task_id: str | None = None, **_: Any) -> None:
         # An execution is a run of the body; a deduplicated redelivery has none.
         execution = self.effects.execution
@@ -685,6 +902,8 @@ class CeleryFaults:
         task_id, name = message.task_id, message.task_name
         self.history.published(task_id, name, int(message.headers.get("retries") or 0))
         message.replays_left = self.plan.replays_for(task_id, name)
+        if self.effects.execution is None:  # a body's publish is taken once it is recorded
+            self._consume_now()
 
     def _after_delivery(self, delivery: Delivery) -> None:
         message = delivery.message
@@ -711,6 +930,8 @@ class CeleryFaults:
         if effect.kind == "call" and effect.label in self._calls:
             self._calls[effect.label] += 1
         self.history.on_effect(effect)
+        if effect.kind == "publish" and effect.task_id is not None:
+            self._consume_now()  # after the effect's line, before a fault after it fires
 
     def _on_ledger_event(self, event: BrokerEvent) -> None:
         self.history.on_ledger_event(event)
@@ -745,3 +966,16 @@ def refuse_foreign(app: Celery, signature: Any) -> None:
 def _exiter(context: Any) -> Callable[[], object]:
     """A step that leaves ``context`` (a context manager entered by ``start()``)."""
     return lambda: context.__exit__(None, None, None)
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a line: an error names the object, not its 10,000 items."""
+    text = safe_repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _listed(specs: Iterable[str | FaultSpec] | None) -> Iterable[str | FaultSpec] | None:
+    """``specs`` as given, refusing one bare string (it would be read one letter at a time)."""
+    if isinstance(specs, str):
+        raise TypeError(f"specs={specs!r}: expected a list of fault specs, such as [{specs!r}]")
+    return specs

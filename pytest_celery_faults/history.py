@@ -14,7 +14,13 @@ worker saw it and the ``observe()`` difference:
 - ``diverged``: it ran again (or ended otherwise) and the world differs for another reason;
 - ``lost``: it never completed and nothing ran it again;
 - ``partial``: lost after some of its side effects, leaving the world half done;
+- ``ended_otherwise``: its process went away and nothing ran it again, but only
+  after its work was done: its result was stored (SUCCESS), or every side effect
+  of the fault-free run had completed and ``observe()`` matches it. The task
+  ended otherwise and the world is whole, so no assertion fails on it;
 - ``ok``: the world and the task's fate are those of the fault-free run.
+
+Loss is judged on the world and on what was stored, not on how the process ended.
 """
 
 from __future__ import annotations
@@ -28,19 +34,22 @@ from . import _celery_internals as internals
 from .broker import BrokerEvent, Ledger
 from .effects import Effect, EffectLog
 from .faults import Step
-from .outcome import Outcome, Timeline, TimelineEntry
+from .outcome import Outcome, Timeline, TimelineEntry, safe_repr
 from .worker import CUT_SHORT, ExecutionRecord
 
 DUPLICATED = "duplicated"
 DIVERGED = "diverged"
 LOST = "lost"
 PARTIAL = "partial"
+ENDED_OTHERWISE = "ended_otherwise"
 OK = "ok"
 #: The classes ``assert_idempotent`` fails on, and those ``assert_no_loss`` fails on.
 NOT_IDEMPOTENT: tuple[str, ...] = (DUPLICATED, DIVERGED)
 LOSSES: tuple[str, ...] = (LOST, PARTIAL)
+#: The classes named in failures and summaries that no assertion fails on.
+NAMED_ONLY: tuple[str, ...] = (ENDED_OTHERWISE,)
 #: Every class, worst first (the order reports list them in).
-CLASSES: tuple[str, ...] = (DUPLICATED, DIVERGED, PARTIAL, LOST, OK)
+CLASSES: tuple[str, ...] = (DUPLICATED, DIVERGED, PARTIAL, LOST, ENDED_OTHERWISE, OK)
 #: What the worker saw of an execution that ran its task to an end.
 FINISHED = frozenset({"returned", "raised"})
 
@@ -109,6 +118,8 @@ class Evidence:
     outcome: Outcome
     observed: Any
     effects: Counter[str]  # side effects completed, by label, over every delivery
+    #: The other messages of the scenario (a canvas's members, children) that were lost.
+    lost_members: tuple[Outcome, ...] = ()
 
     @property
     def effect_count(self) -> int:
@@ -260,7 +271,12 @@ class History:
         return [self.outcome(task_id) for task_id in self.messages]
 
     def evidence(self, outcome: Outcome, observed: Any) -> Evidence:
-        return Evidence(outcome, observed, Counter(effect.label for effect in self.effects))
+        lost = tuple(
+            self.outcome(task_id)
+            for task_id, ended in self.ends.items()
+            if task_id != outcome.task_id and ended in CUT_SHORT and not self.broker.holds(task_id)
+        )
+        return Evidence(outcome, observed, Counter(e.label for e in self.effects), lost)
 
     def judge(self, spec: str, baseline: Evidence, faulted: Evidence) -> Judged:
         """Class ``faulted`` against the fault-free ``baseline``; remembered in ``judged``."""
@@ -274,17 +290,36 @@ def classify(baseline: Evidence, faulted: Evidence) -> tuple[str, str]:
     """The failure class of a faulted run, and what happened in plain words."""
     outcome = faulted.outcome
     world_differs = faulted.observed != baseline.observed
-    if outcome.lost:
-        saw = _SAW.get(outcome.ended, f"the worker saw: {outcome.ended}")
+    lost = outcome if outcome.lost else next(iter(faulted.lost_members), None)
+    if lost is not None:
+        saw = _SAW.get(lost.ended, f"the worker saw: {lost.ended}")
+        who, then = "the task", ""
+        if lost is not outcome:  # a member of the canvas (or a child it published)
+            who = f"{lost.name}[{lost.task_id[:8]}]"
+            then = _then(baseline.outcome.name, outcome)
+        if not world_differs:
+            done = _work_done(baseline, faulted)
+            if done:
+                whose = "" if lost is outcome else f" ({who})"
+                return ENDED_OTHERWISE, (
+                    f"ended otherwise: {saw}{whose} {done} and nothing ran it again, but "
+                    f"nothing was lost: observe() matches the fault-free run"
+                )
         if faulted.effect_count and world_differs:
             done = ", ".join(f"{label} x{n}" for label, n in sorted(faulted.effects.items()))
+            if lost is not outcome:
+                return PARTIAL, (
+                    f"partial: {who} never completed and nothing ran it again ({saw}){then}; "
+                    f"the {faulted.effect_count} side effect(s) done ({done}) leave the "
+                    f"world half done"
+                )
             return PARTIAL, (
                 f"partial: the task was lost after {faulted.effect_count} side effect(s) "
                 f"({done}) and nothing ran it again ({saw}), leaving the world half done"
             )
         return LOST, (
-            f"lost: the task never completed and nothing ran it again ({saw}; "
-            f"the broker holds no copy)"
+            f"lost: {who} never completed and nothing ran it again ({saw}; "
+            f"the broker holds no copy){then}"
         )
     runs = f"the task ran {outcome.executions} time(s) over {outcome.deliveries} deliveries"
     if world_differs:
@@ -307,12 +342,37 @@ def classify(baseline: Evidence, faulted: Evidence) -> tuple[str, str]:
         )
         return DIVERGED, f"diverged: {runs} and observe() differs from the fault-free run ({why})"
     if outcome.ended != baseline.outcome.ended and baseline.outcome.ended in FINISHED:
-        shown = f" ({outcome.exception!r})" if outcome.exception is not None else ""
+        shown = f" ({safe_repr(outcome.exception)})" if outcome.exception is not None else ""
         return DIVERGED, (
             f"diverged: {runs} and the worker saw it end {outcome.ended or 'never run'!r}"
             f"{shown} where the fault-free run {baseline.outcome.ended}"
         )
     return OK, f"ok: {runs}; the world and the task's fate match the fault-free run"
+
+
+def _then(name: str, outcome: Outcome) -> str:
+    """What became of the task a run stands for after another of its messages was lost."""
+    if outcome.ended:
+        return f", and {name} {outcome.ended}"
+    failed = f", {type(outcome.exception).__name__}" if outcome.exception is not None else ""
+    return f", so {name} never ran (state {outcome.state}{failed})"
+
+
+def _work_done(baseline: Evidence, faulted: Evidence) -> str:
+    """When a lost task had done its work already, in words (empty when it had not).
+
+    Done means its result was stored (a child lost in ``on_success``, a
+    ``task_postrun`` receiver or ``process_cleanup``: Celery keeps the SUCCESS),
+    or every side effect of the fault-free run had completed.
+    """
+    if faulted.outcome.state == "SUCCESS":
+        return "after its result was stored (SUCCESS)"
+    if baseline.effect_count and all(
+        faulted.effects[label] >= n for label, n in baseline.effects.items()
+    ):
+        state = faulted.outcome.state
+        return f"after its last side effect ({faulted.effect_count} done, state {state})"
+    return ""
 
 
 def _effect_text(effect: Effect) -> str:

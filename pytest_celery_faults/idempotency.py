@@ -3,19 +3,22 @@
 ``observe()`` is the user's view of the world (rows in a table, e-mails sent,
 charges made); ``reset()`` puts it back between scenarios. Each faulted run
 gets a failure class from its history (:mod:`.history`): ``duplicated``,
-``diverged``, ``lost``, ``partial`` or ``ok``. ``assert_idempotent`` fails on
-the first two and names the others; ``assert_no_loss`` fails on the losses and
-names the others; ``sweep`` reports every class.
+``diverged``, ``lost``, ``partial``, ``ended_otherwise`` or ``ok``.
+``assert_idempotent`` fails on the first two and names the others;
+``assert_no_loss`` fails on the losses and names the others (``ended_otherwise``,
+a task whose process went away after its work was done, fails neither);
+``sweep`` reports every class.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
 import pprint
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,7 +26,16 @@ from celery import Celery
 
 from . import replay
 from .faults import ArmedSpec, FaultSpec, parse_spec
-from .history import CLASSES, LOSSES, NOT_IDEMPOTENT, OK, Evidence, History
+from .history import (
+    CLASSES,
+    ENDED_OTHERWISE,
+    LOSSES,
+    NAMED_ONLY,
+    NOT_IDEMPOTENT,
+    OK,
+    Evidence,
+    History,
+)
 from .outcome import Outcome, Timeline, TimelineEntry
 from .replay import PublishedMessage
 from .scheduler import Scheduler, every_schedule
@@ -41,19 +53,32 @@ EVERY_OVERLAP = "overlap"
 UNFIRED = "unfired"
 
 
+class Compares(Protocol):
+    """Real-broker mode, as scenarios need it: each run() is also run on a real worker."""
+
+    #: Called between the real run and the emulated one (the scenario's world reset).
+    between: Callable[[], Any] | None
+
+    def refuse(self, signature: Any, specs: Sequence[str]) -> None:
+        """Raise, in one line, when a real worker cannot run ``specs``."""
+
+
 class Runs(Protocol):
     """What scenarios need of the harness: reset it, run a signature, read the history."""
 
     app: Celery
     history: History
     scheduler: Scheduler
-    after_run: list[Any]
+    #: Real-broker mode's comparison of every run(), or ``None`` (see :class:`Compares`).
+    comparison: Compares | None
 
     def reset(self, *, suite_wide: bool = True) -> None: ...
 
     def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome: ...
 
     def _run_copy(self, published: PublishedMessage, *specs: str | FaultSpec) -> Outcome: ...
+
+    def _disarm_own(self) -> None: ...
 
     def unfired(self, *, explicit_only: bool = True) -> list[ArmedSpec]: ...
 
@@ -92,7 +117,7 @@ class Scenario:
     @property
     def failed(self) -> bool:
         """Whether the scenario is a finding: duplicated, diverged, lost or partial."""
-        return self.verdict not in (OK, UNFIRED)
+        return self.verdict in NOT_IDEMPOTENT or self.verdict in LOSSES
 
     @property
     def replay(self) -> str:
@@ -141,12 +166,13 @@ class SweepReport:
         return self.of_class(*LOSSES)
 
     @property
-    def unfired(self) -> list[Scenario]:
-        return [s for s in self.scenarios if s.verdict == UNFIRED]
+    def ended_otherwise(self) -> list[Scenario]:
+        """Scenarios whose task went away after its work was done: nothing lost."""
+        return self.of_class(ENDED_OTHERWISE)
 
     @property
-    def ok(self) -> bool:
-        return not self.failures
+    def unfired(self) -> list[Scenario]:
+        return [s for s in self.scenarios if s.verdict == UNFIRED]
 
     def counts(self) -> dict[str, int]:
         """How many scenarios got each class (every class, zeros included)."""
@@ -200,14 +226,26 @@ def failure_message(
 
 def _named_not_failed(scenarios: Sequence[Scenario], failing: Sequence[str]) -> str:
     """The findings an assertion does not fail on, named so they are not missed."""
-    rest = [s for s in sorted(scenarios, key=_simplicity) if s.failed and s.verdict not in failing]
-    if not rest:
-        return ""
+    ordered = sorted(scenarios, key=_simplicity)
     other = "assert_idempotent" if tuple(failing) == LOSSES else "assert_no_loss"
-    lines = [f"Not failed here (the class of {other}):"]
-    lines.extend(f"  {s.spec!r}: {s.problem}" for s in rest[:20])
-    if len(rest) > 20:
-        lines.append(f"  ... and {len(rest) - 20} more")
+    groups = (
+        (
+            f"Not failed here (the class of {other}):",
+            [s for s in ordered if s.failed and s.verdict not in failing],
+        ),
+        (
+            "Ended otherwise, nothing lost (no assertion fails on these):",
+            [s for s in ordered if s.verdict in NAMED_ONLY],
+        ),
+    )
+    lines: list[str] = []
+    for title, rest in groups:
+        if not rest:
+            continue
+        lines.append(title)
+        lines.extend(f"  {s.spec!r}: {s.problem}" for s in rest[:20])
+        if len(rest) > 20:
+            lines.append(f"  ... and {len(rest) - 20} more")
     return "\n".join(lines)
 
 
@@ -250,6 +288,15 @@ class Idempotency:
         observe: Callable[[], Any],
         reset: Callable[[], Any] | None = None,
     ) -> None:
+        if not callable(observe):
+            raise TypeError(
+                f"observe={observe!r}: expected a function that returns what the task "
+                f"changes, such as lambda: dict(db.rows)"
+            )
+        if reset is not None and not callable(reset):
+            raise TypeError(
+                f"reset={reset!r}: expected a function that puts the world back, or None"
+            )
         self.harness = harness
         self.history = harness.history
         self.signature = signature
@@ -257,6 +304,25 @@ class Idempotency:
         self.reset_world = reset
         #: The fault-free run's message, when scenarios can publish copies of it (.replay).
         self.published: PublishedMessage | None = None
+
+    def refuse_in_real_mode(self, specs: Sequence[str]) -> None:
+        """In real-broker mode, every scenario is compared: refuse, up front, what cannot be."""
+        comparison = self.harness.comparison
+        if comparison is not None:
+            comparison.refuse(self.signature, specs)
+
+    @contextlib.contextmanager
+    def compared(self) -> Iterator[None]:
+        """In real-broker mode, reset the world between each real run and its emulated twin."""
+        comparison = self.harness.comparison
+        if comparison is None:
+            yield
+            return
+        comparison.between = self.reset_world  # neither run sees the other's world
+        try:
+            yield
+        finally:
+            comparison.between = None
 
     def _fresh(self, *, final: bool = False) -> None:
         self.harness.reset(suite_wide=final)
@@ -269,7 +335,7 @@ class Idempotency:
         signature = self.signature.clone()
         with replay.recording(self.harness.app) as sent:
             outcome = self.harness.run(signature)
-        if not self.harness.after_run:  # real-broker mode publishes each scenario itself
+        if self.harness.comparison is None:  # real-broker mode compares each run() instead
             self.published = replay.replayable(self.harness.app, signature, sent, outcome.task_id)
         observed = copy.deepcopy(self.observe())  # a snapshot, whatever observe() shares
         records = self.history.records
@@ -322,6 +388,19 @@ class Idempotency:
     def finish(self) -> None:
         self._fresh(final=True)
 
+    @contextlib.contextmanager
+    def disarming(self) -> Iterator[None]:
+        """Scenarios run inside: however they end, none of their specs stays armed.
+
+        A run cut short (``observe()`` raised, the time limit passed, Ctrl-C)
+        would otherwise leave its scenario's spec armed, and the test's
+        teardown would blame the test for a fault the sweep chose.
+        """
+        try:
+            yield
+        finally:
+            self.harness._disarm_own()
+
 
 def check(
     harness: Runs,
@@ -334,9 +413,12 @@ def check(
     """Run the scenarios; fail on the ``failing`` classes, naming the other findings."""
     __tracebackhide__ = True
     runner = Idempotency(harness, signature, observe, reset)
-    baseline, boundaries = runner.baseline()
-    chosen = list(specs) if specs is not None else default_specs(boundaries)
-    scenarios = runner.scenarios(chosen, baseline)
+    given = list(specs) if specs is not None else None
+    runner.refuse_in_real_mode([str(s) for s in given] if given is not None else default_specs(0))
+    with runner.disarming(), runner.compared():
+        baseline, boundaries = runner.baseline()
+        chosen = given if given is not None else default_specs(boundaries)
+        scenarios = runner.scenarios(chosen, baseline)
     runner.finish()
     _raise_for(baseline.outcome, scenarios, failing)
     explicit_unfired = [s for s in scenarios if s.verdict == UNFIRED] if specs else []
@@ -359,19 +441,23 @@ def sweep(
 ) -> SweepReport:
     """Every kind at every boundary, then every pair for two deliveries; a report."""
     runner = Idempotency(harness, signature, observe, reset)
-    baseline, boundaries = runner.baseline()
-    report = SweepReport(baseline.outcome, baseline.observed)
-    singles = boundary_specs([how for how in hows if how != EVERY_OVERLAP], boundaries)
-    overlaps = [EVERY_OVERLAP] if EVERY_OVERLAP in hows else []
-    specs = [*WHOLE_MESSAGE_SPECS, *singles, *overlaps]
-    report.scenarios.extend(runner.scenarios(specs, baseline))
-    if pairs:
-        # Only a first fault that leads to a second delivery can pair with another.
-        redelivering = [
-            s.spec for s in report.scenarios if s.spec in singles and s.outcome.deliveries > 1
-        ]
-        for first in redelivering:
-            for second in singles:
-                report.scenarios.append(runner.scenario(f"{first};{second}", baseline))
+    kinds = [how for how in hows if how != EVERY_OVERLAP]
+    every = [*WHOLE_MESSAGE_SPECS, *boundary_specs(kinds, 0)]
+    runner.refuse_in_real_mode([*every, *([EVERY_OVERLAP] if EVERY_OVERLAP in hows else [])])
+    with runner.disarming(), runner.compared():
+        baseline, boundaries = runner.baseline()
+        report = SweepReport(baseline.outcome, baseline.observed)
+        singles = boundary_specs(kinds, boundaries)
+        overlaps = [EVERY_OVERLAP] if EVERY_OVERLAP in hows else []
+        specs = [*WHOLE_MESSAGE_SPECS, *singles, *overlaps]
+        report.scenarios.extend(runner.scenarios(specs, baseline))
+        if pairs:
+            # Only a first fault that leads to a second delivery can pair with another.
+            redelivering = [
+                s.spec for s in report.scenarios if s.spec in singles and s.outcome.deliveries > 1
+            ]
+            for first in redelivering:
+                for second in singles:
+                    report.scenarios.append(runner.scenario(f"{first};{second}", baseline))
     runner.finish()
     return report

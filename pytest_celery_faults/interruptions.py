@@ -45,10 +45,15 @@ def stops_the_test_run(exc: BaseException) -> bool:
     return False
 
 
+#: The process's own handlers: while a task body runs, ``signal.getsignal`` answers
+#: for its emulated child (see :mod:`.process_calls`).
+_process_handler = signal.getsignal
+
+
 def _python_signal_handlers() -> set[CodeType]:
     codes = set()
     for signum in _STOPPING_SIGNALS:
-        handler = signal.getsignal(signum)
+        handler = _process_handler(signum)
         function = getattr(handler, "__func__", handler)
         code = getattr(function, "__code__", None)
         if isinstance(code, CodeType):

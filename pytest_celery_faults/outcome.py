@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def safe_repr(value: Any) -> str:
+    """``repr(value)``, or a stand-in naming its type when the task's own ``__repr__`` raises."""
+    try:
+        return repr(value)
+    except Exception as exc:  # a task's exception class may break its repr: report, not crash
+        return f"<{type(value).__name__} (its repr raised {type(exc).__name__})>"
+
+
 @dataclass(slots=True)
 class TimelineEntry:
     """One line of a story: when (virtual seconds since the harness began), what, how deep.
@@ -141,7 +149,7 @@ class Outcome:
         shown = self.exception if self.exception is not None else self.result
         return (
             f"{self.name}[{self.task_id}]: {self.ended or 'never ran'}, "
-            f"state={self.state} ({shown!r}), {fate}, "
+            f"state={self.state} ({safe_repr(shown)}), {fate}, "
             f"deliveries={self.deliveries}, executions={self.executions}, retries={self.retries}"
         )
 

@@ -51,6 +51,8 @@ report_key: pytest.StashKey[SessionReport] = pytest.StashKey()
 verdict_key: pytest.StashKey[str] = pytest.StashKey()
 harness_key: pytest.StashKey[CeleryFaults] = pytest.StashKey()
 gate_key: pytest.StashKey[EagerGate] = pytest.StashKey()
+#: Why the JSON report could not be written at the end of the session, for the summary.
+report_error_key: pytest.StashKey[str] = pytest.StashKey()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -74,6 +76,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         dest="celery_faults_stack",
         help="a test that arms fault specs of its own (markers, run(), inject()) also "
         "runs under the --celery-faults specs. Default: its own specs replace them.",
+    )
+    group.addoption(
+        "--celery-faults-allow-unfired",
+        action="store_true",
+        default=False,
+        dest="celery_faults_allow_unfired",
+        help="a --celery-faults spec that fired in no test of the session does not fail "
+        "the session (it is still named in the summary). Default: it fails the session, "
+        "since a gate that proved nothing is not green.",
     )
     group.addoption(
         "--celery-faults-seed",
@@ -111,6 +122,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "worker against URL (amqp://... or redis://...) and fails when the outcome differs "
         "from the emulation. Needs the celery_faults_app ini option. Default: off.",
     )
+    from .plugin_audit import add_options as add_audit_options
+
+    add_audit_options(parser)
     parser.addini(
         BROKER_INI,
         help="the broker URL for real-broker mode (as --celery-faults-broker). Default: unset.",
@@ -130,6 +144,9 @@ def pytest_configure(config: pytest.Config) -> None:
     check_option_specs(config, import_exceptions=False)
     check_report_path(config)
     check_broker_url(config)
+    from .plugin_audit import AuditHooks
+
+    AuditHooks.configure(config)
     from .report import SessionReport
 
     config.stash[report_key] = SessionReport(seed=_seed(config))
@@ -225,6 +242,7 @@ def marker_settings(item: pytest.Item) -> MarkerSettings:
     """Read and validate the plugin's markers on ``item``; errors name the marker."""
     from .broker import BrokerProfile
     from .faults import parse_spec
+    from .worker import check_workers
 
     settings = MarkerSettings()
     try:
@@ -250,9 +268,7 @@ def marker_settings(item: pytest.Item) -> MarkerSettings:
         for spec in settings.specs:
             parse_spec(spec).import_exceptions()
         BrokerProfile.named(settings.profile)
-        workers = settings.workers
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ValueError(f"workers={workers!r}: expected a whole number >= 1")
+        check_workers(settings.workers)
     except (TypeError, ValueError) as exc:
         raise MarkerError(f"{item.nodeid}: bad celery-faults marker: {exc}") from None
     return settings
@@ -353,20 +369,28 @@ def limit_hung_tasks(config: pytest.Config, items: list[pytest.Item]) -> None:
 
     When the limit stops a test inside a task, the failure says which task and
     after which side effect it hung (a note on pytest-timeout's exception).
+    A limit the user set, ``0`` ("no timeout") included, is theirs to keep.
     """
-    if not config.pluginmanager.hasplugin("timeout"):
-        return
-    configured = (
-        config.getoption("timeout", default=None)
-        or config.getini("timeout")
-        or os.environ.get("PYTEST_TIMEOUT")
-    )
-    if configured:
+    if not config.pluginmanager.hasplugin("timeout") or _session_timeout(config) is not None:
         return
     for item in items:
         uses_harness = "celery_faults" in getattr(item, "fixturenames", ())
         if uses_harness and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT))
+
+
+def _session_timeout(config: pytest.Config) -> Any:
+    """pytest-timeout's session setting, read in its order: command line, environment, ini.
+
+    The first source that is set wins, even with ``0`` (which means no timeout);
+    ``None`` when none is set.
+    """
+    value: Any = config.getoption("timeout", default=None)
+    if value is None:
+        value = os.environ.get("PYTEST_TIMEOUT")
+    if value is None and config.pluginmanager.hasplugin("timeout"):
+        value = config.getini("timeout") or None
+    return value
 
 
 def _deadline(item: pytest.Item) -> float | None:
@@ -378,10 +402,7 @@ def _deadline(item: pytest.Item) -> float | None:
     if marker is not None:
         value = marker.kwargs.get("timeout", marker.args[0] if marker.args else None)
     if value is None:
-        config = item.config
-        value = config.getoption("timeout", default=None) or os.environ.get("PYTEST_TIMEOUT")
-        if value is None and config.pluginmanager.hasplugin("timeout"):
-            value = config.getini("timeout")
+        value = _session_timeout(item.config)
     try:
         seconds = float(value)
     except (TypeError, ValueError):
@@ -423,9 +444,15 @@ def load_app(dotted: str) -> Celery:
         return load(dotted)
     except ValueError as exc:
         raise pytest.UsageError(f"{APP_INI} = {exc}") from None
-    except Exception as exc:  # the module itself fails to import: say so in one line
+    except (Exception, SystemExit) as exc:  # the module fails to import (or exits): one line
+        from .outcome import safe_repr
+
+        try:
+            detail = f": {exc}" if str(exc) else ""
+        except Exception:
+            detail = f" {safe_repr(exc)}"
         raise pytest.UsageError(
-            f"{APP_INI} = {dotted!r}: importing it raised {type(exc).__name__}: {exc}"
+            f"{APP_INI} = {dotted!r}: importing it raised {type(exc).__name__}{detail}"
         ) from None
 
 
@@ -441,6 +468,17 @@ def check_report_path(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"--celery-faults-report={path!r}: the directory {folder!r} does not exist"
         )
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise pytest.UsageError(
+            f"--celery-faults-report={path!r}: cannot write there ({exc.strerror or exc}); "
+            f"choose a writable path"
+        ) from None
+    if not existed:
+        os.remove(path)  # the report is written at the end; leave nothing behind before then
 
 
 def check_broker_url(config: pytest.Config) -> None:
@@ -512,7 +550,7 @@ def celery_faults(
     _celery_faults_sweep_case: str | None,
 ) -> Iterator[CeleryFaults]:
     """The fault-injection harness for this test, active for its whole duration."""
-    from .errors import CeleryFaultsWarning
+    from .errors import CeleryFaultsWarning, ConfigError, RefusedError
     from .harness import CeleryFaults
     from .report import record_harness
 
@@ -538,7 +576,15 @@ def celery_faults(
     stack = bool(config.getoption("celery_faults_stack", default=False))
     harness.stack_suite_wide = stack
     comparison = None  # real-broker mode: every run() also on a real worker
-    harness.start()
+    refused = None
+    try:
+        harness.start()
+    except RefusedError as exc:
+        refused = str(exc)
+    except ConfigError as exc:  # the app's settings: one line, not the harness's frames
+        refused = f"celery_faults: {exc}"
+    if refused is not None:  # what to change is in its one line: no traceback
+        pytest.fail(refused, pytrace=False)
     try:
         harness.inject(*specs)
         if not specs or stack:
@@ -575,6 +621,11 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    if call.excinfo is not None and report.failed:
+        from .errors import ConfigError
+
+        if call.excinfo.errisinstance(ConfigError):  # a setting: one line, not our frames
+            report.longrepr = f"celery_faults: {call.excinfo.value}"
     if report.when != "call":
         return report
     item.stash[verdict_key] = report.outcome
@@ -617,6 +668,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     specs = [] if "celery_faults" in names else _suite_specs(item)
     if not specs:
         return (yield)
+    suite_wide = specs
     own = marker_settings(item).specs
     if own:
         stack = item.config.getoption("celery_faults_stack", default=False)
@@ -625,6 +677,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 
     gate = EagerGate(
         specs,
+        suite_wide=[spec for spec in suite_wide if spec in specs],
         seed=_seed(item.config),
         profile=marker_settings(item).profile,
         catch_async="celery_worker" in names,
@@ -634,28 +687,60 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
         return (yield)
 
 
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     report = config.stash.get(report_key, None)
     specs = config.getoption("celery_faults_specs", default=[]) or []
-    if report is None or not (report.records or specs):
+    written = config.stash.get(report_error_key, None)
+    if report is None or not (report.records or specs or written):
         return
     terminalreporter.section("celery-faults")
-    for line in report.summary_lines(specs):
+    allow = bool(config.getoption("celery_faults_allow_unfired", default=False))
+    ran = exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)  # not cut short
+    for line in report.summary_lines(specs if ran else [], allow_unfired=allow):
         terminalreporter.write_line(line)
+    if written:
+        terminalreporter.write_line(f"ERROR: {written}")
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     path = config.getoption("celery_faults_report", default=None)
     report = config.stash.get(report_key, None)
-    if not path or report is None:
+    if report is None:
         return
     workerinput = getattr(config, "workerinput", None)
-    if workerinput is not None:  # an xdist worker: the controller writes the file
+    if workerinput is not None:  # an xdist worker: the controller sums up and writes the file
         config.workeroutput["celery_faults_report"] = report.to_json()  # type: ignore[attr-defined]
         return
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(report.to_json())
+    fail_unfired_gate(session, report)
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(report.to_json())
+    except OSError as exc:  # a disk that filled up during the run: say so, do not crash
+        config.stash[report_error_key] = (
+            f"--celery-faults-report={path!r}: the report could not be written "
+            f"({exc.strerror or exc}); the run's results above stand, the file is missing"
+        )
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def fail_unfired_gate(session: pytest.Session, report: SessionReport) -> None:
+    """A ``--celery-faults`` spec that fired in no test fails the session (unless allowed).
+
+    Judged on the controller, after every xdist worker's records were merged.
+    The summary names each such spec; a session already failing keeps its status.
+    """
+    config = session.config
+    specs = config.getoption("celery_faults_specs", default=[]) or []
+    if not specs or config.getoption("collectonly", default=False):
+        return
+    if config.getoption("celery_faults_allow_unfired", default=False):
+        return
+    if report.unfired_gate(specs) and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 class XdistHooks:

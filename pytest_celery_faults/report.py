@@ -10,6 +10,10 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .errors import FaultSpecError
+from .faults import parse_spec
+from .outcome import safe_repr
+
 if TYPE_CHECKING:
     from .gate import EagerGate
     from .harness import CeleryFaults
@@ -34,6 +38,8 @@ class TestRecord:
     faults: int = 0  # faults that hit, every scenario
     scenarios: list[dict[str, str]] = field(default_factory=list)  # classes judged
     gated: int = 0  # eager task runs the gate sent through the emulated worker
+    #: The suite-wide specs (as given on the command line) that fired in this test.
+    suite_wide_fired: list[str] = field(default_factory=list)
 
     def findings(self) -> dict[str, list[str]]:
         """The specs of the judged scenarios of each class other than ok, in run order."""
@@ -58,6 +64,7 @@ class TestRecord:
             "faults": self.faults,
             "scenarios": self.scenarios,
             "gated": self.gated,
+            "suite_wide_fired": self.suite_wide_fired,
         }
 
     @classmethod
@@ -76,6 +83,7 @@ class TestRecord:
             faults=test["faults"],
             scenarios=test["scenarios"],
             gated=test["gated"],
+            suite_wide_fired=test.get("suite_wide_fired", []),
         )
 
 
@@ -92,7 +100,7 @@ def outcome_json(outcome: Outcome) -> dict[str, Any]:
         "ended": outcome.ended,
         "retries": outcome.retries,
         "faults": outcome.faults,
-        "exception": repr(outcome.exception) if outcome.exception is not None else None,
+        "exception": safe_repr(outcome.exception) if outcome.exception is not None else None,
     }
 
 
@@ -102,13 +110,25 @@ def record_harness(
     """What the harness of one test did, read after the test ran."""
     suite_wide = [str(spec) for spec in harness.suite_wide]
     unfired = [str(armed.spec) for armed in harness.unfired(explicit_only=True)]
+    fired = harness.suite_wide_fired()  # in any scenario, also one a reset() ended
     suite_unfired = [
-        str(armed.spec) for armed in harness.unfired(explicit_only=False) if not armed.explicit
+        str(armed.spec)
+        for armed in harness.unfired(explicit_only=False)
+        if not armed.explicit and str(armed.spec) not in fired
     ]
     outcomes = [outcome_json(outcome) for outcome in harness.outcomes()]
     record = TestRecord(nodeid, specs, suite_wide, outcomes, unfired, suite_unfired, warnings)
+    record.suite_wide_fired = [spec for spec in suite_wide if _normal(spec) in fired]
     count(record, harness)
     return record
+
+
+def _normal(spec: str) -> str:
+    """One spelling per spec (``redeliver*1`` and ``redeliver`` are one spec)."""
+    try:
+        return str(parse_spec(spec))
+    except FaultSpecError:
+        return spec
 
 
 def count(record: TestRecord, harness: CeleryFaults) -> None:
@@ -128,9 +148,19 @@ def record_gate(nodeid: str, gate: EagerGate, verdict: str) -> TestRecord:
     """What the eager gate ran in one test that did not use the harness."""
     tally = gate.tally
     outcomes = [outcome_json(outcome) for outcome in tally.outcomes]
+    own = [spec for spec in gate.specs if spec not in gate.suite_wide]
+    suite_unfired = [spec for spec in gate.unfired if spec in gate.suite_wide]
     record = TestRecord(
-        nodeid, [], list(gate.specs), outcomes, [], gate.unfired, list(tally.warnings), verdict
+        nodeid,
+        own,
+        list(gate.suite_wide),
+        outcomes,
+        [],
+        suite_unfired,
+        list(tally.warnings),
+        verdict,
     )
+    record.suite_wide_fired = [spec for spec in gate.suite_wide if spec in tally.fired]
     record.tasks = sorted(tally.work.tasks)
     record.messages = tally.work.messages
     record.faults = tally.work.faults
@@ -145,6 +175,7 @@ class SessionReport:
     seed: int
     records: list[TestRecord] = field(default_factory=list)
     exempt: dict[str, str] = field(default_factory=dict)  # nodeid -> why it opted out
+    audit: dict[str, Any] | None = None  # --celery-faults-audit's findings
 
     def add(self, record: TestRecord) -> None:
         self.records.append(record)
@@ -156,6 +187,8 @@ class SessionReport:
             "totals": self.totals(),
             "exempt": dict(sorted(self.exempt.items())),
         }
+        if self.audit is not None:
+            document["audit"] = self.audit
         return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
     def totals(self) -> dict[str, int]:
@@ -173,7 +206,20 @@ class SessionReport:
             "gated_tasks": len({name for r in gated for name in r.tasks}),
         }
 
-    def summary_lines(self, gate_specs: list[str] | None = None) -> list[str]:
+    def fired_in(self, spec: str) -> tuple[int, int]:
+        """In how many tests the suite-wide ``spec`` fired, and how many ran under it."""
+        key = _normal(spec)
+        under = [r for r in self.records if key in {_normal(s) for s in r.suite_wide}]
+        fired = [r for r in under if key in {_normal(s) for s in r.suite_wide_fired}]
+        return len(fired), len(under)
+
+    def unfired_gate(self, gate_specs: list[str]) -> list[str]:
+        """The suite-wide specs that fired in no test of the session."""
+        return [spec for spec in gate_specs if not self.fired_in(spec)[0]]
+
+    def summary_lines(
+        self, gate_specs: list[str] | None = None, *, allow_unfired: bool = False
+    ) -> list[str]:
         """The terminal summary; ``gate_specs`` are the suite-wide specs, when given."""
         totals = self.totals()
         harnessed = totals["tests"] - totals["gated_tests"]
@@ -195,6 +241,24 @@ class SessionReport:
                     f"warning: the gate ({shown}) exercised nothing: no test used the "
                     f"celery_faults harness or ran a task eagerly"
                 )
+            for spec in gate_specs:
+                fired, under = self.fired_in(spec)
+                if fired:
+                    lines.append(
+                        f"--celery-faults={spec!r} fired in {fired} of the {under} test(s) "
+                        f"that ran tasks under it"
+                    )
+                elif allow_unfired:
+                    lines.append(
+                        f"--celery-faults={spec!r} fired in no test of the session "
+                        f"(allowed by --celery-faults-allow-unfired)"
+                    )
+                else:
+                    lines.append(
+                        f"FAILED: --celery-faults={spec!r} fired in no test of the session "
+                        f"({under} test(s) ran tasks under it): the gate proved nothing; "
+                        f"--celery-faults-allow-unfired accepts this"
+                    )
         for record in self.records:
             if record.verdict == "failed":
                 replay = " ".join(
@@ -204,7 +268,7 @@ class SessionReport:
                 lines.append(f"FAILED {record.nodeid}{how}")
         for record in self.records:
             findings = record.findings()
-            for verdict in ("duplicated", "diverged", "partial", "lost"):
+            for verdict in _PLAIN:
                 if verdict in findings:
                     specs = ", ".join(repr(spec) for spec in findings[verdict][:8])
                     more = len(findings[verdict]) - 8
@@ -214,8 +278,18 @@ class SessionReport:
                     )
             for spec in record.suite_wide_unfired:
                 lines.append(f"never fired: {spec} in {record.nodeid}")
+        warned: dict[str, list[str]] = {}  # each warning once, with the tests that met it
+        for record in self.records:
             for warning in record.warnings:
-                lines.append(f"warning: {record.nodeid}: {warning}")
+                warned.setdefault(warning, []).append(record.nodeid)
+        for warning, nodeids in warned.items():
+            if len(nodeids) == 1:
+                lines.append(f"warning: {nodeids[0]}: {warning}")
+            else:
+                lines.append(
+                    f"warning: {warning} (in {len(nodeids)} tests: {nodeids[0]} and "
+                    f"{len(nodeids) - 1} more)"
+                )
         for nodeid, reason in sorted(self.exempt.items()):
             lines.append(f"exempt from --celery-faults: {nodeid} ({reason})")
         return lines
@@ -226,4 +300,5 @@ _PLAIN = {
     "diverged": "ran again or ended otherwise, and the world differs",
     "partial": "lost after some side effects, the world half done",
     "lost": "never completed, nothing ran it again",
+    "ended_otherwise": "went away after its work was done, nothing lost",
 }

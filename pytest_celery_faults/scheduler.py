@@ -26,6 +26,17 @@ a worker process keeps per process is per thread for free: Celery's current app
 and task stack, Django's database connections. time-machine and ``responses``
 patch process-wide, so they hold on every stack.
 
+An execution can block where no switch point is: inside a database driver
+waiting for a row or write lock that a parked execution holds (it parked at
+its COMMIT), or on a lock another execution took. Held to one runner, both
+would wait forever (or until the driver gives up and raises). So when the
+running stack neither gives the baton back within :data:`BLOCKED_SECONDS` of
+real time nor uses the CPU meanwhile, while another execution could run, it
+is taken as blocked: the others run on (the holder commits, the lock is
+released), and the blocked one rejoins at its next switch point, before the
+scheduler makes its next choice whenever it comes free in time. That part of
+the schedule follows real time, not the seed alone: the timeline says so.
+
 A kill freezes: the stack parks where it stands and is never resumed while the
 scenario lasts, so no ``finally``, ``__exit__`` or handler of the task runs,
 and locks it took stay taken. CPython cannot drop a thread's frames without
@@ -37,19 +48,36 @@ effect is refused and no result is stored.
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .clock import VirtualClock
+
+from .faults import SCHEDULE_LABELS as LABELS
 
 #: How long (real seconds) a discarded stack may take to unwind before it is abandoned.
 DISCARD_SECONDS = 5.0
 #: How often (real seconds) the harness's thread wakes while a stack runs, for signals.
 SIGNAL_POLL_SECONDS = 0.05
+#: How long (real seconds) a running stack may go without a switch point, using no CPU,
+#: while another could run, before it is taken as blocked on what another holds.
+BLOCKED_SECONDS = 0.25
+#: The share of that time a stack may spend on the CPU and still count as waiting.
+BLOCKED_CPU_SHARE = 0.05
+# The real clocks: time.monotonic follows the virtual clock while the worker side runs.
+_real_monotonic = time.monotonic
+_clock_gettime = getattr(time, "clock_gettime", None)
+_cpu_clock_of = getattr(time, "pthread_getcpuclockid", None)
 
 State = Literal["runnable", "running", "sleeping", "frozen", "done"]
+
 
 _here = threading.local()
 
@@ -60,6 +88,26 @@ class ExecutionDiscarded(BaseException):
 
 class ScheduleError(RuntimeError):
     """A replayed schedule names an execution that is not there to run."""
+
+
+class _Signal:
+    """A binary semaphore on a bare lock: a hand-over costs a C call, not a ``Condition``.
+
+    ``release`` sets it (setting it twice is once), ``acquire`` waits for it and clears it.
+    """
+
+    __slots__ = ("_lock", "acquire")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.acquire = self._lock.acquire
+
+    def release(self) -> None:
+        try:  # noqa: SIM105 - on every hand-over: suppress() costs a context manager
+            self._lock.release()
+        except RuntimeError:  # already set
+            pass
 
 
 def current_stack() -> Stack | None:
@@ -80,11 +128,13 @@ class Stack:
         on_done: Callable[[Stack], None],
         on_frozen: Callable[[Stack], None],
         before_discard: Callable[[], None] | None = None,
+        on_blocked: Callable[[Stack], None] | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.on_blocked = on_blocked
         self.before_discard = before_discard
         self.body = body
-        self.label = label  # what a schedule string names it by (its delivery number)
+        self.label = label  # what a schedule string names it by (see Scheduler.spawn)
         self.owner = owner  # the worker whose child runs it
         self.on_done = on_done
         self.on_frozen = on_frozen
@@ -92,10 +142,16 @@ class Stack:
         self.result: Any = None
         self.wake_at: float | None = None
         self.frozen_by: Any = None
-        self.pending: BaseException | None = None  # raised where it parked, when resumed
+        #: Raised (or called: a signal's handler) where it parked, when resumed.
+        self.pending: BaseException | Callable[[], None] | None = None
         self.escaped: BaseException | None = None  # not the task's: re-raised by the harness
         self.discarding = False
-        self._go = threading.Semaphore(0)
+        # Taken as blocked where no switch point is: it runs on its own until it gives
+        # the baton back (``_back``), and is not scheduled before that.
+        self.blocked = False
+        self.cut_off = False  # blocked when its process died: nothing waits for it
+        self._go = _Signal()
+        self._back = _Signal()  # released each time it gives the baton back
         self.carrier: _Carrier | None = None  # the thread it runs on, from the scheduler's pool
 
     # -- on the stack's own thread ---------------------------------------------
@@ -113,27 +169,29 @@ class Stack:
         finally:
             self.state = "done"
             if self.carrier is not None:
-                self.scheduler._idle(self.carrier, reusable=not self.discarding)
-            self.scheduler._back.release()
+                self.scheduler._idle(self.carrier, reusable=not (self.discarding or self.cut_off))
+            self._back.release()
 
     def _park(self) -> None:
         """Give the baton back and wait for it; raise what was left for us meanwhile."""
-        self.scheduler._back.release()
+        self._back.release()
         self._go.acquire()
         if self.discarding:
             if self.before_discard is not None:
                 self.before_discard()
             raise ExecutionDiscarded()
         pending, self.pending = self.pending, None
-        if pending is not None:
+        if isinstance(pending, BaseException):
             raise pending
+        if pending is not None:
+            pending()
 
     def switch_point(self) -> None:
         """A side-effect boundary: another execution may run here."""
         if self.discarding:
             raise ExecutionDiscarded()
-        if self.scheduler.others_runnable(self):
-            self.state = "runnable"
+        if self.blocked or self.scheduler.others_runnable(self):
+            self.state = "runnable"  # a blocked one rejoins: it waits for the baton here
             self._park()
 
     def sleep_until(self, moment: float) -> None:
@@ -158,8 +216,8 @@ class Stack:
         """Its body returned or unwound (set on its own thread, so read it fresh)."""
         return self.state == "done"
 
-    def interrupt(self, exc: BaseException) -> None:
-        """Raise ``exc`` in the stack where it parked (a signal such as a soft time limit)."""
+    def interrupt(self, exc: BaseException | Callable[[], None]) -> None:
+        """Raise ``exc`` in the stack where it parked, or call it there (a signal's handler)."""
         self.pending = exc
         if self.state == "sleeping":
             self.state = "runnable"
@@ -170,12 +228,18 @@ class Stack:
 
 
 class _Carrier:
-    """A pooled thread: runs one stack at a time, then waits for the next."""
+    """A pooled thread: runs one stack at a time, then waits for the next.
+
+    It is a worker child's main thread: its executions run in a context of its
+    own (``contextvars``), fresh when the carrier starts, kept from one of its
+    executions to the next as a child process keeps its own, never the test's.
+    """
 
     def __init__(self) -> None:
         self.stack: Stack | None = None
         self.owned = False  # a child's own thread: never lent to another child
-        self._assigned = threading.Semaphore(0)
+        self.context = contextvars.Context()
+        self._assigned = _Signal()
         self.thread = threading.Thread(target=self._loop, name="celery-faults idle", daemon=True)
         self.thread.start()
 
@@ -198,7 +262,7 @@ class _Carrier:
                     return
                 _here.stack = stack
                 try:
-                    stack._main()
+                    self.context.run(stack._main)
                 finally:
                     _here.stack = None
         except ExecutionDiscarded:
@@ -216,7 +280,7 @@ class Scheduler:
         self.choices: list[tuple[str, tuple[str, ...]]] = []  # (chosen, options) per choice
         self.running: Stack | None = None
         self.interrupted: Stack | None = None  # running when the test run was stopped
-        self._back = threading.Semaphore(0)
+        self.forced = 0  # stacks taken as blocked: the schedule followed real time there
         self._carriers: list[_Carrier] = []  # idle, ready to carry a stack
         self._owned: list[_Carrier] = []  # children's own threads (recycled children)
         self._carriers_lock = threading.Lock()
@@ -225,22 +289,34 @@ class Scheduler:
         self,
         body: Callable[[], Any],
         *,
-        label: str,
         owner: Any,
         on_done: Callable[[Stack], None],
         on_frozen: Callable[[Stack], None],
         before_discard: Callable[[], None] | None = None,
+        on_blocked: Callable[[Stack], None] | None = None,
         carrier: _Carrier | None = None,
     ) -> Stack:
-        """Start ``body`` on a stack: on ``carrier`` (a child's own thread, idle), else pooled."""
+        """A stack for ``body``, labelled with the first label no other live stack holds.
+
+        It runs on ``carrier`` (a child's own thread, idle) if given, else on a pooled one.
+
+        Labels name executions in schedules (``overlap(SCHEDULE)``, the choices
+        made), so no two stacks that can run hold the same one (a child task's
+        first delivery and its parent's were both "1", and the interleavings
+        that told them apart were never explored). The first free one is taken
+        again when its stack ended or froze (a frozen stack never runs again):
+        the same run gives the same labels, and overlapping copies of a message
+        run as "1" and "2" as before.
+        """
         stack = Stack(
             self,
             body,
-            label=label,
+            label=self._free_label(),
             owner=owner,
             on_done=on_done,
             on_frozen=on_frozen,
             before_discard=before_discard,
+            on_blocked=on_blocked,
         )
         self.stacks.append(stack)
         if carrier is None:
@@ -271,6 +347,16 @@ class Scheduler:
         if idle:
             carrier.end()
             carrier.thread.join(timeout=DISCARD_SECONDS)
+
+    def _free_label(self) -> str:
+        taken = {stack.label for stack in self.stacks if stack.state not in ("frozen", "done")}
+        for label in LABELS:
+            if label not in taken:
+                return label
+        raise ScheduleError(
+            f"more than {len(LABELS)} executions run at once; a schedule names at most "
+            f"{len(LABELS)} (lower worker_concurrency or the number of workers)"
+        )
 
     def _idle(self, carrier: _Carrier, *, reusable: bool) -> None:
         """On the carrier's thread, its stack done: back to the pool, or ended."""
@@ -306,36 +392,106 @@ class Scheduler:
         self.replaying = True
 
     def runnable(self) -> list[Stack]:
-        return [stack for stack in self.stacks if stack.state == "runnable"]
+        return [stack for stack in self.stacks if stack.state == "runnable" and not stack.blocked]
 
     def others_runnable(self, stack: Stack) -> bool:
-        return any(other.state == "runnable" and other is not stack for other in self.stacks)
+        """On a stack's thread: another could run here (a blocked one may rejoin here)."""
+        return any(
+            other is not stack
+            and ((other.blocked and not other.cut_off) or other.state == "runnable")
+            for other in self.stacks
+        )
 
     def next_wake(self) -> float | None:
-        times = [s.wake_at for s in self.stacks if s.state == "sleeping" and s.wake_at is not None]
+        times = [
+            s.wake_at
+            for s in self.stacks
+            if s.state == "sleeping" and s.wake_at is not None and not s.blocked
+        ]
         return min(times) if times else None
 
     def wake(self, now: float) -> None:
         for stack in self.stacks:
-            if stack.state == "sleeping" and stack.wake_at is not None and stack.wake_at <= now:
+            if (
+                stack.state == "sleeping"
+                and stack.wake_at is not None
+                and stack.wake_at <= now
+                and not stack.blocked
+            ):
                 stack.state = "runnable"
                 stack.wake_at = None
 
+    @property
+    def any_blocked(self) -> bool:
+        """A blocked stack is still to rejoin (one cut off while blocked is not waited for)."""
+        return any(stack.blocked and not stack.cut_off for stack in self.stacks)
+
     def step(self) -> bool:
         """Run one runnable stack until it gives the baton back; ``False`` if none could run."""
+        if self.any_blocked:
+            self._let_blocked_rejoin(bounded=True)
         candidates = self.runnable()
         if not candidates:
             return False
         stack = self._choose(candidates)
         self._resume(stack)
+        self._settle(stack)
+        return True
+
+    def run_alone(self, stack: Stack, clock: VirtualClock) -> None:
+        """Run ``stack`` to its end now: nothing can cut it off or run beside it.
+
+        The virtual clock moves from here while it sleeps (a timer due on the
+        way, such as a soft time limit, fires at its instant), so an execution
+        alone ends before the worker takes its next step, as it did inline.
+        """
+        while True:
+            if stack.state == "runnable":
+                self._resume(stack)
+            if stack.state == "sleeping" and stack.wake_at is not None:
+                due = clock.next_due()
+                wake = stack.wake_at
+                clock.advance_to(wake if due is None or due > wake else due)
+                self.wake(clock.time())
+                continue
+            if stack.state in ("done", "frozen"):
+                self._settle(stack)
+                return
+
+    def _settle(self, stack: Stack) -> None:
+        """The harness's side of a stack that gave the baton back ended or frozen."""
         if stack.state == "done":
             self.stacks.remove(stack)
             if stack.escaped is not None:
                 raise stack.escaped
-            stack.on_done(stack)
+            if stack.result is not None:  # else cut off while blocked: the worker reacted then
+                stack.on_done(stack)
         elif stack.state == "frozen":
             stack.on_frozen(stack)
-        return True
+
+    def wait_for_blocked(self) -> None:
+        """Nothing else can run or come due: wait (in real time) until a blocked stack rejoins."""
+        self._let_blocked_rejoin(bounded=False)
+
+    def _let_blocked_rejoin(self, *, bounded: bool) -> None:
+        """Blocked stacks that came free reach their next switch point before the next choice.
+
+        Bounded: wait while any of them uses the CPU (it runs), and give up once
+        they all stay idle :data:`BLOCKED_SECONDS` (still blocked: the others go on).
+        """
+        watch = _Progress([stack for stack in self.stacks if stack.blocked])
+        while True:
+            blocked = [stack for stack in self.stacks if stack.blocked]
+            if not blocked:
+                return
+            came = [stack for stack in blocked if stack._back.acquire(blocking=False)]
+            if not came and blocked[0]._back.acquire(timeout=SIGNAL_POLL_SECONDS / 5):
+                came = [blocked[0]]
+            for stack in came:
+                stack.blocked = False
+                self._settle(stack)
+            if came or not self.any_blocked or (bounded and watch.idle_for(BLOCKED_SECONDS)):
+                return
 
     def _choose(self, candidates: list[Stack]) -> Stack:
         if len(candidates) == 1:
@@ -360,26 +516,48 @@ class Scheduler:
         self.running = stack
         stack.state = "running"
         stack._go.release()
+        watch: _Progress | None = None
         try:
             # Woken now and then: a signal for the test (pytest-timeout's SIGALRM,
             # Ctrl-C) may land on the stack's thread, and Python runs its handler only
             # when this, the main thread, runs again.
-            while not self._back.acquire(timeout=SIGNAL_POLL_SECONDS):
-                pass
+            while not stack._back.acquire(timeout=SIGNAL_POLL_SECONDS):
+                if watch is None:
+                    watch = _Progress([stack], since=_real_monotonic() - SIGNAL_POLL_SECONDS)
+                elif watch.idle_for(BLOCKED_SECONDS) and self._others_could_run(stack):
+                    # Waiting inside a call, most likely on what a parked execution
+                    # holds: it goes on alone, and the others run meanwhile.
+                    stack.blocked = True
+                    self.forced += 1
+                    if stack.on_blocked is not None:
+                        stack.on_blocked(stack)
+                    return
         except BaseException:
             # The test run itself is being stopped (pytest-timeout, Ctrl-C) while the
             # stack runs: it can be told to stop at its next boundary, no sooner.
             stack.discarding = True
             self.interrupted = stack
-            self._back = threading.Semaphore(0)
             raise
         finally:
             self.running = None
 
+    def _others_could_run(self, stack: Stack) -> bool:
+        return any(
+            other is not stack and not other.blocked and other.state in ("runnable", "sleeping")
+            for other in self.stacks
+        )
+
     def freeze_where(self, predicate: Callable[[Stack], bool], why: Any) -> list[Stack]:
-        """Freeze parked stacks (a worker lost power under them); they never run again."""
+        """Freeze parked stacks (a worker lost power under them); they never run again.
+
+        A blocked stack is not parked: it is cut off at its next boundary (its
+        execution is dead by then), and its end is not reported again.
+        """
         frozen = []
         for stack in self.stacks:
+            if stack.blocked and predicate(stack):
+                stack.cut_off = True
+                continue
             if stack.state in ("runnable", "sleeping") and predicate(stack):
                 stack.state = "frozen"
                 stack.frozen_by = why
@@ -390,24 +568,28 @@ class Scheduler:
     def discard_all(self) -> list[Stack]:
         """Drop every stack still parked: unwound now, effects refused; those that hang."""
         hung = []
-        for stack in self.stacks:
+        # Blocked ones last: what they wait on may be a lock a parked one still holds.
+        for stack in sorted(self.stacks, key=lambda stack: stack.blocked):
             stack.discarding = True
             carrier = stack.carrier
+            if stack.blocked and stack._back.acquire(blocking=False):
+                stack.blocked = False  # it rejoined: parked (or ended) like the others
             if carrier is None or stack.state == "done":
                 continue
-            if stack.state == "running" and carrier.thread.ident is not None:
-                # Cut off mid-run (the test run was stopped in it): it would never
-                # reach a boundary if it spins, so raise in it wherever it is.
+            if (stack.state == "running" or stack.blocked) and carrier.thread.ident is not None:
+                # Cut off mid-run (the test run was stopped in it, or it is blocked): it
+                # would never reach a boundary if it spins, so raise in it wherever it is.
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
                     ctypes.c_ulong(carrier.thread.ident), ctypes.py_object(ExecutionDiscarded)
                 )
-            back = self._back
             stack._go.release()
-            if back.acquire(timeout=DISCARD_SECONDS) and stack.ended:
-                carrier.thread.join(timeout=DISCARD_SECONDS)  # it ends: a discarded child's
+            while stack._back.acquire(timeout=DISCARD_SECONDS):
+                if stack.ended:
+                    carrier.thread.join(timeout=DISCARD_SECONDS)  # it ends: a discarded child's
+                    break
+                stack._go.release()  # it parked on its way down: on with the unwinding
             if carrier.thread.is_alive():
                 hung.append(stack)
-        self._back = threading.Semaphore(0)
         self.forget()
         return hung
 
@@ -418,9 +600,45 @@ class Scheduler:
         self.replaying = False
         self.choices.clear()
         self.interrupted = None
+        self.forced = 0
 
     def __repr__(self) -> str:
         return f"<Scheduler {self.stacks!r}>"
+
+
+class _Progress:
+    """Whether stacks' threads stayed idle (off the CPU) for a stretch of real time."""
+
+    def __init__(self, stacks: list[Stack], since: float | None = None) -> None:
+        self.stacks = stacks
+        self.since = _real_monotonic() if since is None else since
+        self.cpu = self._cpu()
+
+    def _cpu(self) -> float | None:
+        if _clock_gettime is None or _cpu_clock_of is None:
+            return None
+        total = 0.0
+        for stack in self.stacks:
+            carrier = stack.carrier
+            ident = carrier.thread.ident if carrier is not None else None
+            if ident is None:
+                continue
+            try:
+                total += _clock_gettime(_cpu_clock_of(ident))
+            except (OSError, OverflowError):  # the thread ended meanwhile
+                continue
+        return total
+
+    def idle_for(self, seconds: float) -> bool:
+        """True once ``seconds`` passed with (almost) no CPU used; a busy stretch starts anew."""
+        elapsed = _real_monotonic() - self.since
+        if elapsed < seconds:
+            return False
+        cpu = self._cpu()
+        if cpu is None or self.cpu is None or cpu - self.cpu <= BLOCKED_CPU_SHARE * elapsed:
+            return True
+        self.since, self.cpu = _real_monotonic(), cpu  # it computes: not blocked
+        return False
 
 
 def every_schedule(run: Callable[[str], list[tuple[str, tuple[str, ...]]]]) -> list[str]:

@@ -10,14 +10,15 @@ for a child killed by a signal, ``TimeLimitExceeded`` (followed by the timeout
 callback) for a hard time limit. Every ack, reject, requeue and stored state is
 therefore Celery's own decision for the installed version.
 
-The child runs in this process. An execution that could be cut off or
-overlap another runs on a stack of its own (:mod:`.scheduler`); a kill
-(SIGKILL, a hard time limit, power loss, a cold shutdown) freezes that stack
-where it stands, so nothing more of the task runs, and the parent reacts as
-billiard's would. An execution that nothing can interrupt (no kill armed, no
-hard time limit, no other execution that could run beside it) runs inline on
-the caller's stack: the same code, one thread switch fewer. ``sys.exit`` and
-SIGTERM unwind the task, as billiard's handling does, on either.
+The child runs in this process, each execution on a stack of its own (a
+pooled thread, :mod:`.scheduler`), never on the test's thread: it sees none
+of the test's context variables or thread-locals, as a worker child would
+not. A kill (SIGKILL, a hard time limit, power loss, a cold shutdown) freezes
+that stack where it stands, so nothing more of the task runs, and the parent
+reacts as billiard's would. An execution that nothing can interrupt (no kill
+armed, no hard time limit, no other execution that could run beside it) runs
+to its end at once, before the worker's next step. ``sys.exit`` and SIGTERM
+unwind the task, as billiard's handling does.
 """
 
 from __future__ import annotations
@@ -34,16 +35,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import CeleryError
 
 from . import _celery_internals as internals
 from .broker import Delivery, InMemoryBroker
 from .clock import VirtualClock
 from .control import WorkerMailbox
 from .effects import Effect, EffectLog
-from .errors import CannotEmulate
+from .errors import ConfigError, raised_by_the_plugin
 from .faults import FaultPlan, Step
 from .interruptions import stops_the_test_run
-from .scheduler import ExecutionDiscarded, Scheduler, Stack
+from .scheduler import BLOCKED_SECONDS, ExecutionDiscarded, Scheduler, Stack
 
 #: What a job raises that makes billiard's child report it and then leave.
 CHILD_LEAVES = (SystemExit, KeyboardInterrupt)
@@ -61,16 +63,51 @@ _FROZEN_ENDING = {
 
 
 class TerminatedBySignal(SystemExit):
-    """What billiard's ``_shutdown_cleanup`` raises in a child that got SIGTERM.
+    """What billiard's ``_shutdown_cleanup`` raises in a child that got ``signum`` (SIGTERM).
 
     The child unwinds (``finally`` blocks run, and may perform side effects),
     reports no result, and dies; the pool then reports ``signal 15 (SIGTERM)``.
     Measured on a real prefork worker (Celery 5.7, billiard 4.3.2).
     """
 
-    def __init__(self, step: Step) -> None:
-        super().__init__(-(256 - signal.SIGTERM))
-        self.step = step
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(-(256 - signum))
+        self.signum = signum
+
+
+class ChildGone(BaseException):
+    """The child process died under its task at once: ``os._exit``, a fatal signal.
+
+    An execution on a stack of its own freezes there (nothing more of it
+    runs); one running inline on the caller's stack can only unwind with
+    this, and while it unwinds its side effects are refused and no result
+    is stored, as for a discarded stack.
+    """
+
+    def __init__(self, status: int, ending: str) -> None:
+        super().__init__(status, ending)
+        self.status = status  # what billiard reads: the exit code, or minus the signal
+        self.ending = ending  # the record's ending: "exit" or "child killed"
+
+
+#: Signals whose default action is to do nothing; and those that stop the process.
+_IGNORED_BY_DEFAULT = frozenset(
+    getattr(signal, name)
+    for name in ("SIGCHLD", "SIGURG", "SIGWINCH", "SIGCONT")
+    if hasattr(signal, name)
+)
+_STOPPING = frozenset(
+    getattr(signal, name)
+    for name in ("SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU")
+    if hasattr(signal, name)
+)
+
+
+def describe_signal(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 @dataclass
@@ -105,10 +142,14 @@ class ChildExecution:
     effect_count: int = 0
     dead: bool = False
     started: bool = False
-    label: str = ""  # what a schedule names it by: "1" and "2" for an overlapping pair
-    stack: Stack | None = None
-    pending: BaseException | None = None  # an inline execution's interrupt, raised at its wait
+    stack: Stack | None = None  # the child's thread it runs on
     soft_timeout: Callable[[], None] = lambda: None
+    hard_timeout: Callable[[], None] = lambda: None  # the pool's reaction to a hard limit, now
+    on_note: Callable[[str, str], None] = lambda task_id, text: None
+    gone: ChildGone | None = None  # the child died under the task (os._exit, a fatal signal)
+    #: The handlers tasks installed with ``signal.signal`` in this child (its pool child's).
+    handlers: dict[int, Any] = field(default_factory=dict)
+    terminating: int | None = None  # the signal billiard's shutdown handler ran for
     signalled: int | None = None  # a signal ``terminate_job`` sent this very execution
 
     def take_signal(self) -> None:
@@ -116,22 +157,12 @@ class ChildExecution:
 
         It was sent while the execution itself broadcast the ``revoke``; it lands
         once the broadcast is out (every worker has handled it), as a signal
-        lands on the process between two of its instructions.
+        lands on the process between two of its instructions: the child's
+        handler runs, or the signal's default action (see :meth:`receive`).
         """
         signum, self.signalled = self.signalled, None
-        if signum is None:
-            return
-        if signum == signal.SIGTERM:
-            raise TerminatedBySignal(Step("sigterm"))
-        if self.stack is None:
-            raise CannotEmulate(
-                f"celery_faults: {self.task_name}[{self.task_id}] terminated itself with "
-                f"signal {internals.signal_name(signum)} while running inline; a kill of "
-                f"the running execution needs a stack of its own (worker_concurrency=2, or a "
-                f"task_time_limit, gives it one)"
-            )
-        self.dead = True
-        self.stack.freeze(Step("sigkill"))
+        if signum is not None:
+            self.receive(signum)
 
     def start(self) -> None:
         """The child took the job: a fault at boundary 0 fires now, before the body."""
@@ -171,23 +202,91 @@ class ChildExecution:
         wake = self.clock.time() + seconds
         if self.stack is not None:
             self.stack.sleep_until(wake)
-            return
-        # Inline: nothing else can run meanwhile, so the clock moves from here.
-        while True:
-            due = self.clock.next_due()
-            self.clock.advance_to(wake if due is None or due > wake else due)
-            pending, self.pending = self.pending, None
-            if pending is not None:
-                raise pending
-            if self.clock.time() >= wake:
-                return
+            while self.clock.time() < wake:  # a signal's handler returned: sleep on (PEP 475)
+                if self.dead:
+                    raise ExecutionDiscarded()
+                self.stack.sleep_until(wake)
 
-    def interrupt(self, exc: BaseException) -> None:
+    def interrupt(self, exc: BaseException | Callable[[], None]) -> None:
         """A signal for the child (a soft time limit): raised where the body waits."""
         if self.stack is not None:
             self.stack.interrupt(exc)
+
+    # -- what the task does to its own process (see :mod:`.process_calls`) ------
+
+    def exit_process(self, code: int) -> None:
+        """``os._exit(code)`` in the body: the child is gone, nothing more of it runs."""
+        self.on_note(self.task_id, f"the task called os._exit({code})")
+        self._gone(code & 0xFF, "exit")
+
+    def abort_process(self) -> None:
+        """``os.abort()`` in the body: SIGABRT's default action, no Python handler."""
+        self.on_note(self.task_id, "the task called os.abort()")
+        self._gone(-signal.SIGABRT, "child killed")
+
+    def signal_process(self, signum: int) -> None:
+        """``os.kill(os.getpid(), signum)`` or ``signal.raise_signal(signum)`` in the body."""
+        self.on_note(self.task_id, f"the task sent {describe_signal(signum)} to its own process")
+        self.receive(signum)
+
+    def set_handler(self, signum: int, handler: Any) -> Any:
+        """``signal.signal`` in the body: the handler stays in this child, for later tasks too."""
+        previous = self.get_handler(signum)
+        if handler is internals.child_initial_handler(signum):
+            self.handlers.pop(signum, None)
         else:
-            self.pending = exc
+            self.handlers[signum] = handler
+        return previous
+
+    def get_handler(self, signum: int) -> Any:
+        """``signal.getsignal`` in the body: what this child would answer."""
+        handler = self.handlers.get(signum)
+        return internals.child_initial_handler(signum) if handler is None else handler
+
+    def receive(self, signum: int) -> None:
+        """The child gets ``signum``: what a prefork child does with it, on the task's stack.
+
+        A handler the task installed runs (and may return: the child goes on);
+        else the child's own: billiard's and Celery's, or the system's default.
+        """
+        if signum == signal.SIGKILL:
+            self._gone(-signum, "child killed")
+        handler = self.handlers.get(signum)
+        if handler == signal.SIG_IGN:
+            return
+        if callable(handler):
+            handler(signum, sys._getframe(1))
+            return
+        disposition = "default" if handler == signal.SIG_DFL else None
+        disposition = disposition or internals.child_signal_disposition(signum)
+        if disposition == "shutdown":
+            self.terminating = signum
+            raise TerminatedBySignal(signum)
+        if disposition == "soft_timeout":
+            raise internals.SoftTimeLimitExceeded()
+        if disposition == "ignore" or signum in _IGNORED_BY_DEFAULT:
+            return
+        if signum in _STOPPING:
+            raise RuntimeError(
+                f"celery_faults: the task stopped its own process with {describe_signal(signum)}; "
+                "a stopped worker child is not emulated (it would hang until a time limit)"
+            )
+        self._gone(-signum, "child killed")
+
+    def died_status(self) -> int | None:
+        """How the child running this execution died, as billiard reads it; ``None`` if alive."""
+        if self.gone is not None:
+            return self.gone.status
+        if self.terminating is not None:
+            return internals.status_after_shutdown(self.terminating)
+        return None
+
+    def _gone(self, status: int, ending: str) -> None:
+        gone = self.gone = ChildGone(status, ending)
+        self.dead = True
+        if self.stack is not None:
+            self.stack.freeze(gone)
+        raise gone
 
     def _mark(self, step: Step) -> None:
         self.step = None  # a step fires once
@@ -204,7 +303,16 @@ class ChildExecution:
             self.soft_timeout()
             raise internals.SoftTimeLimitExceeded()
         if kind == "sigterm":
-            raise TerminatedBySignal(step)
+            self.receive(signal.SIGTERM)
+            return  # the task's own handler ran and returned: the child goes on
+        if kind == "timeout":
+            if self.stack is None:  # pragma: no cover - the worker gives these a stack
+                raise RuntimeError(f"{step} fired on an execution without a stack of its own")
+            # The hard limit passes here: the parent reacts (its SIGTERM lands where
+            # this waits), and whatever still runs after the grace is killed.
+            self.hard_timeout()
+            self.stack.sleep_until(self.clock.time())
+            return
         if kind in FREEZING_KINDS:
             if self.stack is None:  # pragma: no cover - the worker gives these a stack
                 raise RuntimeError(f"{step} fired on an execution without a stack of its own")
@@ -257,19 +365,23 @@ class Job:
     timeout: float | None
     child: Child
     timers: list[Any] = field(default_factory=list)
+    timed_out: bool = False  # the hard limit passed: the parent has its result already
     terminated_by: int | None = None  # the signal ``terminate_job`` sent its child
 
 
 @dataclass
 class Child:
-    """One pool child: its pid, and how many tasks it has run (billiard's ``completed``).
+    """One pool child: its pid, the signal handlers its tasks installed, the tasks it ran.
 
+    ``tasks`` is billiard's ``completed``; ``handlers`` what tasks set with
+    ``signal.signal`` in this child (a fresh child has billiard's own).
     ``own_thread``: its executions run on a thread of its own (``carrier``),
     started fresh for it: so a child that replaced a recycled one starts with
-    no thread-locals, and keeps its own from task to task.
+    no thread-locals or context variables, and keeps its own from task to task.
     """
 
     pid: int
+    handlers: dict[int, Any] = field(default_factory=dict)
     tasks: int = 0
     busy: bool = False
     own_thread: bool = False
@@ -321,24 +433,32 @@ class InProcessPool:
         execution.soft_timeout = lambda: self._safely(
             timeout_callback, soft=True, timeout=soft_timeout
         )
+        execution.hard_timeout = lambda: self._hard_hit_now(job)
         if accept_callback is not None:
             accept_callback(child.pid, time.monotonic())
+        execution.handlers = child.handlers  # what earlier tasks installed in this child
         self.running[job.number] = job
         self._arm_time_limits(job)
         if child.own_thread and child.carrier is None:
             child.carrier = worker.scheduler.own_carrier()
-        if child.own_thread or worker.needs_own_stack(execution, timeout):
-            execution.stack = worker.scheduler.spawn(
-                lambda: self._run_child(job),
-                label=execution.label or str(execution.delivery),
-                owner=job,
-                on_done=lambda stack: self._finish(job, *stack.result),
-                on_frozen=lambda stack: self._frozen(job, stack.frozen_by),
-                before_discard=lambda: worker.effects.execution_discarded(execution),
-                carrier=child.carrier,
-            )
-        else:
-            self._finish(job, *self._run_child(job))
+        # Every execution runs on a child's thread of its own, never the test's: a
+        # worker child has none of the test's context variables or thread-locals.
+        execution.stack = stack = worker.scheduler.spawn(
+            lambda: self._run_child(job),
+            owner=job,
+            on_done=lambda stack: self._finish(job, *stack.result),
+            on_frozen=lambda stack: self._frozen(job, stack.frozen_by),
+            before_discard=lambda: worker.effects.execution_discarded(execution),
+            on_blocked=lambda stack: worker.note(
+                execution,
+                f"execution {stack.label} blocked for {BLOCKED_SECONDS:g}s of real time inside "
+                f"a call (on a lock another execution holds?): the others run on meanwhile, a "
+                f"schedule forced by real time",
+            ),
+            carrier=child.carrier,  # a recycled child's own thread, else a pooled one
+        )
+        if not worker.could_be_cut_off_or_overlap(execution, timeout):
+            worker.scheduler.run_alone(stack, worker.clock)  # it ends before the next step
         return _AppliedJob(job.number)
 
     def _free_child(self) -> Child:
@@ -353,6 +473,7 @@ class InProcessPool:
         """The pool starts a fresh child in place of the one that ran ``job``."""
         child = job.child
         child.pid = self.worker.next_pid()
+        child.handlers = {}  # billiard's own, as the fresh child installs them
         child.tasks = 0
         if child.carrier is not None:
             self.worker.scheduler.retire(child.carrier)
@@ -403,18 +524,49 @@ class InProcessPool:
         self._safely(job.timeout_callback, soft=True, timeout=job.soft_timeout)
         job.execution.interrupt(internals.SoftTimeLimitExceeded())
 
-    def _hard_hit(self, job: Job) -> None:
-        """billiard's ``on_hard_timeout``: the child is killed where it stands."""
-        if job.number not in self.running or job.execution.stack is None:
+    def _hard_hit(self, job: Job, *, fault: bool = False) -> None:
+        """billiard's ``on_hard_timeout``, then ``_trywaitkill``: SIGTERM, a grace, SIGKILL.
+
+        The job fails with ``TimeLimitExceeded`` and the timeout callback runs
+        at once. Then the child gets SIGTERM where it waits: its handler runs
+        (billiard's raises ``SystemExit``, so ``finally`` blocks and
+        ``__exit__`` run), and what still runs once the grace has passed on the
+        virtual clock is killed: frozen where it stands.
+        """
+        execution = job.execution
+        if job.number not in self.running or execution.stack is None or job.timed_out:
             return
-        self.worker.note(job.execution, f"hard time limit ({job.timeout:g}s) exceeded")
+        if not fault:
+            self.worker.note(execution, f"hard time limit ({job.timeout:g}s) exceeded")
+        job.timed_out = True
+        limit = job.timeout or job.soft_timeout
+        self._safely(job.error_callback, internals.time_limit_info(limit))
+        self._safely(job.timeout_callback, soft=False, timeout=limit)
+        execution.interrupt(lambda: execution.receive(signal.SIGTERM))
+        clock = self.worker.clock
+        grace_over = clock.time() + internals.HARD_TIMEOUT_TERM_GRACE
+        job.timers.append(clock.call_at(grace_over, lambda: self._kill_after_grace(job)))
+
+    def _hard_hit_now(self, job: Job) -> None:
+        """A ``timeout@N`` fault: the hard limit passes now, the parent reacts next."""
+        clock = self.worker.clock
+        clock.call_at(clock.time(), lambda: self._hard_hit(job, fault=True))
+
+    def _kill_after_grace(self, job: Job) -> None:
+        """``_trywaitkill``'s SIGKILL: the child did not end within the grace."""
         stack = job.execution.stack
+        if job.number not in self.running or stack is None:
+            return
         job.execution.dead = True
         self.worker.scheduler.freeze_where(lambda candidate: candidate is stack, None)
         self._frozen(job, Step("timeout"))
 
-    def _run_child(self, job: Job) -> tuple[bool, Any, Step | None]:
-        """The child's side: run the trace; how it ended, as billiard's workloop sees it."""
+    def _run_child(self, job: Job) -> tuple[bool, Any, int | None]:
+        """The child's side: run the trace; how it ended, as billiard's workloop sees it.
+
+        The third item is how the child died without reporting (billiard's
+        status: an exit code, or minus a signal), ``None`` while it lives.
+        """
         worker = self.worker
         execution = job.execution
         record = execution.record
@@ -425,31 +577,43 @@ class InProcessPool:
                     worker.effects.execution_started(execution)
                     execution.start()
                     value = job.target(*job.args, **job.kwargs)
-                except TerminatedBySignal as death:
-                    how = record.ended = "child killed"
-                    return False, None, death.step
-                except (ExecutionDiscarded, CannotEmulate):
+                except ExecutionDiscarded:
                     raise
                 except BaseException as exc:  # billiard's workloop reports what the job raised
+                    died = execution.died_status()
+                    if died is not None:  # unwinding from the child's death: no result
+                        how = record.ended = (
+                            execution.gone.ending if execution.gone else "child killed"
+                        )
+                        return False, None, died
                     if stops_the_test_run(exc):
                         raise
                     how = record.ended = "exit" if isinstance(exc, CHILD_LEAVES) else "raised"
                     return False, internals.job_error_info(exc, job.number), None
+            if execution.gone is not None:  # the task swallowed its own death: still dead
+                how = record.ended = execution.gone.ending
+                return False, None, execution.gone.status
             how = record.ended = "returned"
             return True, value, None
         finally:
             if how:
                 worker.effects.execution_ended(execution, how)
 
-    def _finish(self, job: Job, success: bool, value: Any, killed: Step | None) -> None:
+    def _finish(self, job: Job, success: bool, value: Any, died: int | None) -> None:
         """The parent's side of a job that ended by itself: billiard's result handler."""
         worker = self.worker
+        if job.number not in self.running:
+            return  # cut off while it was blocked (power loss, a hard limit): reported then
         self._settled(job)
         # The child's end comes before the parent's reaction.
         worker.on_record(job.execution.record)
-        if killed is not None:
+        if job.timed_out:
+            # billiard set the job's result at the limit, and kills the child after
+            # the grace whatever it did meanwhile: its own end is not heard.
             self.replace_child(job)
-            self._died_by(job, signal.SIGTERM)
+        elif died is not None:
+            self.replace_child(job)
+            self._died(job, died)
         elif success:
             self._completed(job)
             self._safely(job.callback, value)
@@ -461,34 +625,32 @@ class InProcessPool:
             self._safely(job.error_callback, value)
         worker.job_ended(job)
 
-    def _frozen(self, job: Job, step: Step) -> None:
+    def _frozen(self, job: Job, why: Step | ChildGone) -> None:
         """The parent's side of a kill: the child is gone, its stack frozen."""
         worker = self.worker
-        kind = step.kind
+        kind = why.kind if isinstance(why, Step) else "gone"
         if kind in ("power_loss", "cold_shutdown"):
             worker.lose_power(graceful=kind == "cold_shutdown", cause=job)
             return
         record = job.execution.record
         self._settled(job)
-        record.ended = _FROZEN_ENDING[kind]
+        record.ended = why.ending if isinstance(why, ChildGone) else _FROZEN_ENDING[kind]
         worker.on_record(record)
         if job.execution.started:  # watchers hear of the executions they saw start
             worker.effects.execution_ended(job.execution, record.ended)
         self.replace_child(job)
         if kind == "timeout":
-            # billiard's TimeoutHandler.on_hard_timeout: error first, then the timeout.
-            limit = job.timeout or job.soft_timeout
-            self._safely(job.error_callback, internals.time_limit_info(limit))
-            self._safely(job.timeout_callback, soft=False, timeout=limit)
+            pass  # the parent reacted at the limit (_hard_hit), before the grace
         else:
-            self._died_by(job, signal.SIGKILL)
+            self._died(job, why.status if isinstance(why, ChildGone) else -signal.SIGKILL)
         worker.job_ended(job)
 
-    def _died_by(self, job: Job, signum: int) -> None:
+    def _died(self, job: Job, status: int) -> None:
+        """The parent hears its child died (``status``: an exit code, or minus a signal)."""
         if job.terminated_by is not None:  # billiard: the job's child was terminate_job's
             self._safely(job.error_callback, internals.terminated_info(job.terminated_by))
             return
-        self._safely(job.error_callback, internals.child_death_info(signum, job.number))
+        self._safely(job.error_callback, internals.child_gone_info(status, job.number))
 
     def _settled(self, job: Job) -> None:
         self.running.pop(job.number, None)
@@ -504,6 +666,10 @@ class InProcessPool:
             callback(*args, **kwargs)
         except Exception as exc:
             self.worker.callback_errors.append(exc)
+            # Celery's callbacks (ack, reject, store) run on the plugin's broker and
+            # backend here: an error raised in the plugin's code is the emulation's.
+            if raised_by_the_plugin(exc):
+                self.worker.effects.plugin_failed(None, exc, "in a pool callback")
 
     # The pool API Celery's requests may call.
     def terminate_job(self, pid: int, signum: int | None = None) -> None:
@@ -511,30 +677,31 @@ class InProcessPool:
 
         A cold shutdown's ``Request.cancel`` comes from
         :meth:`EmulatedWorker.lose_power`, which freezes the children itself.
-        A remote-control ``revoke(terminate=True)`` kills the child running the
-        job, as billiard's ``terminate_job`` does: SIGTERM unwinds it (the
-        child's handler raises ``SystemExit``), any other signal ends it where
-        it stands; the parent then hears billiard's ``Terminated``.
+        A remote-control ``revoke(terminate=True)`` signals the child running
+        the job, as billiard's ``terminate_job`` does: the child takes it as any
+        signal (:meth:`ChildExecution.receive`: a handler its tasks installed,
+        billiard's SIGTERM handler that unwinds it, or the default action);
+        SIGKILL ends it where it stands. If it dies, the parent hears
+        billiard's ``Terminated``.
         """
         if self.cancelling:
             return
         job = next((job for job in self.running.values() if job.child.pid == pid), None)
         if job is None or job.terminated_by is not None:
             return  # billiard: no such process (it ended meanwhile)
-        signum = internals.signal_number(signum)
-        job.terminated_by = signum
+        number = job.terminated_by = internals.signal_number(signum)
         execution = job.execution
         self.worker.note(
-            execution, f"child terminated by remote control ({internals.signal_name(signum)})"
+            execution, f"child terminated by remote control ({describe_signal(number)})"
         )
         if self.worker.effects.execution is execution:
-            execution.signalled = signum  # the execution revoked itself: see take_signal
+            execution.signalled = number  # the execution revoked itself: see take_signal
             return
         stack = execution.stack
-        if stack is None:  # pragma: no cover - another running execution always has a stack
+        if stack is None:  # pragma: no cover - every execution runs on a stack
             raise RuntimeError(f"terminate_job: {execution.task_id} runs without a stack")
-        if signum == signal.SIGTERM:
-            stack.interrupt(TerminatedBySignal(Step("sigterm")))
+        if number != signal.SIGKILL:  # it lands where the execution waits, as a hard limit's
+            execution.interrupt(lambda: execution.receive(number))
             return
         execution.dead = True
         self.worker.scheduler.freeze_where(lambda candidate: candidate is stack, None)
@@ -547,6 +714,7 @@ class _Scheduled:
     eta: float
     order: int
     request: Any = field(compare=False)
+    for_eta: bool = field(default=False, compare=False)  # else held by a rate limit
 
 
 class ChildRunning:
@@ -635,12 +803,15 @@ class EmulatedWorker:
         self.channel = self.connection.default_channel
         self.accept = internals.accept_content(app)
         multiplier = app.conf.worker_prefetch_multiplier
-        self.prefetch_limit = max(1, int(multiplier)) * self.concurrency if multiplier else 0
+        #: basic.qos as the consumer starts: concurrency x multiplier; 0 (multiplier 0): no limit.
+        self.initial_prefetch = max(1, int(multiplier)) * self.concurrency if multiplier else 0
+        self._fresh_qos = internals.consumer_qos(app)
+        self.qos = self._fresh_qos(self.initial_prefetch)
+        self.one_per_child = internals.prefetch_disabled(app, broker.profile.name)
         self.broken_connection = False
         self.stop_requested = False
         self.rate_limits_disabled = bool(app.conf.worker_disable_rate_limits)
         self._token_back_at: dict[str, float] = {}  # task name -> when its bucket refills
-        self._overlap_copies: set[str] = set()  # delivery tags of duplicate copies
         self.mailbox = WorkerMailbox(self)
         self.mailbox.open()
         broker.consumer_started(self.consumer)
@@ -650,10 +821,12 @@ class EmulatedWorker:
 
     def held_for_eta(self) -> list[tuple[float, Any]]:
         """The requests the consumer holds for their ETA, soonest first."""
-        return [(s.eta, s.request) for s in sorted(self.scheduled) if s.request.eta is not None]
+        return [(s.eta, s.request) for s in sorted(self.scheduled) if s.for_eta]
 
-    def needs_own_stack(self, execution: ChildExecution, hard_limit: float | None) -> bool:
-        """Whether the execution could be frozen or overlap another (else it runs inline)."""
+    def could_be_cut_off_or_overlap(
+        self, execution: ChildExecution, hard_limit: float | None
+    ) -> bool:
+        """Whether the execution could be frozen or overlap another (else it runs alone now)."""
         step = execution.step
         return (
             self.concurrent
@@ -665,9 +838,21 @@ class EmulatedWorker:
     # -- taking messages --------------------------------------------------------
 
     def wants_more(self) -> bool:
+        """Whether the consumer may take another message: its prefetch count has room.
+
+        RabbitMQ's ``basic.qos`` and kombu's Redis ``QoS.can_consume`` count the
+        messages delivered to the consumer and not yet acked, whatever the worker
+        does with them: waiting, held for an ETA (the count was raised for it),
+        running under ``acks_late``. An early ack frees its slot when it is sent.
+        """
         if not self.alive or self.stop_requested:
             return False
-        return not self.prefetch_limit or len(self.reserved) < self.prefetch_limit
+        if self.one_per_child and len(self.reserved) + len(self.pool.running) >= self.concurrency:
+            return False
+        limit: int = self.qos.value
+        if not limit or len(self.broker.unacked) < limit:  # every consumer's: room for sure
+            return True
+        return self.broker.unacked_by(self.consumer) < limit
 
     def fetch(self) -> bool:
         """Take one ready message from the broker; ``False`` when there was none."""
@@ -720,7 +905,11 @@ class EmulatedWorker:
         if eta is not None:
             due = eta.timestamp()
             if due > self.clock.time():
-                heapq.heappush(self.scheduled, _Scheduled(due, next(self._order), request))
+                # Celery's strategy: the timer holds it, and the prefetch count grows by one.
+                self.qos.increment_eventually()
+                heapq.heappush(
+                    self.scheduled, _Scheduled(due, next(self._order), request, for_eta=True)
+                )
                 internals.request_scheduled(request)
                 return
         internals.request_reserved(request)
@@ -733,9 +922,11 @@ class EmulatedWorker:
         """Move ETA requests whose time has come to the reserved queue."""
         now = self.clock.time()
         while self.scheduled and self.scheduled[0].eta <= now:
-            request = heapq.heappop(self.scheduled).request
-            internals.request_reserved(request)  # Celery's apply_eta_task
-            self.reserved.append(request)
+            due = heapq.heappop(self.scheduled)
+            if due.for_eta:  # Consumer.apply_eta_task: the prefetch count goes back down
+                self.qos.decrement_eventually()
+            internals.request_reserved(due.request)  # Celery's apply_eta_task
+            self.reserved.append(due.request)
 
     def next_eta(self) -> float | None:
         return self.scheduled[0].eta if self.scheduled else None
@@ -780,12 +971,10 @@ class EmulatedWorker:
             on_fired=lambda ex, fired: self.on_fired(ex.record, fired),
             request_stop=self.request_stop,
             broker_delivery=delivery,
+            on_note=self.on_note,
         )
         if step is not None and step.kind == "ack_lost":
             self.broker.drop_ack(delivery.tag, lambda: self._ack_lost(record, step))
-        if delivery.tag in self._overlap_copies:
-            self._overlap_copies.discard(delivery.tag)
-            execution.label = "2"
         if step is not None and step.kind == "overlap":
             self._overlap(delivery, execution, step)
         self.preparing = execution
@@ -794,6 +983,8 @@ class EmulatedWorker:
                 request.execute_using_pool(self.pool)
         except Exception as exc:  # TaskRevokedError and friends: Celery's own refusal
             self.callback_errors.append(exc)
+            if not isinstance(exc, CeleryError) and raised_by_the_plugin(exc):
+                self.effects.plugin_failed(execution, exc, "as the pool took it")
             self.on_record(record)
         finally:
             self.preparing = None
@@ -826,12 +1017,10 @@ class EmulatedWorker:
     def _overlap(self, delivery: Delivery, execution: ChildExecution, step: Step) -> None:
         """A second copy of the message arrives while this delivery runs; both run at once."""
         execution.step = None
-        execution.label = "1"
         self.on_fired(execution.record, step)
         execution.record.fired = step
         self.extra_slots += 1
         copy = self.broker.deliver_copy(delivery.message, self.consumer)
-        self._overlap_copies.add(copy.tag)
         self._receive(copy, first=True)
         if step.schedule:
             self.scheduler.follow(step.schedule)
@@ -919,7 +1108,7 @@ class EmulatedWorker:
         """
         self.generation += 1
         self.consumer = f"{self.hostname}#{self.generation}"
-        self.pool.retire_children()
+        self.pool.retire_children()  # fresh children: new pids, billiard's handlers
         self.mailbox.close(clean=False)
         self.mailbox.fresh_process(keep_saved=not fresh_scenario)
         self.mailbox.open()
@@ -928,7 +1117,6 @@ class EmulatedWorker:
         self.extra_slots = 0
         self.pool.running.clear()
         self._token_back_at.clear()
-        self._overlap_copies.clear()
         self._drop_held()
         self.broker.consumer_started(self.consumer)
 
@@ -945,6 +1133,9 @@ class EmulatedWorker:
             internals.requests_dropped([*self.reserved, *(s.request for s in self.scheduled)])
         self.reserved.clear()
         self.scheduled.clear()
+        # A new consumer (a new connection or channel) starts from the initial count.
+        if self.qos.value != self.initial_prefetch:
+            self.qos = self._fresh_qos(self.initial_prefetch)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -955,13 +1146,30 @@ class EmulatedWorker:
         return f"<EmulatedWorker {self.consumer} {state} reserved={len(self.reserved)}>"
 
 
+#: More emulated workers than this is a typo: each is a consumer in this process (1,000 start
+#: in about 0.2 s; 10**6 would take minutes and gigabytes before the first task ran).
+MAX_WORKERS = 1000
+
+
+def check_workers(workers: object) -> int:
+    """``workers`` as a whole number of emulated workers, or a ``ValueError`` naming it."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ConfigError(f"workers={workers!r}: expected a whole number >= 1")
+    if workers > MAX_WORKERS:
+        raise ConfigError(
+            f"workers={workers!r}: at most {MAX_WORKERS:,} emulated workers (each is a "
+            f"consumer in this process); a handful shows every interleaving"
+        )
+    return workers
+
+
 def worker_concurrency(app: Celery) -> int:
     """The children a worker of ``app`` runs: ``worker_concurrency`` if the app sets it, else 1."""
     configured = app.conf.get("worker_concurrency")
     if configured is None:
         return 1
     if isinstance(configured, bool) or not isinstance(configured, int) or configured < 1:
-        raise ValueError(f"worker_concurrency={configured!r}: expected a whole number >= 1")
+        raise ConfigError(f"worker_concurrency={configured!r}: expected a whole number >= 1")
     return configured
 
 
@@ -971,7 +1179,7 @@ def _per_child_limit(app: Celery, name: str) -> int | None:
     if value is None or value == 0:
         return None  # billiard: no limit
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}={value!r}: expected a whole number >= 1, or None for no limit")
+        raise ConfigError(f"{name}={value!r}: expected a whole number >= 1, or None for no limit")
     return value
 
 

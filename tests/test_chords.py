@@ -105,15 +105,28 @@ def test_redis_chord_with_a_failed_header_task_fails_the_body_with_a_chord_error
     assert "total" not in ledger.rows
 
 
-def test_a_chord_of_idempotent_tasks_is_idempotent_on_redis(app: Celery) -> None:
+def test_a_chord_of_idempotent_tasks_is_idempotent_on_redis_from_celery_5_7(app: Celery) -> None:
+    """Before 5.7 Celery's Lua script counts a member's duplicate, and the body runs early."""
+    from pytest_celery_faults import _celery_internals as internals
+
     line, total = chord_app(app, REDIS)
     signature = chord([line.s("a", 1), line.s("b", 2)], total.s())
     with CeleryFaults(app) as faults:
         faults.track((ledger, "write"))
-        scenarios = faults.assert_idempotent(
-            signature, observe=lambda: dict(ledger.rows), reset=ledger.rows.clear
-        )
-    assert scenarios and all(not scenario.failed for scenario in scenarios)
+        if internals.redis_chords_ignore_duplicates():
+            scenarios = faults.assert_idempotent(
+                signature, observe=lambda: dict(ledger.rows), reset=ledger.rows.clear
+            )
+            assert scenarios and all(not scenario.failed for scenario in scenarios)
+            return
+        with pytest.raises(AssertionError) as raised:
+            faults.assert_idempotent(
+                signature, observe=lambda: dict(ledger.rows), reset=ledger.rows.clear
+            )
+    # the lost ack redelivers line a, whose duplicate completes the count: total of [1, 1]
+    assert "1 of 8 fault scenario(s) duplicated or diverged" in str(raised.value)
+    assert "under 'ack_lost'" in str(raised.value)
+    assert "+{'a': 1, 'b': 2, 'total': 2}" in str(raised.value)
 
 
 def test_a_key_value_backend_with_incr_counts_with_celery_s_own_code(app: Celery) -> None:
@@ -149,3 +162,87 @@ def test_redis_chords_follow_the_installed_celery_on_duplicates(
     outcome, _ = run_two_line_chord(app, REDIS, "shop.line:redeliver")
     # line a ran twice before line b: the count reached 2 with [1, 1]
     assert (outcome.state, outcome.result, outcome.executions) == ("SUCCESS", 2, 1)
+
+
+@pytest.mark.parametrize("backend", [None, "cache+memory://"])
+def test_a_chord_runs_without_redis_py_installed(
+    app: Celery, backend: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(#19.17) Celery's Redis backend imports redis-py: only a Redis backend may need it."""
+    import sys
+
+    for name in [name for name in sys.modules if name.split(".")[0] == "redis"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delitem(sys.modules, "celery.backends.redis", raising=False)
+    monkeypatch.setitem(sys.modules, "redis", None)  # what `import redis` meets without it
+    outcome, faults = run_two_line_chord(app, backend, "redeliver")
+    assert (outcome.name, outcome.state, outcome.result) == ("shop.total", "SUCCESS", 3)
+    assert "celery.backends.redis" not in sys.modules
+
+
+@pytest.mark.parametrize("backend", [None, REDIS, "cache+memory://"])
+def test_a_chord_whose_member_is_lost_is_a_loss_not_a_divergence(
+    app: Celery, backend: str | None
+) -> None:
+    """Early ack: a killed header task fails the chord and the body never runs."""
+    if backend:
+        app.conf.result_backend = backend
+
+    @app.task(name="shop.line", shared=False)
+    def line(order: str, amount: int) -> int:
+        ledger.write(order, amount)
+        return amount
+
+    @app.task(name="shop.total", shared=False)
+    def total(amounts: list[int]) -> int:
+        ledger.write("total", sum(amounts))
+        return sum(amounts)
+
+    signature = chord([line.s("a", 1), line.s("b", 2)], total.s())
+    # power_loss@0 also loses line a's result for good: without native chords Celery's
+    # chord_unlock then polls forever, and the drain stops instead of failing.
+    specs = ["sigkill@0", "sigkill@1", "exit(1)@1", "power_loss@0"]
+    with CeleryFaults(app) as faults:
+        faults.track((ledger, "write"))
+        scenarios = faults.assert_idempotent(
+            signature, lambda: dict(ledger.rows), ledger.rows.clear, specs=specs
+        )
+        with pytest.raises(AssertionError, match=r"shop.total can be lost: 4 of 4 fault"):
+            faults.assert_no_loss(
+                signature, lambda: dict(ledger.rows), ledger.rows.clear, specs=specs
+            )
+    assert [s.verdict for s in scenarios] == ["partial"] * 4, [s.problem for s in scenarios]
+    assert scenarios[0].problem.startswith("partial: shop.line[")
+    assert scenarios[0].problem.endswith(
+        "never completed and nothing ran it again (its child process was killed), so "
+        "shop.total never ran (state FAILURE, ChordError); the 1 side effect(s) done "
+        "(Ledger.write x1) leave the world half done"
+    ), scenarios[0].problem
+
+
+def test_a_chain_whose_first_task_is_lost_is_a_loss(app: Celery) -> None:
+    """Early ack: the chain stops where its task was lost; its last task never runs."""
+    from celery import chain
+
+    @app.task(name="shop.line", shared=False)
+    def line(order: str, amount: int) -> int:
+        ledger.write(order, amount)
+        return amount
+
+    @app.task(name="shop.total", shared=False)
+    def total(amount: int) -> int:
+        ledger.write("total", amount)
+        return amount
+
+    with CeleryFaults(app) as faults:
+        scenarios = faults.assert_idempotent(
+            chain(line.s("a", 1), total.s()),
+            lambda: dict(ledger.rows),
+            ledger.rows.clear,
+            specs=["power_loss@0"],
+        )
+    assert [s.verdict for s in scenarios] == ["lost"]
+    assert scenarios[0].problem.endswith(
+        "never completed and nothing ran it again (the worker lost power; the broker holds "
+        "no copy), so shop.total never ran (state PENDING)"
+    )

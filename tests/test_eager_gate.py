@@ -130,6 +130,28 @@ def test_the_gate_catches_the_eager_non_idempotent_task(eshop: pytest.Pytester) 
     ]
 
 
+def test_the_gate_runs_an_app_configured_the_django_way(eshop: pytest.Pytester) -> None:
+    """(#19.1) CELERY_-prefixed settings (Celery's Django guide) do not keep the gate eager."""
+    django_style = APP.replace(
+        "app.conf.task_always_eager = True\napp.conf.task_eager_propagates = True\n",
+        """
+class Settings:
+    CELERY_TASK_ALWAYS_EAGER = True
+    CELERY_TASK_EAGER_PROPAGATES = True
+    CELERY_BROKER_URL = "redis://127.0.0.1:1/0"  # never reached: nothing listens on port 1
+    CELERY_RESULT_BACKEND = "redis://127.0.0.1:1/1"
+
+
+app.config_from_object(Settings, namespace="CELERY")
+""",
+    )
+    assert django_style != APP
+    eshop.makepyfile(eshop=django_style)
+    result = eshop.runpytest("-p", "no:randomly", "--celery-faults=redeliver*1")
+    result.assert_outcomes(passed=3, failed=2)
+    result.stdout.fnmatch_lines(["*the gate (--celery-faults='redeliver*1') ran 5 eager call(s)*"])
+
+
 def test_a_gated_test_with_specs_of_its_own_runs_under_those(eshop: pytest.Pytester) -> None:
     eshop.makepyfile(
         test_own="""
@@ -316,3 +338,57 @@ def test_celery_contrib_pytest_worker_suites_go_through_the_gate(
     gated.stdout.fnmatch_lines(
         ["E       AssertionError: assert 8 == 9", "*ran 1 eager call(s) of 1 task(s)*"]
     )
+
+
+def test_a_gated_task_sees_none_of_the_test_s_context(pytester: pytest.Pytester) -> None:
+    # A task that passes only because it runs on the test's thread (a context
+    # variable, a thread-local the test set: a Flask app context, a scoped session)
+    # fails under the gate as it would on a worker, whatever the spec: the app's
+    # own per-task setup (the base class below) is what gives a task its context.
+    pytester.makepyfile(
+        ctxshop="""
+        import contextvars, threading
+        from celery import Celery, Task
+
+        tenant = contextvars.ContextVar("tenant", default=None)
+        local = threading.local()
+
+        class TenantTask(Task):
+            def __call__(self, *args, **kwargs):
+                token = tenant.set("from the task's own setup")
+                try:
+                    return super().__call__(*args, **kwargs)
+                finally:
+                    tenant.reset(token)
+
+        app = Celery("ctxshop", set_as_current=False)
+        app.conf.task_always_eager = True
+
+        @app.task(name="ctxshop.read", shared=False)
+        def read():
+            return [tenant.get(), getattr(local, "user", None)]
+
+        @app.task(name="ctxshop.read_own", base=TenantTask, shared=False)
+        def read_own():
+            return tenant.get()
+        """,
+        test_ctx="""
+        import ctxshop
+
+        def test_relies_on_the_test_s_context():
+            ctxshop.tenant.set("from the test")
+            ctxshop.local.user = "ada"
+            assert ctxshop.read.delay().get() == ["from the test", "ada"]
+
+        def test_gets_its_context_from_the_app():
+            ctxshop.tenant.set("from the test")
+            assert ctxshop.read_own.delay().get() == "from the task's own setup"
+            assert ctxshop.tenant.get() == "from the test"
+        """,
+    )
+    for spec in ("redeliver*1", "ack_lost"):
+        result = pytester.runpytest("-p", "no:randomly", f"--celery-faults={spec}")
+        result.assert_outcomes(passed=1, failed=1)
+        result.stdout.fnmatch_lines(
+            ["E       AssertionError: assert [None, None] == ['from the test', 'ada']"]
+        )

@@ -236,6 +236,105 @@ def test_app_configuration_is_restored(app: Celery) -> None:
     assert app.backend is backend_before
 
 
+class DjangoStyleSettings:
+    """Celery's Django guide: ``config_from_object(settings, namespace="CELERY")``."""
+
+    CELERY_TASK_ALWAYS_EAGER = True
+    CELERY_BROKER_URL = "redis://127.0.0.1:1/0"  # never reached: nothing listens on port 1
+    CELERY_RESULT_BACKEND = "redis://127.0.0.1:1/1"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 60}
+
+
+class PlainSettings:
+    task_always_eager = True
+    broker_url = "redis://127.0.0.1:1/0"
+    result_backend = "redis://127.0.0.1:1/1"
+
+
+def configured_app(way: str, monkeypatch: pytest.MonkeyPatch) -> Celery:
+    project = Celery(f"configured-{way}", set_as_current=False)
+    if way == "namespace":
+        project.config_from_object(DjangoStyleSettings, namespace="CELERY")
+    elif way == "config_from_object":
+        project.config_from_object(PlainSettings)
+    elif way == "conf.update":
+        project.conf.update(
+            task_always_eager=True,
+            broker_url="redis://127.0.0.1:1/0",
+            broker_read_url="redis://127.0.0.1:1/2",
+            result_backend="redis://127.0.0.1:1/1",
+        )
+    else:  # Settings.broker_url and friends read these before any setting
+        for name in ("CELERY_BROKER_URL", "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL"):
+            monkeypatch.setenv(name, "redis://127.0.0.1:1/0")
+        monkeypatch.setenv("CELERY_RESULT_BACKEND", "redis://127.0.0.1:1/1")
+    return project
+
+
+@pytest.mark.parametrize("way", ["namespace", "config_from_object", "conf.update", "environment"])
+def test_what_the_harness_sets_wins_however_the_app_was_configured(
+    way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(#19.1) Celery 5.3 to 5.6 read CELERY_TASK_ALWAYS_EAGER before the harness's override."""
+    project = configured_app(way, monkeypatch)
+    task = make_task(project)
+    project.finalize()
+    before = {
+        name: project.conf.get(name)
+        for name in ("task_always_eager", "broker_url", "broker_read_url", "result_backend")
+    }
+    with CeleryFaults(project) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1))
+        conf = project.conf
+        assert conf.task_always_eager is False
+        assert conf.broker_url == conf.broker_read_url == conf.broker_write_url
+        assert conf.broker_url == faults.broker.url
+        assert project.backend is faults.backend
+        if way == "namespace":  # the project's transport options are kept beside the harness's
+            assert conf.broker_transport_options["visibility_timeout"] == 60
+    assert (outcome.state, outcome.deliveries, outcome.acked) == ("SUCCESS", 1, True)
+    assert faults.ledger.kinds(outcome.task_id) == ["published", "delivered", "acked"]
+    after = {name: project.conf.get(name) for name in before}
+    assert after == before  # the project's own settings read as before
+    project.close()
+
+
+@pytest.mark.skipif(CELERY < (5, 7), reason="Settings.copy() fails on its own before 5.7")
+def test_a_copy_of_the_settings_reads_as_the_app_does_under_the_harness(app: Celery) -> None:
+    """``app.conf.copy()`` (Celery's Settings.copy) works while the harness holds the app."""
+    app.conf.broker_url = "redis://127.0.0.1:1/0"
+    app.finalize()
+    with CeleryFaults(app) as faults:
+        copied = app.conf.copy()
+        copied.task_default_queue = "elsewhere"  # a write to the copy
+        assert copied.task_always_eager is False
+        assert app.conf.task_default_queue == "celery"
+        assert faults.broker.url == app.conf.broker_url
+    assert copied.broker_url == faults.broker.url  # a copy of the settings of that moment
+
+
+def test_an_app_the_harness_cannot_take_over_is_refused_in_one_line(app: Celery) -> None:
+    """(#19.1) A settings class that answers task_always_eager itself: refused, app restored."""
+    task = make_task(app)
+    app.finalize()
+    own = type(app.conf)
+    stubborn = type("StubbornSettings", (own,), {"task_always_eager": property(lambda _: True)})
+    object.__setattr__(app.conf, "__class__", stubborn)
+    before = dict(app.conf.changes)
+    with pytest.raises(RuntimeError) as refused:
+        CeleryFaults(app).start()
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"celery_faults: cannot take the app {app.main!r} over")
+    assert "task_always_eager reads True" in message
+    assert type(app.conf) is stubborn
+    assert dict(app.conf.changes) == before
+    object.__setattr__(app.conf, "__class__", own)
+    with CeleryFaults(app) as faults:  # the app was given back whole
+        assert faults.run(task.s(1)).state == "SUCCESS"
+
+
 def test_stop_runs_every_restore_step_when_some_fail(
     app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -268,6 +367,32 @@ def test_stop_runs_every_restore_step_when_some_fail(
     assert not faults.active
     task.apply(args=(2,))  # the app runs eagerly again, off the in-memory broker
     assert calls[-1] == ("second", 2)
+
+
+def test_a_start_that_fails_half_way_undoes_what_it_did(app: Celery) -> None:
+    """(#19.11) The app, the signals and the HTTP mock are as before; a second harness works."""
+    import requests.adapters
+    from celery import signals
+
+    task = make_task(app)
+    app.conf.worker_concurrency = "2"  # refused only after the app was taken over
+    app.finalize()
+    before = dict(app.conf.changes)
+    backend_before = app.backend
+    receivers = {
+        name: list(getattr(signals, name).receivers)
+        for name in ("task_prerun", "task_postrun", "before_task_publish")
+    }
+    send = requests.adapters.HTTPAdapter.send
+    with pytest.raises(ValueError, match="worker_concurrency='2'"):
+        CeleryFaults(app).start()
+    assert dict(app.conf.changes) == before
+    assert app.backend is backend_before
+    assert {name: list(getattr(signals, name).receivers) for name in receivers} == receivers
+    assert requests.adapters.HTTPAdapter.send is send  # the HTTP mock is inactive
+    app.conf.worker_concurrency = 2
+    with CeleryFaults(app) as faults:
+        assert faults.run(task.s(1)).state == "SUCCESS"
 
 
 def test_memory_mode_opens_no_socket(app: Celery, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ executions ran one after another, and when only ``app.now()`` was virtual.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import threading
 import time
@@ -15,10 +16,11 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery import signals as celery_signals
 from celery.exceptions import SoftTimeLimitExceeded
 
 from pytest_celery_faults import CeleryFaults
-from pytest_celery_faults.scheduler import every_schedule
+from pytest_celery_faults.scheduler import BLOCKED_SECONDS, every_schedule
 
 #: The world the tasks below change: a lock table, charges made, cleanups run.
 locks: dict[str, str] = {}
@@ -202,6 +204,57 @@ def test_a_killed_execution_s_thread_state_reaches_no_later_execution(app: Celer
     assert after.result[1] == "none"  # a fresh child: the killed one's session is gone
 
 
+#: What a test sets for itself: a worker child has none of it.
+test_context: contextvars.ContextVar[str] = contextvars.ContextVar("test_context", default="unset")
+test_local = threading.local()
+
+
+def context_reader(app: Celery) -> Any:
+    @app.task(name="orders.read_context", shared=False, acks_late=True, reject_on_worker_lost=True)
+    def read_context() -> tuple[str, str]:
+        seen = (test_context.get(), getattr(test_local, "value", "unset"))
+        charge(seen)
+        return seen
+
+    return read_context
+
+
+@pytest.mark.parametrize("fault", [None, "sigkill@1", "power_loss@1", "exit(1)@1"])
+def test_an_execution_sees_none_of_the_test_s_context(app: Celery, fault: str | None) -> None:
+    task = context_reader(app)
+    token = test_context.set("the test's")
+    test_local.value = "the test's"
+    try:
+        with tracked(app) as faults:
+            outcome = faults.run(task.s(), *([fault] if fault else []))
+    finally:
+        test_context.reset(token)
+        del test_local.value
+    assert outcome.result == ["unset", "unset"]  # a tuple, through JSON
+    assert charges == [("unset", "unset")] * outcome.executions  # the same fault-free or not
+
+
+def test_context_an_execution_sets_stays_out_of_the_test(app: Celery) -> None:
+    """The app's own per-task setup (a prerun receiver) provides context, in the child only."""
+
+    @app.task(name="orders.in_context", shared=False)
+    def in_context() -> str:
+        return test_context.get()
+
+    def set_up(**_: Any) -> None:
+        test_context.set("the task's")
+        test_local.value = "the task's"
+
+    celery_signals.task_prerun.connect(set_up, weak=False)
+    try:
+        with tracked(app) as faults:
+            outcome = faults.run(in_context.s())
+    finally:
+        celery_signals.task_prerun.disconnect(set_up)
+    assert outcome.result == "the task's"
+    assert (test_context.get(), getattr(test_local, "value", "unset")) == ("unset", "unset")
+
+
 @pytest.mark.parametrize("fault", ["sigterm@2", "exit(1)@2"])
 def test_sigterm_and_exit_still_unwind(app: Celery, fault: str) -> None:
     task = lock_guarded(app, acks_late=True, reject_on_worker_lost=True)
@@ -247,21 +300,74 @@ def test_a_task_can_catch_its_soft_time_limit_and_clean_up(app: Celery) -> None:
     assert faults.clock.elapsed == 30.0
 
 
-def test_a_declared_hard_time_limit_kills_without_unwinding(app: Celery) -> None:
+@pytest.mark.parametrize(
+    ("cleanup_takes", "done_after"),
+    [(0.0, ["lock released"]), (0.05, ["lock released"]), (0.5, [])],
+)
+def test_a_hard_time_limit_is_sigterm_then_sigkill_after_billiards_grace(
+    app: Celery, cleanup_takes: float, done_after: list[str]
+) -> None:
+    """billiard's ``_trywaitkill``: SIGTERM unwinds the task, SIGKILL 0.1 s later."""
+
     @app.task(name="reports.stuck", shared=False, time_limit=3)
     def stuck() -> None:
+        take_lock("report")
         try:
             time.sleep(10)  # virtual
         finally:
-            cleanups.append("finally")
+            time.sleep(cleanup_takes)  # virtual: the cleanup's own time
+            release_lock("report")
+            cleanups.append("lock released")
 
     with CeleryFaults(app) as faults:
         outcome = faults.run(stuck.s())
         during = list(cleanups)
-    assert during == []
+        held = dict(locks)
+    assert during == done_after
+    assert held == ({} if done_after else {"report": "held"})
     assert outcome.state == "FAILURE"
     assert type(outcome.exception).__name__ == "TimeLimitExceeded"
-    assert faults.clock.elapsed == 3.0
+    assert outcome.ended == "child killed"
+    assert faults.clock.elapsed == pytest.approx(3.0 + min(cleanup_takes, 0.1))
+
+
+def test_a_sigterm_handler_that_swallows_the_hard_limit_is_killed_after_the_grace(
+    app: Celery,
+) -> None:
+    import signal
+
+    @app.task(name="reports.stubborn", shared=False, time_limit=3)
+    def stubborn() -> None:
+        signal.signal(signal.SIGTERM, lambda signum, frame: cleanups.append("ignored TERM"))
+        time.sleep(10)  # virtual: returns after the handler, then sleeps on
+        cleanups.append("finished")
+
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(stubborn.s())
+        during = list(cleanups)
+    assert during == ["ignored TERM"]
+    assert (outcome.state, outcome.ended) == ("FAILURE", "child killed")
+    assert type(outcome.exception).__name__ == "TimeLimitExceeded"
+
+
+def test_a_timeout_fault_unwinds_within_the_grace_too(app: Celery) -> None:
+    @app.task(name="reports.limited", shared=False, time_limit=30)
+    def limited() -> None:
+        take_lock("report")
+        try:
+            charge(1)
+            charge(2)
+        finally:
+            release_lock("report")
+
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.charge")
+        outcome = faults.run(limited.s(), "timeout@1")
+        held = dict(locks)  # before the harness ends (then a frozen stack unwinds)
+    assert charges == [1]
+    assert held == {}
+    assert (outcome.state, outcome.ended) == ("FAILURE", "child killed")
+    assert type(outcome.exception).__name__ == "TimeLimitExceeded"
 
 
 def test_a_tracked_effect_can_take_time(app: Celery) -> None:
@@ -421,6 +527,64 @@ def test_every_interleaving_of_a_lock_guarded_charge_charges_once(app: Celery) -
     assert all(made == [7] for made in results.values()), results
 
 
+def test_a_copy_blocked_on_a_lock_a_parked_copy_holds_lets_it_run_on(app: Celery) -> None:
+    # Copy 1 takes the lock and parks at its charge; copy 2 then waits on the lock, where
+    # no switch point is. Held to one runner, both would wait forever.
+    guard = threading.Lock()
+
+    @app.task(name="orders.charge_under_lock", shared=False, acks_late=True)
+    def charge_under_lock(order: int) -> str:
+        with guard:
+            if order in paid:
+                return "already paid"
+            charge(order)
+            paid.add(order)
+            return "charged"
+
+    with tracked(app) as faults:
+        outcome = faults.run(charge_under_lock.s(1), "overlap(12)")
+        endings = [record.ended for record in faults.records]
+    assert charges == [1]
+    assert endings == ["returned", "returned"]
+    assert "execution 2 blocked" in outcome.story
+
+
+def test_a_blocked_copy_whose_worker_lost_power_is_not_waited_for(app: Celery) -> None:
+    # Copy 2 takes the lock and parks at its charge; copy 1 waits on the lock; copy 2
+    # runs on, charges, and the worker loses power under both. The frozen holder keeps
+    # the lock while the scenario lasts, so copy 1 cannot come free: it died with its
+    # worker, and the drain does not wait for it.
+    guard = threading.Lock()
+
+    @app.task(name="orders.charge_under_lock", shared=False)  # early ack: no redelivery
+    def charge_under_lock(order: int) -> str:
+        with guard:
+            charge(order)
+            return "charged"
+
+    with tracked(app) as faults:
+        outcome = faults.run(charge_under_lock.s(1), "overlap(2);power_loss@1")
+        endings = [record.ended for record in faults.records]
+    assert "execution 1 blocked" in outcome.story
+    assert endings == ["power lost", "power lost"]
+    assert outcome.lost
+    assert charges == [1]  # discarded at the harness's exit, the blocked copy charges nothing
+
+
+def test_a_copy_that_computes_past_the_bound_is_not_taken_as_blocked(app: Celery) -> None:
+    @app.task(name="orders.charge_slowly", shared=False, acks_late=True)
+    def charge_slowly(order: int) -> None:
+        start = time.perf_counter()  # real time: the body's time.monotonic is virtual
+        while time.perf_counter() - start < 2 * BLOCKED_SECONDS:
+            sum(range(1000))  # on the CPU all along, between two switch points
+        charge(order)
+
+    with tracked(app) as faults:
+        outcome = faults.run(charge_slowly.s(1), "overlap(12)")
+    assert "blocked" not in outcome.story
+    assert charges == [1, 1]
+
+
 def test_a_worker_with_concurrency_two_overlaps_duplicate_publishes(app: Celery) -> None:
     app.conf.worker_concurrency = 2
     task = check_then_act(app, acks_late=True)
@@ -467,6 +631,7 @@ def test_a_stopped_test_says_where_a_task_on_its_own_stack_hung(
     pytester.makepyfile(
         proj="""
         import os, signal
+        from os import kill as alarm_from_outside  # os.kill in a task signals its child
         from celery import Celery
 
         app = Celery("proj", set_as_current=False)
@@ -477,7 +642,7 @@ def test_a_stopped_test_says_where_a_task_on_its_own_stack_hung(
         @app.task(name="proj.spin", shared=False, time_limit=600)
         def spin():
             fetch(1)
-            os.kill(os.getpid(), signal.SIGALRM)
+            alarm_from_outside(os.getpid(), signal.SIGALRM)
             while True:
                 pass
         """
@@ -500,7 +665,7 @@ def test_a_stopped_test_says_where_a_task_on_its_own_stack_hung(
     result.assert_outcomes(failed=1, passed=1)
     result.stdout.fnmatch_lines(
         [
-            "*Failed: Timeout (>300.0s) from pytest-timeout.",
+            "*Failed: Timeout*>300.0s*",  # pytest-timeout 2.2 and 2.4 word it differently
             "*celery_faults: task proj.spin[[]*[]] (delivery 1) was running after side effect "
             "1 (call proj.fetch) when the test was stopped*",
         ]
@@ -597,3 +762,137 @@ def test_a_frozen_stack_leaves_no_worker_state_on_the_test_thread(app: Celery) -
         assert faults.scheduler.stacks  # the killed child is still frozen here
         # result.get() is the test's, not a task's: Celery's join guard is off again
         assert task.AsyncResult(outcome.task_id).get(timeout=1) == "skipped"
+
+
+class _RefusingWatcher:
+    """An execution watcher (an integration) that refuses the second execution."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def started(self, execution: Any) -> None:
+        self.seen += 1
+        if self.seen == 2:
+            raise RuntimeError("celery_faults: the integration cannot serve this execution")
+
+    def ended(self, execution: Any, how: str) -> None:
+        pass
+
+
+def test_an_error_of_the_plugin_inside_an_execution_fails_instead_of_passing(
+    app: Celery,
+) -> None:
+    from pytest_celery_faults import EmulationError
+
+    @app.task(name="shop.pay", shared=False, acks_late=True)
+    def pay(order: int) -> None:
+        if order not in paid:
+            paid.add(order)
+            charge(order)
+
+    with tracked(app) as faults:
+        faults.effects.watchers.append(_RefusingWatcher())
+        with pytest.raises(EmulationError) as failed:
+            faults.assert_idempotent(pay.s(1), lambda: sorted(paid), paid.clear, ["redeliver"])
+    message = str(failed.value)
+    assert "\n" not in message
+    assert message.startswith("celery_faults: the plugin failed inside shop.pay[")
+    assert message.endswith(
+        "(delivery 1) as it started, not the task: RuntimeError: the integration cannot "
+        "serve this execution"
+    )
+
+
+def test_a_refusal_the_task_swallows_still_fails_the_test(app: Celery) -> None:
+    from pytest_celery_faults import EmulationError
+
+    @app.task(name="shop.total", shared=False)
+    def total() -> int:
+        return 3
+
+    @app.task(name="shop.report", shared=False)
+    def report() -> str:
+        try:
+            total.delay().get(disable_sync_subtasks=False)
+        except Exception:  # the task's own blanket except hides the refusal
+            return "swallowed"
+        return "waited"
+
+    with CeleryFaults(app) as faults, pytest.raises(EmulationError) as failed:
+        faults.run(report.s(), "overlap")
+    assert "as it waited for a result, not the task: RuntimeError: a task waited for a result" in (
+        str(failed.value)
+    )
+
+
+# -- asyncio and time.sleep's own errors inside a body (#19.6) -------------------------
+
+
+@pytest.mark.timeout(30)  # before: the loop's timer never came due on the virtual clock
+@pytest.mark.parametrize("own_stack", [False, True], ids=["inline", "stack"])
+def test_asyncio_sleeps_in_a_body_run_on_the_virtual_clock(app: Celery, own_stack: bool) -> None:
+    import asyncio
+
+    @app.task(shared=False, time_limit=60 if own_stack else None)
+    def waits() -> list[float]:
+        async def main() -> list[float]:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.sleep(30), timeout=2)
+            return [loop.time() - started, time.time()]
+
+        return asyncio.run(main())
+
+    with CeleryFaults(app) as faults:
+        real = time.monotonic()
+        outcome = faults.run(waits.s())
+        assert outcome.state == "SUCCESS", outcome.story
+        waited, wall = outcome.result
+        assert waited == pytest.approx(2.5)
+        assert wall == pytest.approx(faults.clock.start + 2.5)
+        assert faults.clock.elapsed == pytest.approx(2.5)
+        assert time.monotonic() - real < 2.5  # no real waiting
+
+
+@pytest.mark.timeout(30)  # before: NaN spun until the time limit, infinity returned
+@pytest.mark.parametrize(
+    ("seconds", "error"),
+    [
+        (float("nan"), ValueError),
+        (float("inf"), OverflowError),
+        (1e10, OverflowError),
+        (-1, ValueError),
+        ("1", TypeError),
+    ],
+)
+def test_time_sleep_raises_pythons_own_errors_in_a_body(
+    app: Celery, seconds: Any, error: type[Exception]
+) -> None:
+    @app.task(shared=False)
+    def naps(seconds: Any) -> None:
+        time.sleep(seconds)
+
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(naps.s(seconds))
+    assert (outcome.state, type(outcome.exception)) == ("FAILURE", error), outcome.story
+    with pytest.raises(error) as raised:
+        time.sleep(seconds)  # the real one: it raises at once
+    assert str(outcome.exception) == str(raised.value)
+
+
+def test_only_an_error_raised_in_the_plugin_s_code_is_its_own() -> None:
+    """A Celery callback failing on what a task gave it fails so on a real worker too (logged)."""
+    from kombu.exceptions import EncodeError
+    from kombu.serialization import dumps
+
+    from pytest_celery_faults import parse_spec
+    from pytest_celery_faults.errors import raised_by_the_plugin
+
+    with pytest.raises(EncodeError) as celery_side:
+        dumps(object(), serializer="json")
+    with pytest.raises(ValueError) as ours:
+        parse_spec("sigkill@x")
+    assert not raised_by_the_plugin(celery_side.value)
+    assert raised_by_the_plugin(ours.value)

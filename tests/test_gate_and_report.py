@@ -100,10 +100,97 @@ def test_the_report_is_the_same_bytes_for_the_same_seed(project: pytest.Pytester
     assert "test_suite.py::test_without_the_harness" not in document["tests"]
 
 
-def test_suite_wide_spec_that_never_fires_is_named_not_failed(project: pytest.Pytester) -> None:
+def test_suite_wide_spec_that_never_fires_is_named_in_each_test(project: pytest.Pytester) -> None:
     result = project.runpytest("-p", "no:randomly", "--celery-faults=sigkill@7")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(["never fired: sigkill@7 in test_suite.py::test_append"])
+
+
+def test_a_suite_wide_spec_that_fired_in_no_test_fails_the_session(
+    project: pytest.Pytester,
+) -> None:
+    result = project.runpytest(
+        "-p",
+        "no:randomly",
+        "--celery-faults=proj.upsert_row:redeliver",
+        "--celery-faults=sigkill@7",
+    )
+    result.assert_outcomes(passed=3)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        [
+            "--celery-faults='proj.upsert_row:redeliver' fired in 1 of the 2 test(s) that ran "
+            "tasks under it",
+            "FAILED: --celery-faults='sigkill@7' fired in no test of the session (2 test(s) ran "
+            "tasks under it): the gate proved nothing; --celery-faults-allow-unfired accepts this",
+        ]
+    )
+
+
+def test_allow_unfired_lets_a_spec_that_fired_nowhere_pass(project: pytest.Pytester) -> None:
+    result = project.runpytest(
+        "-p", "no:randomly", "--celery-faults=sigkill@7", "--celery-faults-allow-unfired"
+    )
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(
+        [
+            "--celery-faults='sigkill@7' fired in no test of the session "
+            "(allowed by --celery-faults-allow-unfired)"
+        ]
+    )
+
+
+def test_a_spec_that_fired_nowhere_fails_a_session_that_ran_no_task(
+    project: pytest.Pytester,
+) -> None:
+    result = project.runpytest(
+        "-p", "no:randomly", "-k", "without_the_harness", "--celery-faults=redeliver"
+    )
+    result.assert_outcomes(passed=1, deselected=2)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        ["FAILED: --celery-faults='redeliver' fired in no test of the session (0 test(s)*"]
+    )
+
+
+def test_a_spec_that_fired_before_a_reset_counts_as_fired(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        test_suite="""
+        import proj
+
+        def test_upsert_then_reset(celery_faults):
+            proj.ledger.clear()
+            proj.upsert_row.delay(1)
+            celery_faults.drain()
+            assert proj.ledger == [1]
+            celery_faults.reset()  # a fresh scenario: the spec is armed again
+        """
+    )
+    result = project.runpytest("-p", "no:randomly", "--celery-faults=redeliver")
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(
+        ["--celery-faults='redeliver' fired in 1 of the 1 test(s) that ran tasks under it"]
+    )
+
+
+def test_xdist_workers_counts_add_up_on_the_controller(project: pytest.Pytester) -> None:
+    # One file per worker (--dist=loadfile): the spec fires on one worker only.
+    head, append, upsert = SUITE.split("\n\n\n")[:3]
+    (project.path / "test_suite.py").unlink()
+    project.makepyfile(test_a=f"{head}\n\n\n{append}\n", test_b=f"{head}\n\n\n{upsert}\n")
+    args = ("-p", "no:randomly", "-v", "-n", "2", "--dist=loadfile")
+    result = project.runpytest(*args, "--celery-faults=proj.upsert_row:redeliver")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines_random(["*[[]gw0[]]*PASSED*", "*[[]gw1[]]*PASSED*"])
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(
+        [
+            "2 test(s) used the harness*",
+            "--celery-faults='proj.upsert_row:redeliver' fired in 1 of the 2 test(s) that ran "
+            "tasks under it",
+        ]
+    )
 
 
 def test_fault_sweep_parametrizes_and_skips_beyond_the_task(pytester: pytest.Pytester) -> None:

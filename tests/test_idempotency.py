@@ -427,7 +427,9 @@ def test_sweep_reports_every_class(store: pytest.Pytester) -> None:
         def test_sweep(tracked):
             report = tracked.sweep(store.email_lossy.s(2), store.observe, store.reset)
             counts = report.counts()
-            assert list(counts) == ["duplicated", "diverged", "partial", "lost", "ok", "unfired"]
+            assert list(counts) == [
+                "duplicated", "diverged", "partial", "lost", "ended_otherwise", "ok", "unfired"
+            ]
             assert counts["partial"] and counts["lost"] and counts["duplicated"], counts
             losses = {s.spec: s.verdict for s in report.losses}
             assert (losses["sigkill@0"], losses["sigkill@1"]) == ("lost", "partial"), losses
@@ -438,3 +440,89 @@ def test_sweep_reports_every_class(store: pytest.Pytester) -> None:
     result = store.runpytest("-p", "no:randomly", "-s")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*scenarios: * duplicated, * partial, * lost, * ok*"])
+
+
+ENDED_OTHERWISE = """
+from celery import signals
+
+import store
+
+
+@store.app.task(name="store.ship_audited", shared=False)
+def ship_audited(order):
+    store.send_email(order)
+    return order
+
+
+@store.app.task(name="store.ship_plain", shared=False)
+def ship_plain(order):
+    if order not in store.db["emails"]:
+        store.send_email(order)
+    return order
+
+
+@signals.task_postrun.connect
+def audit(sender=None, task_id=None, **kwargs):
+    # after Celery stored SUCCESS: two audit rows observe() does not look at
+    if sender is not None and sender.name == "store.ship_audited":
+        store.mark_sent(task_id)
+        store.mark_sent(task_id)
+
+
+def observe():
+    return {"emails": list(store.db["emails"]), "shipments": list(store.db["shipments"])}
+
+
+def test_killed_after_the_result_was_stored(tracked):
+    specs = ["sigkill@2", "sigkill@3", "power_loss@2"]
+    for check in (tracked.assert_no_loss, tracked.assert_idempotent):
+        scenarios = check(ship_audited.s(1), observe, store.reset, specs=specs)
+        assert [(s.verdict, s.outcome.state) for s in scenarios] == [
+            ("ended_otherwise", "SUCCESS")
+        ] * 3, [s.problem for s in scenarios]
+        assert not any(s.failed for s in scenarios)
+    assert scenarios[0].problem == (
+        "ended otherwise: its child process was killed after its result was stored "
+        "(SUCCESS) and nothing ran it again, but nothing was lost: observe() matches the "
+        "fault-free run"
+    )
+
+
+def test_killed_after_its_last_side_effect(tracked):
+    report = tracked.sweep(ship_plain.s(1), observe, store.reset)
+    verdicts = {s.spec: s.verdict for s in report.scenarios}
+    assert verdicts["sigkill@0"] == "lost"
+    assert verdicts["sigkill@1"] == verdicts["power_loss@1"] == "ended_otherwise"
+    assert [s.spec for s in report.ended_otherwise][:2] == ["cold_shutdown@1", "exit(1)@1"]
+    report.assert_ok()
+    assert "sigkill@1" not in [s.spec for s in report.losses]
+    assert report.ended_otherwise[0].problem.startswith(
+        "ended otherwise: the worker was shut down cold after its last side effect (1 done, "
+        "state "
+    )
+
+
+def test_a_loss_names_them_apart(tracked):
+    tracked.assert_no_loss(ship_plain.s(1), observe, store.reset, specs=["sigkill@0", "sigkill@1"])
+"""
+
+
+def test_a_task_killed_after_its_work_is_done_ended_otherwise(store: pytest.Pytester) -> None:
+    store.makepyfile(test_ended=ENDED_OTHERWISE)
+    result = store.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E   *store.ship_plain can be lost: 1 of 2 fault scenario(s) lost its work*",
+            "E   *under 'sigkill@0'*",
+            "E   *Ended otherwise, nothing lost (no assertion fails on these):",
+            "E   *'sigkill@1': ended otherwise: its child process was killed after its last "
+            "side effect (1 done, state FAILURE) and nothing ran it again, but nothing was "
+            "lost: observe() "
+            "matches the fault-free run",
+            "*= celery-faults =*",
+            "ended_otherwise (went away after its work was done, nothing lost): "
+            "test_ended.py::test_killed_after_the_result_was_stored under 'sigkill@2', "
+            "'sigkill@3', 'power_loss@2'*",
+        ]
+    )

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery.app.defaults import NAMESPACES
 
 from pytest_celery_faults import CeleryFaults
 from pytest_celery_faults.broker import BrokerEvent
@@ -51,6 +52,10 @@ def events(faults: CeleryFaults, task_id: str, *kinds: str) -> list[BrokerEvent]
 def since_start(faults: CeleryFaults, event: BrokerEvent) -> float:
     return event.time - faults.clock.start
 
+
+#: Worker settings the installed Celery reads (``worker_eta_task_limit`` and
+#: ``worker_disable_prefetch`` arrived in 5.5).
+WORKER_SETTINGS = NAMESPACES["worker"]
 
 #: kombu's Redis transport options that make every restore call a sweep, once a second.
 SWEEP_EVERY_SECOND = {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
@@ -294,6 +299,167 @@ def test_early_acked_message_is_lost_with_power_but_prefetched_ones_are_not(app:
     assert [e.detail for e in kept_deliveries] == ["", "redelivered=True"]
     assert (kept.state, kept.deliveries, kept.executions, kept.lost) == ("SUCCESS", 2, 1, False)
     assert seen == [(2, True)]  # message 1's body never ran: power_loss@0
+
+
+@pytest.mark.parametrize("profile", ["rabbitmq", "redis"])
+@pytest.mark.parametrize(
+    ("acks_late", "bystander"), [(True, [""]), (False, ["", "redelivered=True"])]
+)
+def test_a_running_message_holds_its_prefetch_slot_until_it_is_acked(
+    app: Celery, profile: str, acks_late: bool, bystander: list[str]
+) -> None:
+    """Multiplier 1, concurrency 1: basic.qos (and kombu's Redis QoS) count delivered,
+    unacked messages. Under acks_late the running message fills the slot: the second
+    one is never fetched before the power loss, and is delivered once, fresh. An early
+    ack frees the slot as it is sent: the second one is prefetched, and comes back
+    redelivered."""
+    app.conf.worker_prefetch_multiplier = 1
+    app.conf.broker_transport_options = {"visibility_timeout": 60}
+    task = make_task(app, acks_late=acks_late)
+    with CeleryFaults(app, profile=profile) as faults:
+        faults.track(f"{__name__}.effect")
+        faults.inject("profiles.job:power_loss@1")
+        first, second = task.delay(1), task.delay(2)
+        faults.drain()
+        crashed, kept = faults.outcome(first.id), faults.outcome(second.id)
+        fetched = [e.detail for e in events(faults, second.id, "delivered")]
+    assert crashed.deliveries == (2 if acks_late else 1)
+    assert fetched == bystander
+    assert (kept.executions, kept.state) == (1, "SUCCESS")
+    assert (2, len(bystander) > 1) in seen
+
+
+@pytest.mark.parametrize(("multiplier", "waiting"), [(1, 6), (2, 4)])
+def test_running_acks_late_messages_count_against_the_prefetch_count(
+    app: Celery, multiplier: int, waiting: int
+) -> None:
+    """Concurrency 2: the consumer holds 2 x multiplier unacked messages, the two
+    running ones included; the rest stay in the queue while they run."""
+    app.conf.worker_prefetch_multiplier = multiplier
+    app.conf.worker_concurrency = 2
+    in_queue: list[int] = []
+
+    @app.task(name="profiles.counting", shared=False, acks_late=True)
+    def counting() -> None:
+        in_queue.append(faults.broker.ready_count())
+
+    with CeleryFaults(app) as faults:
+        for _ in range(8):
+            counting.delay()
+        faults.drain()
+    assert in_queue[0] == waiting
+
+
+@pytest.mark.parametrize(
+    ("profile", "waiting"),
+    [("redis", 6 if "disable_prefetch" in WORKER_SETTINGS else 0), ("rabbitmq", 0)],
+)
+def test_worker_disable_prefetch_takes_only_what_the_children_can_run_on_redis(
+    app: Celery, profile: str, waiting: int
+) -> None:
+    """Celery's ``worker_disable_prefetch`` (Redis only: it warns and ignores it on
+    other brokers): the consumer takes a message only while fewer requests than
+    children are reserved, whatever the prefetch count allows."""
+    app.conf.worker_prefetch_multiplier = 4
+    app.conf.worker_concurrency = 2
+    app.conf.worker_disable_prefetch = True
+    in_queue: list[int] = []
+
+    @app.task(name="profiles.counting", shared=False, acks_late=True)
+    def counting() -> None:
+        in_queue.append(faults.broker.ready_count())
+
+    with CeleryFaults(app, profile=profile) as faults:
+        for _ in range(8):
+            counting.delay()
+        faults.drain()
+    assert in_queue[0] == waiting
+
+
+@pytest.mark.parametrize(
+    ("limit", "plain_at"),
+    [(None, 0.0), (2, 30.0 if "eta_task_limit" in WORKER_SETTINGS else 0.0)],
+)
+def test_messages_held_for_their_eta_raise_the_prefetch_count(
+    app: Celery, limit: int | None, plain_at: float
+) -> None:
+    """Celery's strategy raises the count by one per ETA message it holds
+    (``qos.increment_eventually``), up to ``worker_eta_task_limit``: with
+    multiplier 1, three countdown messages do not keep a plain one waiting;
+    under a cap of 2 the consumer stops after two of them, and the plain one
+    waits in the queue until a countdown ends."""
+    app.conf.worker_prefetch_multiplier = 1
+    app.conf.worker_eta_task_limit = limit
+    started: dict[int, float] = {}
+
+    @app.task(name="profiles.timed", shared=False, acks_late=True)
+    def timed(n: int) -> None:
+        started[n] = faults.clock.elapsed
+
+    with CeleryFaults(app) as faults:
+        for n in range(3):
+            timed.apply_async((n,), countdown=30)
+        timed.delay(3)
+        faults.drain()
+    assert started == {3: plain_at, 0: 30.0, 1: 30.0, 2: 30.0}
+
+
+# -- the consumer keeps consuming while children run --------------------------------
+
+
+@pytest.mark.parametrize("profile", ["rabbitmq", "redis"])
+def test_a_message_a_body_publishes_is_fetched_at_the_publish(app: Celery, profile: str) -> None:
+    """An early-acked body publishes a task, then the worker loses power: the main
+    process took the new message at the publish (its slot was free), so it comes
+    back redelivered, and runs once."""
+    app.conf.worker_prefetch_multiplier = 1
+    app.conf.broker_transport_options = {"visibility_timeout": 60}
+    job = make_task(app)
+
+    @app.task(name="profiles.parent", shared=False)
+    def parent() -> None:
+        job.delay(7)
+
+    with CeleryFaults(app, profile=profile) as faults:
+        outcome = faults.run(parent.s(), "power_loss@1")
+        [child] = [o for o in faults.outcomes() if o.task_id != outcome.task_id]
+        delivered = events(faults, child.task_id, "delivered")
+        died = next(e for e in faults.ledger if e.kind in ("restored", "orphaned"))
+        story = outcome.story
+    assert outcome.lost, story
+    assert [e.detail for e in delivered] == ["", "redelivered=True"]
+    assert delivered[0].time == died.time == faults.clock.start  # taken before the power loss
+    assert (child.deliveries, child.executions, child.state) == (2, 1, "SUCCESS")
+    assert seen == [(7, True)]
+
+
+def test_a_chain_s_next_message_is_taken_before_the_first_is_acked(app: Celery) -> None:
+    """acks_late, multiplier 2: the chain publishes its second task when the first
+    returns, and the main process takes it while the first is still unacked; a power
+    loss then sends both back, the second redelivered."""
+    from celery import chain
+
+    app.conf.worker_prefetch_multiplier = 2
+    job = make_task(app, acks_late=True)
+
+    @app.task(name="profiles.first", shared=False, acks_late=True)
+    def first() -> int:
+        effect()
+        return 5
+
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.effect")
+        faults.run(chain(first.s(), job.s()), "profiles.first:power_loss@2")
+        one, two = faults.outcomes()
+        taken = [(e.message, e.detail) for e in events(faults, two.task_id, "delivered")]
+    assert (one.deliveries, one.state) == (2, "SUCCESS")
+    # the first delivery publishes message 2 and loses power; the redelivered one
+    # publishes message 3, the same task again (the chain's duplicate)
+    assert [detail for message, detail in taken if message == taken[0][0]] == [
+        "",
+        "redelivered=True",
+    ]
+    assert seen == [(5, True), (5, False)]
 
 
 # -- the order requeued messages come back in --------------------------------------

@@ -286,6 +286,9 @@ def test_events_at_one_virtual_instant_order_the_same_whatever_the_wall_clock(
 
 BASE_EXCEPTION_PROJECT = """
 import signal
+# Ctrl-C comes from outside the task: signal.raise_signal in a task signals its
+# emulated child, so the real function is bound before the harness patches it.
+from signal import raise_signal as ctrl_c_from_outside
 
 import pytest
 from celery import Celery
@@ -315,7 +318,7 @@ def fails():
 
 @app.task(name="proj.interrupted", shared=False)
 def interrupted():
-    signal.raise_signal(signal.SIGINT)  # what Ctrl-C on the test run does
+    ctrl_c_from_outside(signal.SIGINT)  # what Ctrl-C on the test run does
 """
 
 

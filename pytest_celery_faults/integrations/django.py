@@ -45,7 +45,9 @@ from django.core import mail
 from django.db import connections
 
 from ..effects import EffectLog, Execution
+from ..errors import RefusedError
 from ..scheduler import ExecutionDiscarded
+from ..worker import worker_concurrency
 from .statements import written_table
 
 if TYPE_CHECKING:
@@ -106,6 +108,14 @@ class WorkerConnections:
     """An execution watcher giving each execution a worker process's Django connections."""
 
     def __init__(self, harness: CeleryFaults, using: Iterable[str] | None = None) -> None:
+        if harness.concurrent:
+            raise RefusedError(
+                f"celery_faults: Django is configured and this harness runs executions at once "
+                f"({harness.worker_count} worker(s) x worker_concurrency="
+                f"{worker_concurrency(harness.app)}): they would share the test's one database "
+                f"connection per alias, which worker processes never do; run the test with "
+                f"workers=1 and app.conf.worker_concurrency=1"
+            )
         self.harness = harness
         self.effects: EffectLog = harness.effects
         aliases = list(using) if using is not None else list(connections)
@@ -312,5 +322,16 @@ class WorkerConnections:
 def worker_connections(
     harness: CeleryFaults, using: Iterable[str] | None = None
 ) -> WorkerConnections:
-    """Give each execution of ``harness`` a worker process's connections (default: every alias)."""
-    return WorkerConnections(harness, using)
+    """Give each execution of ``harness`` a worker process's connections (default: every alias).
+
+    The harness attaches them by itself when Django is configured; this returns
+    those (for ``count_writes``, ``count_mail``), or puts ones for ``using`` in
+    their place.
+    """
+    attached: WorkerConnections | None = harness.django_connections
+    if attached is not None:
+        if using is None or list(using) == list(attached.connections):
+            return attached
+        attached.close()
+    harness.django_connections = WorkerConnections(harness, using)
+    return harness.django_connections  # type: ignore[no-any-return]

@@ -10,7 +10,7 @@ then the emulation, and fails on any difference, naming it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..faults import FaultSpec, parse_spec
@@ -116,31 +116,51 @@ class RealComparison:
         self.harness = harness
         self.runner = runner
         self.isolation = isolation
+        #: Called between the real run and the emulated one: a scenario's world reset
+        #: (``assert_idempotent``, ``sweep``), so neither run sees the other's.
+        self.between: Callable[[], Any] | None = None
         self._emulated_run: Callable[..., Outcome] = harness.run
         harness.run = self.run
+        harness.comparison = self  # scenarios then each go through run(), never a copy
 
     def uninstall(self) -> None:
         self.harness.__dict__.pop("run", None)
+        self.harness.comparison = None
+
+    def refuse(self, signature: Any, specs: Sequence[str]) -> None:
+        """Raise :class:`RealModeRefused` (one line) when a real worker cannot run ``specs``."""
+        __tracebackhide__ = True
+        waiting = [str(armed.spec) for armed in self.harness.plan.armed if armed.task_id is None]
+        why = refusal(self.harness.app, signature, [*specs, *waiting])
+        if why is not None:
+            raise RealModeRefused(f"real-broker mode cannot run this: {why}")
 
     def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome:
         __tracebackhide__ = True
         harness = self.harness
         texts = [str(parse_spec(spec)) for spec in specs]
         waiting = [str(armed.spec) for armed in harness.plan.armed if armed.task_id is None]
-        why = refusal(harness.app, signature, texts + waiting)
-        if why is not None:
-            raise RealModeRefused(f"real-broker mode cannot run this: {why}")
+        self.refuse(signature, texts)
         signature.freeze()
         self.runner.use_settings(task_settings(harness.app))
         self.runner.track = list(harness.tracked)
         restore = self.isolation() if self.isolation is not None else None
         reals = self.runner.run_signature(signature.clone(), texts, waiting=waiting)
+        if self.between is not None:
+            self.between()
         if restore is not None:
             restore()
         before = {outcome.task_id for outcome in harness.outcomes()}
         outcome = self._emulated_run(signature, *specs)
         emulated = [o for o in harness.outcomes() if o.task_id not in before]
-        check(self.runner, harness, reals, emulated, texts + waiting, isolated=restore is not None)
+        check(
+            self.runner,
+            harness,
+            reals,
+            emulated,
+            texts + waiting,
+            isolated=restore is not None or self.between is not None,
+        )
         return outcome
 
 

@@ -76,7 +76,6 @@ class RealOutcome:
     exception: str | None
     redelivered: list[bool]
     lost: bool
-    worker_deaths: int
     log: list[dict[str, Any]] = field(default_factory=list)
     result: Any = None
     retries: int = 0
@@ -427,7 +426,6 @@ class RealBrokerRunner:
             exception=exception_text(result.result),
             redelivered=[bool(r.get("redelivered")) for r in starts],
             lost=state not in READY_STATES and bool(ends) and ends[-1][1] is None,
-            worker_deaths=deaths,
             log=log,
             result=value if state == "SUCCESS" else None,
             retries=max((int(r.get("retries") or 0) for r in starts), default=0),

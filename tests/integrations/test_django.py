@@ -171,3 +171,106 @@ def test_mail_sent_by_a_task_is_a_side_effect(django_tests: RunTests) -> None:
         """,
         passed=1,
     )
+
+
+def test_executions_get_worker_connections_without_asking(django_tests: RunTests) -> None:
+    """(#19.3) No worker_connections(): a killed task's thread still uses the test's connection."""
+    django_tests(
+        """
+        from django.db import connection
+        from djshop.models import Order, Payment, Receipt
+        from djshop.tasks import pay
+        from pytest_celery_faults.integrations.django import worker_connections
+
+        def test_pay_after_a_kill(transactional, celery_faults):
+            attached = celery_faults.django_connections
+            assert worker_connections(celery_faults) is attached  # to count writes, if asked
+            order = Order.objects.create()
+            blocks = list(connection.atomic_blocks)
+            outcome = celery_faults.run(pay.s(order.id), "sigkill@0")
+            assert (outcome.deliveries, outcome.state, outcome.result) == (2, "SUCCESS", "paid")
+            assert Payment.objects.count() == 1
+            assert Receipt.objects.count() == 1  # on_commit published it
+            assert connection.atomic_blocks == blocks  # the test's transaction is whole
+        """,
+        passed=2,
+    )
+
+
+def test_the_gate_gives_eager_runs_worker_connections(django_project: pytest.Pytester) -> None:
+    """(#19.3) --celery-faults on a Django suite that never asked for worker_connections."""
+    django_project.makepyfile(
+        """
+        from djshop.models import Order, Payment, Receipt
+        from djshop.tasks import pay
+
+        def test_pay_eagerly(transactional):
+            order = Order.objects.create()
+            pay.apply(args=(order.id,))  # delivered twice: "paid", then "already paid"
+            assert Payment.objects.count() == 1
+            # on_commit published it at the task's commit; the receipt task, delivered
+            # twice as well, is not idempotent
+            assert Receipt.objects.count() == 2
+        """
+    )
+    result = django_project.runpytest_subprocess("--celery-faults=redeliver*1")
+    result.assert_outcomes(passed=2)
+
+
+def test_executions_at_once_are_refused_in_one_line(django_project: pytest.Pytester) -> None:
+    """(#19.3) Executions at once would share the test's one connection: refused, not hung."""
+    django_project.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.celery_faults(workers=2)
+        def test_two_workers(db, celery_faults):
+            pass
+        """
+    )
+    result = django_project.runpytest_subprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.no_fnmatch_line("*Traceback*")
+    result.stdout.fnmatch_lines(
+        [
+            "celery_faults: Django is configured and this harness runs "
+            "executions at once (2 worker(s) x worker_concurrency=1): they would share the "
+            "test's one database connection per alias, which worker processes never do; run "
+            "the test with workers=1 and app.conf.worker_concurrency=1"
+        ]
+    )
+
+
+def test_an_execution_the_integration_refuses_fails_the_test(
+    django_project: pytest.Pytester,
+) -> None:
+    """An ``overlap`` copy refused by worker_connections() is not classed ok."""
+    django_project.makepyfile(
+        """
+        from djshop.models import Order, Payment
+        from djshop.tasks import pay_in_two_commits
+
+        def test_overlap(db, celery_faults, orm):
+            orm.count_writes()
+            order = Order.objects.create()
+
+            def reset():
+                Payment.objects.all().delete()
+                Order.objects.update(status="new")
+
+            celery_faults.assert_idempotent(
+                pay_in_two_commits.s(order.id), Payment.objects.count, reset, specs=["overlap"]
+            )
+        """
+    )
+    result = django_project.runpytest_subprocess()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E   *EmulationError: celery_faults: the plugin failed inside "
+            "djshop.tasks.pay_in_two_commits[[]*[]] (delivery 2) as it started, not the task: "
+            "RuntimeError: djshop.tasks.pay_in_two_commits[[]*[]] started while another execution "
+            "holds the test's Django connection; the Django integration needs executions "
+            "that do not interleave"
+        ]
+    )

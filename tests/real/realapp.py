@@ -157,3 +157,83 @@ def terminator(task_id: str, how: str) -> None:
     """Revokes ``task_id`` and kills the child running it, a second after it starts."""
     time.sleep(1)
     app.control.revoke(task_id, terminate=True, signal=how)
+
+
+# -- the consumer: prefetch slots and messages published during an execution ----------
+
+
+def _await_received(task_id: str, seconds: float = 3.0) -> None:
+    """On a real worker: wait (bounded) until its main process has received ``task_id``.
+
+    A message a body publishes reaches the main process within milliseconds if
+    its consumer has room; the fault after this wait then lands after that, not in
+    a race with it. No room (the prefetch count is full): the wait runs out. In the
+    emulation (no plan in the environment) the consumer has taken it at the publish.
+    """
+    import os
+
+    from pytest_celery_faults.real.plan import PLAN_ENV, Plan, read_records
+
+    path = os.environ.get(PLAN_ENV)
+    if path is None:
+        return
+    record = Plan.read(path).record
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for entry in read_records(record):
+            if entry.get("event") == "received" and entry.get("task_id") == task_id:
+                return
+        time.sleep(0.02)
+
+
+@app.task(name="realapp.spawned", shared=False)
+def spawned() -> str:
+    """The task a spawner publishes."""
+    return "spawned"
+
+
+def _spawn() -> str:
+    child = spawned.delay()  # side effect 1
+    _await_received(child.id)
+    effect(2)  # side effect 2
+    return "spawner"
+
+
+@app.task(name="realapp.spawner", shared=False)
+def spawner() -> str:
+    """Early ack: publishes a task, then another side effect."""
+    return _spawn()
+
+
+@app.task(name="realapp.spawner_late", acks_late=True, shared=False)
+def spawner_late() -> str:
+    """acks_late: publishes a task, then another side effect."""
+    return _spawn()
+
+
+@app.task(name="realapp.locked_past_its_limit", time_limit=1, shared=False)
+def locked_past_its_limit(key: str, cleanup_takes: float = 0.0) -> str:
+    """Holds a lock past its hard time limit; ``finally`` releases it after ``cleanup_takes``."""
+    store = state()
+    store.set(f"{key}:lock", "held", ex=60)
+    try:
+        time.sleep(5)
+        return "finished"
+    finally:
+        time.sleep(cleanup_takes)
+        store.delete(f"{key}:lock")
+
+
+@app.task(name="realapp.ends_its_process", shared=False)
+def ends_its_process(how: str) -> str:
+    """Ends (or signals) its own process the way ``how`` names."""
+    import os
+    import signal
+
+    if how == "os._exit(0)":
+        os._exit(0)
+    if how == "os._exit(3)":
+        os._exit(3)
+    if how in ("SIGTERM", "SIGHUP", "SIGKILL"):
+        os.kill(os.getpid(), getattr(signal, how))
+    return "survived"

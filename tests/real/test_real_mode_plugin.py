@@ -261,7 +261,6 @@ def test_a_disagreement_names_each_difference(app: Celery) -> None:
             None,
             [False],
             False,
-            0,
             result="ok",
             deliveries=[DeliveryView(True, [])],
             name="tests.once",
@@ -277,3 +276,69 @@ def test_a_disagreement_names_each_difference(app: Celery) -> None:
         "    deliveries: real [(True, [])], emulated [(True, []), (True, [])]\n"
         "  real records:\n"
     ), message
+
+
+@pytest.mark.parametrize("runner", ["rabbitmq"], indirect=True)
+def test_every_scenario_of_assert_idempotent_is_compared_on_the_real_worker(
+    pytester: pytest.Pytester, runner: Any
+) -> None:
+    """Only the fault-free run was compared: the scenarios ran copies the worker never saw."""
+    result = run_with_broker(
+        pytester,
+        runner.broker_url,
+        """
+        import os
+
+        import proj
+
+
+        def reset():
+            if os.path.exists(proj.LOCK):
+                os.remove(proj.LOCK)
+
+
+        def test_compared(celery_faults, _celery_faults_real_runner):
+            celery_faults.track("proj.effect")
+            proj.job.acks_late = True
+            before = _celery_faults_real_runner.scenarios
+            scenarios = celery_faults.assert_idempotent(
+                proj.job.s(), lambda: 0, specs=["sigkill@1", "redeliver"]
+            )
+            assert [s.verdict for s in scenarios] == ["ok", "ok"]
+            assert _celery_faults_real_runner.scenarios - before == 3  # the baseline and each
+
+        def test_the_world_is_reset_between_the_real_and_the_emulated_run(
+            celery_faults, _celery_faults_real_runner
+        ):
+            reset()
+            before = _celery_faults_real_runner.scenarios
+            scenarios = celery_faults.assert_idempotent(
+                proj.locked.s(), lambda: os.path.exists(proj.LOCK), reset, specs=["redeliver"]
+            )
+            assert [s.outcome.result for s in scenarios] == ["done"]
+            assert _celery_faults_real_runner.scenarios - before == 2
+
+        def test_a_sweep_refuses_up_front_what_a_real_worker_cannot_run(
+            celery_faults, _celery_faults_real_runner
+        ):
+            import pytest
+            from pytest_celery_faults.real.plan import RealModeRefused
+
+            before = _celery_faults_real_runner.scenarios
+            with pytest.raises(RealModeRefused) as cold:
+                celery_faults.sweep(proj.job.s(), lambda: 0)
+            with pytest.raises(RealModeRefused) as overlap:
+                celery_faults.sweep(proj.job.s(), lambda: 0, hows=("sigkill", "overlap"))
+            assert _celery_faults_real_runner.scenarios == before  # nothing ran
+            assert str(cold.value).startswith(
+                "real-broker mode cannot run this: cold_shutdown@0: a real worker's cold "
+                "shutdown (SIGQUIT to its main process) did not reliably cut off"
+            )
+            assert str(overlap.value) == (
+                "real-broker mode cannot run this: overlap: a real worker cannot be made to "
+                "take a second copy of a message while the first runs, nor to interleave the "
+                "two at chosen side effects; the emulation alone covers it"
+            )
+        """,
+    )
+    result.assert_outcomes(passed=3)

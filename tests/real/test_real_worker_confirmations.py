@@ -3,7 +3,9 @@
 Each test asserts the real behaviour, then runs the same task through the
 emulation (state under a key of its own) and asserts the same verdict: a kill
 freezes the task (its ``finally`` never runs), a declared soft time limit
-interrupts a sleep, and two duplicates in flight at once both act.
+interrupts a sleep, two duplicates in flight at once both act, an unacked
+message holds its prefetch slot, and the consumer takes a message a body
+publishes while the body still runs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import realapp
 from celery import group
 
 from pytest_celery_faults import CeleryFaults, Outcome
-from pytest_celery_faults.real.runner import RealBrokerRunner
+from pytest_celery_faults._celery_internals import redis_restore_cadence
+from pytest_celery_faults.real.plan import RESTORE_SWEEP_EVERY_SECOND
+from pytest_celery_faults.real.runner import (
+    RealBrokerRunner,
+    RealOutcome,
+    exception_text,
+    normalise_exception,
+)
 from pytest_celery_faults.real.waiting import polls
 
 pytestmark = pytest.mark.real_broker
@@ -189,3 +198,159 @@ def test_revoke_with_terminate_kills_the_child_running_the_task(
         realapp.app.conf.worker_concurrency = None
     assert emulated_log == log
     assert outcome.state == "REVOKED"
+
+
+# -- the consumer (#20 items 2 and 3) ----------------------------------------------------
+
+
+def restores_in_time(runner: RealBrokerRunner) -> None:
+    """Skip on Redis where the installed kombu sweeps too seldom for a real run to see it.
+
+    kombu before 5.7 restores a dead worker's unacked messages every 100 s,
+    whatever the transport options say; a real run waits seconds.
+    """
+    if runner.profile != "redis":
+        return
+    interval, throttle = redis_restore_cadence(RESTORE_SWEEP_EVERY_SECOND)
+    if interval * throttle > runner.visibility_timeout:
+        pytest.skip(
+            f"the installed kombu restores unacked Redis messages every "
+            f"{interval * throttle:g}s (not a transport option before kombu 5.7), "
+            f"longer than a real run waits after a visibility timeout of "
+            f"{runner.visibility_timeout:g}s"
+        )
+
+
+def real_view(real: RealOutcome) -> tuple[int, int, list[bool]]:
+    """(deliveries the main process received, bodies started, redelivered as each body saw it)."""
+    received = sum(entry["event"] == "received" for entry in real.log)
+    return received, real.executions, real.redelivered
+
+
+def emulated_views(
+    signature: object, spec: str, profile: str
+) -> dict[str, tuple[int, int, list[bool]]]:
+    """The same views in the emulation, per task name (in publish order), from the ledger."""
+    views: dict[str, tuple[int, int, list[bool]]] = {}
+    with CeleryFaults(realapp.app, profile=profile) as faults:
+        faults.track("realapp.effect")
+        faults.run(signature, spec)
+        for outcome in faults.outcomes():
+            delivered = [
+                e for e in faults.ledger.for_task(outcome.task_id) if e.kind == "delivered"
+            ]
+            # a started execution's delivery: the last one to the consumer it ran on
+            flags = [
+                [e for e in delivered if e.consumer == record.worker][-1].detail
+                == "redelivered=True"
+                for record in faults.records
+                if record.task_id == outcome.task_id and record.started
+            ]
+            views[f"{outcome.name}#{len(views)}"] = (
+                outcome.deliveries,
+                outcome.executions,
+                flags,
+            )
+    return views
+
+
+def test_an_unacked_running_message_holds_the_only_prefetch_slot(
+    runner: RealBrokerRunner,
+) -> None:
+    """acks_late, multiplier 1, concurrency 1: the second message is not fetched while the
+    first runs, so after the power loss it is delivered once, fresh."""
+    restores_in_time(runner)
+    pair = group(realapp.late.si(), realapp.late.si())
+    pair.freeze()
+    crashed, bystander = runner.run_signature(pair, waiting=["realapp.late:power_loss@1"])
+    assert real_view(crashed) == (2, 2, [False, True]), crashed.timeline()
+    assert real_view(bystander) == (1, 1, [False]), bystander.timeline()
+    views = emulated_views(
+        group(realapp.late.si(), realapp.late.si()), "realapp.late:power_loss@1", runner.profile
+    )
+    assert list(views.values()) == [(2, 2, [False, True]), (1, 1, [False])], views
+
+
+@pytest.mark.parametrize(
+    ("task", "spawned"),
+    [
+        # early ack: the slot is free, the main process takes the new message at once;
+        # after the power loss it comes back redelivered (its first delivery never ran)
+        ("spawner", [(2, 1, [True])]),
+        # acks_late: the running message fills the slot; the new message waits in the
+        # queue and is delivered once, fresh (and the redelivered spawner sends another)
+        ("spawner_late", [(1, 1, [False]), (1, 1, [False])]),
+    ],
+)
+def test_a_message_published_during_an_execution_is_taken_while_the_body_runs(
+    runner: RealBrokerRunner, task: str, spawned: list[tuple[int, int, list[bool]]]
+) -> None:
+    restores_in_time(runner)
+    signature = getattr(realapp, task).si()
+    signature.freeze()
+    reals = runner.run_signature(signature, ["power_loss@2"])
+    assert [real_view(real) for real in reals[1:]] == spawned, [r.timeline() for r in reals]
+    views = emulated_views(getattr(realapp, task).si(), "power_loss@2", runner.profile)
+    assert [view for name, view in views.items() if name.startswith("realapp.spawned")] == (
+        spawned
+    ), views
+
+
+@pytest.mark.parametrize(("cleanup_takes", "released"), [(0.0, True), (1.0, False)])
+def test_a_hard_time_limit_lets_a_quick_finally_run_before_sigkill(
+    runner: RealBrokerRunner, key: str, cleanup_takes: float, released: bool
+) -> None:
+    """billiard's ``_trywaitkill``: SIGTERM (the child unwinds), 0.1 s, then SIGKILL."""
+    real = runner.run("realapp.locked_past_its_limit", (key, cleanup_takes), timeout=20)
+    store = realapp.state()
+    assert (store.get(f"{key}:lock") is None) is released, real.timeline()
+    assert real.state == "FAILURE"
+    assert real.exception is not None
+    assert real.exception.startswith("TimeLimitExceeded"), real.exception
+    twin = f"{key}:emulated"
+    [outcome], lock = emulated(
+        realapp.locked_past_its_limit.s(twin, cleanup_takes),
+        inspect=lambda: store.get(f"{twin}:lock"),
+    )
+    assert (lock is None) is released, outcome.story
+    assert outcome.state == "FAILURE"
+    assert type(outcome.exception).__name__ == "TimeLimitExceeded"
+
+
+@pytest.mark.parametrize("how", ["os._exit(0)", "os._exit(3)", "SIGTERM", "SIGHUP", "SIGKILL"])
+def test_a_task_that_ends_its_own_process_loses_its_child_as_billiard_says(
+    runner: RealBrokerRunner, how: str
+) -> None:
+    real = runner.run("realapp.ends_its_process", (how,), timeout=20)
+    # billiard reports a lost child after its lost_worker_timeout (10 s): an early
+    # acked message may settle before the result is stored.
+    stored = runner.client.AsyncResult(real.task_id)
+    stored.get(timeout=30, propagate=False)
+    assert stored.state == "FAILURE", real.timeline()
+    [outcome], _ = emulated(realapp.ends_its_process.s(how))
+    assert outcome.state == "FAILURE", outcome.story
+    emulated_text = f"{type(outcome.exception).__name__}: {outcome.exception}"
+    assert exception_text(stored.result) == normalise_exception(emulated_text)
+
+
+def test_a_message_held_for_its_countdown_leaves_room_for_the_next(
+    runner: RealBrokerRunner,
+) -> None:
+    """Multiplier 1: the consumer raises its prefetch count for the message it holds for
+    its countdown (Celery's ``qos.increment_eventually``), so the next message is taken and
+    runs at once, before the countdown ends."""
+    pair = group(realapp.late.si().set(countdown=3), realapp.late.si())
+    pair.freeze()
+    held, plain = runner.run_signature(pair)
+
+    def started(real: RealOutcome) -> float:
+        return float(next(entry["at"] for entry in real.log if entry["event"] == "start"))
+
+    assert started(plain) < started(held) - 1.0, [held.timeline(), plain.timeline()]
+    with CeleryFaults(realapp.app, profile=runner.profile) as faults:
+        faults.run(group(realapp.late.si().set(countdown=3), realapp.late.si()))
+        first, second = faults.outcomes()
+        ended = [record.task_id for record in faults.records]
+        elapsed = faults.clock.elapsed
+    assert ended == [second.task_id, first.task_id]
+    assert elapsed == 3.0
