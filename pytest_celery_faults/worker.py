@@ -136,6 +136,10 @@ class ChildExecution:
     def start(self) -> None:
         """The child took the job: a fault at boundary 0 fires now, before the body."""
         self.started = True
+        stack = self.stack
+        if stack is not None and isinstance(stack.pending, TerminatedBySignal):
+            pending, stack.pending = stack.pending, None
+            raise pending  # terminated before it first ran: it dies before the body
         step = self.step
         if step is not None and step.at == 0 and step.kind not in ("raise", "soft_timeout"):
             self._fire(step)
