@@ -150,14 +150,15 @@ class ChildExecution:
     #: The handlers tasks installed with ``signal.signal`` in this child (its pool child's).
     handlers: dict[int, Any] = field(default_factory=dict)
     terminating: int | None = None  # the signal billiard's shutdown handler ran for
-    signalled: int | None = None  # a signal ``terminate_job`` sent this very execution
+    signalled: int | None = None  # a signal ``terminate_job`` sent this execution's child
 
     def take_signal(self) -> None:
         """The signal a remote-control terminate sent this execution arrives here.
 
-        It was sent while the execution itself broadcast the ``revoke``; it lands
-        once the broadcast is out (every worker has handled it), as a signal
-        lands on the process between two of its instructions: the child's
+        Sent by the execution itself (it broadcast the ``revoke``), it lands once
+        the broadcast is out (every worker has handled it), as a signal lands on
+        the process between two of its instructions; sent from elsewhere, where
+        the execution waits, or as it starts if it has not run yet. The child's
         handler runs, or the signal's default action (see :meth:`receive`).
         """
         signum, self.signalled = self.signalled, None
@@ -167,6 +168,7 @@ class ChildExecution:
     def start(self) -> None:
         """The child took the job: a fault at boundary 0 fires now, before the body."""
         self.started = True
+        self.take_signal()  # terminated before it first ran: it lands before the body
         step = self.step
         if step is not None and step.at == 0 and step.kind not in ("raise", "soft_timeout"):
             self._fire(step)
@@ -701,7 +703,8 @@ class InProcessPool:
         if stack is None:  # pragma: no cover - every execution runs on a stack
             raise RuntimeError(f"terminate_job: {execution.task_id} runs without a stack")
         if number != signal.SIGKILL:  # it lands where the execution waits, as a hard limit's
-            execution.interrupt(lambda: execution.receive(number))
+            execution.signalled = number  # or as it starts, if it has not run yet
+            execution.interrupt(execution.take_signal)
             return
         execution.dead = True
         self.worker.scheduler.freeze_where(lambda candidate: candidate is stack, None)

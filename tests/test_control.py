@@ -364,3 +364,24 @@ def test_a_task_on_a_stack_of_its_own_that_kills_its_child_is_frozen(app: Celery
         log = list(world.log)
     assert log == ["before"]
     assert (outcome.state, outcome.acked, outcome.executions) == ("REVOKED", True, 1)
+
+
+def test_terminating_a_task_accepted_but_not_yet_run_ends_it_before_its_body(app: Celery) -> None:
+    @app.task(name="tests.watcher", shared=False)
+    def watcher(task_id: str) -> None:
+        app.control.revoke(task_id, terminate=True)
+
+    @app.task(name="tests.plain", shared=False)
+    def plain() -> None:
+        world.touch("ran")
+
+    with CeleryFaults(app, workers=2, seed=2) as faults:
+        faults.track((world, "touch"))
+        target = plain.s().freeze()
+        watcher.delay(target.id)
+        plain.apply_async(task_id=target.id)
+        faults.drain()
+        outcome = faults.outcome(target.id)
+    # seed 2: the watcher runs first, while its twin worker's child holds the job
+    assert "child terminated by remote control (SIGTERM)" in str(outcome.timeline)
+    assert (outcome.state, world.log) == ("REVOKED", [])
