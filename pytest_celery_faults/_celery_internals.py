@@ -90,6 +90,7 @@ def child_gone_info(status: int, job: int) -> ExceptionInfo:
 #: signals (``reset_signals``, the ``sigprotection`` set off as Celery runs it) and
 #: the soft time limit's handler; Celery's ``process_initializer`` and billiard
 #: ignore SIGINT. Read from the installed billiard and Celery.
+@functools.cache
 def child_signal_disposition(signum: int) -> str:
     """``"shutdown"``, ``"soft_timeout"``, ``"ignore"`` or ``"default"`` (the OS's action)."""
     from billiard import common
@@ -107,6 +108,7 @@ def child_signal_disposition(signum: int) -> str:
     return "default"
 
 
+@functools.cache
 def child_initial_handler(signum: int) -> Any:
     """What ``signal.getsignal(signum)`` answers in a fresh prefork child."""
     from billiard import common

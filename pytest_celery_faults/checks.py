@@ -152,6 +152,22 @@ def _code_calls_self_retry(code: CodeType) -> bool:
     return "self.retry(" in source
 
 
+#: What Flask raises when code needs an app context no one pushed.
+FLASK_NO_CONTEXT = "Working outside of application context"
+
+
+def context_problem(task: Any, exception: BaseException | None) -> str | None:
+    """A task that needed the test's Flask app context: a worker child has none."""
+    if not isinstance(exception, RuntimeError) or FLASK_NO_CONTEXT not in str(exception):
+        return None
+    return (
+        f"task {task.name} ran outside a Flask application context: it runs as in a worker "
+        f"child, which has none of the test's context; give the task its own, as a worker "
+        f"needs it too (a Task base class that pushes app.app_context(), set before the "
+        f"tasks are bound, or a task_prerun receiver)"
+    )
+
+
 class Checks:
     """Connects the checks to Celery's signals for the life of a harness."""
 
@@ -164,10 +180,21 @@ class Checks:
             self.report(problem)
         signals.before_task_publish.connect(self._before_publish, weak=False)
         signals.task_postrun.connect(self._postrun, weak=False)
+        signals.task_failure.connect(self._failure, weak=False)
 
     def stop(self) -> None:
         signals.before_task_publish.disconnect(self._before_publish)
         signals.task_postrun.disconnect(self._postrun)
+        signals.task_failure.disconnect(self._failure)
+
+    def _failure(
+        self, sender: Any = None, exception: BaseException | None = None, **_: Any
+    ) -> None:
+        if sender is None or sender.app is not self.app:
+            return
+        problem = context_problem(sender, exception)
+        if problem:
+            self.report(problem)
 
     def effect(self, effect: Effect) -> None:
         problem = http_timeout_problem(effect)

@@ -172,3 +172,32 @@ def test_harness_tests_get_a_time_limit_when_none_is_configured(
         """
     )
     pytester.runpytest("-p", "no:randomly").assert_outcomes(passed=2)
+
+
+def test_a_task_that_needed_the_test_s_flask_context_says_what_a_child_lacks() -> None:
+    from celery import Celery
+
+    from pytest_celery_faults import CeleryFaults
+
+    app = Celery("flaskish", set_as_current=False)
+
+    @app.task(name="flaskish.needs_context", shared=False)
+    def needs_context() -> None:
+        # what flask.current_app raises with no app context pushed
+        raise RuntimeError("Working outside of application context.\n\nThis typically ...")
+
+    @app.task(name="flaskish.other_error", shared=False)
+    def other_error() -> None:
+        raise RuntimeError("something else")
+
+    with CeleryFaults(app) as faults:
+        faults.run(other_error.s())
+        assert faults.warnings == []
+        faults.run(needs_context.s())
+        faults.run(needs_context.s())
+    assert faults.warnings == [
+        "task flaskish.needs_context ran outside a Flask application context: it runs as in "
+        "a worker child, which has none of the test's context; give the task its own, as a "
+        "worker needs it too (a Task base class that pushes app.app_context(), set before the "
+        "tasks are bound, or a task_prerun receiver)"
+    ]
