@@ -78,10 +78,8 @@ class TerminatedBySignal(SystemExit):
 class ChildGone(BaseException):
     """The child process died under its task at once: ``os._exit``, a fatal signal.
 
-    An execution on a stack of its own freezes there (nothing more of it
-    runs); one running inline on the caller's stack can only unwind with
-    this, and while it unwinds its side effects are refused and no result
-    is stored, as for a discarded stack.
+    The execution's stack freezes there: nothing more of it runs, no
+    ``finally`` or ``__exit__``, as in a process that is gone.
     """
 
     def __init__(self, status: int, ending: str) -> None:
