@@ -285,12 +285,15 @@ class RealBrokerRunner:
         *,
         waiting: list[str] | tuple[str, ...] = (),
         timeout: float = 45.0 + LONGEST_TIME_LIMIT,
+        tasks: int = 0,
     ) -> list[RealOutcome]:
         """Publish a frozen signature or canvas; the outcomes of its task ids, in order.
 
         ``specs`` bind as :meth:`CeleryFaults.run` binds them (a plain signature's
         to its task id when the task matches); ``waiting`` specs bind to the first
-        message of a matching name, as armed specs do.
+        message of a matching name, as armed specs do. ``tasks``: how many task ids
+        the run has in all, when bodies publish tasks whose ids are not known in
+        advance: it is not over before the worker has received that many.
         """
         ids = frozen_ids(signature)
         plain = getattr(signature, "subtask_type", None) is None
@@ -307,10 +310,12 @@ class RealBrokerRunner:
         if self.worker is None or self.worker.poll() is not None:
             self.worker = None
             self.start_worker()
-        deaths = self._publish_and_wait(signature, ids, timeout)
+        deaths = self._publish_and_wait(signature, ids, timeout, tasks)
         return [self._observe(task_id, deaths) for task_id in self._seen_ids(ids)]
 
-    def _publish_and_wait(self, signature: Any, ids: list[str], timeout: float) -> int:
+    def _publish_and_wait(
+        self, signature: Any, ids: list[str], timeout: float, tasks: int = 0
+    ) -> int:
         from celery.canvas import Signature
         from kombu.utils.json import dumps, loads
 
@@ -334,6 +339,8 @@ class RealBrokerRunner:
             if deaths == 0 and any(r.get("spec", "").split("@")[0] in SHUTDOWNS for r in records):
                 continue  # the worker was told to stop: nothing is settled until it has
             grace = self._settled(ids, records)
+            if len(self._seen_ids(ids, records)) < tasks:
+                grace = None  # a task a body published has not been received yet
             if grace is not None:
                 settled_at = settled_at or time.monotonic()
                 if time.monotonic() - settled_at > max(grace, FAULT_SETTLE_SECONDS * deaths):

@@ -288,7 +288,7 @@ def test_a_message_published_during_an_execution_is_taken_while_the_body_runs(
     restores_in_time(runner)
     signature = getattr(realapp, task).si()
     signature.freeze()
-    reals = runner.run_signature(signature, ["power_loss@2"])
+    reals = runner.run_signature(signature, ["power_loss@2"], tasks=1 + len(spawned))
     assert [real_view(real) for real in reals[1:]] == spawned, [r.timeline() for r in reals]
     views = emulated_views(getattr(realapp, task).si(), "power_loss@2", runner.profile)
     assert [view for name, view in views.items() if name.startswith("realapp.spawned")] == (
