@@ -390,7 +390,10 @@ def test_ctrl_c_during_a_task_still_stops_the_test_run(project: pytest.Pytester)
     )
     result = project.runpytest_subprocess("-p", "no:randomly")
     assert result.ret == pytest.ExitCode.INTERRUPTED
-    result.stdout.fnmatch_lines(["*KeyboardInterrupt*", "*no tests ran*"])
+    result.stdout.fnmatch_lines(["*KeyboardInterrupt*"])
+    # nothing passed, not even the test after it (the last line may count warnings:
+    # Celery 5.3 warns about utcnow on Python 3.12)
+    assert " passed" not in result.stdout.lines[-1], result.stdout.lines[-1]
 
 
 def test_one_seed_gives_the_same_report_byte_for_byte(pytester: pytest.Pytester) -> None:
