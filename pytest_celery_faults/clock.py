@@ -106,8 +106,8 @@ class VirtualClock:
 _LONGEST_SLEEP = 2**63 / 1e9
 
 
-def _refused_by_sleep(seconds: Any) -> bool:
-    """Whether ``time.sleep(seconds)`` raises at once (NaN, infinite, negative, not a number)."""
+def _refused_at_once(seconds: Any) -> bool:
+    """Whether ``time.sleep`` raises at once for ``seconds`` (NaN, inf, negative, not a number)."""
     if isinstance(seconds, float):
         return math.isnan(seconds) or not 0 <= seconds < _LONGEST_SLEEP
     try:
@@ -204,8 +204,8 @@ class TimeInBodies:
 
         def virtual_sleep(seconds: float) -> None:  # virtual: the clock's, in a body
             real_sleep = self._saved[0] if self._saved is not None else time.sleep
-            if _refused_by_sleep(seconds):
-                real_sleep(seconds)  # raises Python's own error at once, sleeping not at all
+            if _refused_at_once(seconds):
+                real_sleep(seconds)  # raises Python's own error at once: no wait, real or virtual
             if not sleep(seconds):  # virtual
                 real_sleep(seconds)  # virtual only in bodies: this is the caller's own
 

@@ -31,7 +31,7 @@ def _fresh_world() -> None:
 
 
 @pytest.fixture
-def no_polling_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+def no_polling_pause(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """kombu's virtual transport sleeps between polls while a client waits for replies."""
     from kombu.transport.virtual import base
 
@@ -41,7 +41,7 @@ def no_polling_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 def test_ping_and_inspect_are_answered_by_each_worker_without_waiting(
-    app: Celery, no_polling_sleep: list[float]
+    app: Celery, no_polling_pause: list[float]
 ) -> None:
     with CeleryFaults(app, workers=2):
         pongs = app.control.ping()
@@ -55,7 +55,7 @@ def test_ping_and_inspect_are_answered_by_each_worker_without_waiting(
     for answer in answers:
         assert answer == {"celery@faults-1": [], "celery@faults-2": []}
     assert one == {"celery@faults-2": {"ok": "pong"}}
-    assert no_polling_sleep == []  # no reply was waited for: each was there already
+    assert no_polling_pause == []  # no reply was waited for: each was there already
 
 
 def test_a_task_revoked_before_it_runs_is_skipped_as_revoked(app: Celery) -> None:
@@ -108,13 +108,13 @@ def _worker_pair(app: Celery, how: str) -> tuple[Any, Any]:
         try:
             for step in range(3):
                 world.touch(f"step {step}")
-                time.sleep(10)
+                time.sleep(10)  # virtual
         finally:
             world.touch("cleanup")
 
     @app.task(name="tests.stopper", shared=False)
     def stopper(task_id: str) -> None:
-        time.sleep(5)  # the long task sleeps in its first 10 s meanwhile
+        time.sleep(5)  # virtual: the long task sleeps in its first 10 s meanwhile
         app.control.revoke(task_id, terminate=True, signal=how)
 
     return long, stopper
@@ -326,13 +326,13 @@ def test_a_remote_sigterm_runs_the_handler_a_task_installed_in_its_child(app: Ce
 
     @app.task(name="tests.waits", shared=False)
     def waits() -> str:
-        time.sleep(10)
+        time.sleep(10)  # virtual
         world.touch("went on")
         return "done"
 
     @app.task(name="tests.terminates", shared=False)
     def terminates(task_id: str) -> None:
-        time.sleep(1)
+        time.sleep(1)  # virtual
         app.control.revoke(task_id, terminate=True)
 
     with CeleryFaults(app, seed=1) as faults:

@@ -833,9 +833,9 @@ def test_asyncio_sleeps_in_a_body_run_on_the_virtual_clock(app: Celery, own_stac
         async def main() -> list[float]:
             loop = asyncio.get_running_loop()
             started = loop.time()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # virtual
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.sleep(30), timeout=2)
+                await asyncio.wait_for(asyncio.sleep(30), timeout=2)  # virtual
             return [loop.time() - started, time.time()]
 
         return asyncio.run(main())
@@ -867,13 +867,13 @@ def test_time_sleep_raises_pythons_own_errors_in_a_body(
 ) -> None:
     @app.task(shared=False)
     def naps(seconds: Any) -> None:
-        time.sleep(seconds)
+        time.sleep(seconds)  # virtual: in the body, refused at once
 
     with CeleryFaults(app) as faults:
         outcome = faults.run(naps.s(seconds))
     assert (outcome.state, type(outcome.exception)) == ("FAILURE", error), outcome.story
     with pytest.raises(error) as raised:
-        time.sleep(seconds)  # the real one: it raises at once
+        time.sleep(seconds)  # the real one raises at once: no wait, real or virtual
     assert str(outcome.exception) == str(raised.value)
 
 

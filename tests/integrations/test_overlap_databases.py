@@ -33,7 +33,7 @@ def postgresql_engine() -> sa.Engine:
             pass
     except sa.exc.OperationalError as exc:
         engine.dispose()
-        pytest.skip(f"no PostgreSQL at {POSTGRESQL}: {exc.orig}")
+        pytest.skip(reason=f"no PostgreSQL at {POSTGRESQL}: {exc.orig}")
     return engine
 
 

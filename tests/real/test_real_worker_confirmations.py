@@ -213,8 +213,8 @@ def restores_in_time(runner: RealBrokerRunner) -> None:
         return
     interval, throttle = redis_restore_cadence(RESTORE_SWEEP_EVERY_SECOND)
     if interval * throttle > runner.visibility_timeout:
-        pytest.skip(
-            f"the installed kombu restores unacked Redis messages every "
+        pytest.skip(  # reason: kombu's restore cadence
+            reason=f"the installed kombu restores unacked Redis messages every "
             f"{interval * throttle:g}s (not a transport option before kombu 5.7), "
             f"longer than a real run waits after a visibility timeout of "
             f"{runner.visibility_timeout:g}s"
