@@ -10,8 +10,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .broker import BrokerProfile, InMemoryBroker, Ledger
-    from .clock import VirtualClock
+    from .engine.broker import BrokerProfile, InMemoryBroker, Ledger
+    from .engine.clock import VirtualClock
+    from .engine.outcome import Outcome, Timeline
     from .errors import (
         CeleryFaultsError,
         CeleryFaultsWarning,
@@ -23,10 +24,9 @@ if TYPE_CHECKING:
         TimeLimitPassed,
         UnfiredFaultError,
     )
-    from .faults import FaultSpec, Step, parse_spec
+    from .grammar import FaultSpec, Step, parse_spec
     from .harness import CeleryFaults
-    from .idempotency import Scenario, SweepReport
-    from .outcome import Outcome, Timeline
+    from .verdicts.idempotency import Scenario, SweepReport
 
 __all__ = [
     "BrokerProfile",
@@ -53,10 +53,10 @@ __all__ = [
 ]
 
 _HOMES = {
-    "BrokerProfile": "broker",
-    "InMemoryBroker": "broker",
-    "Ledger": "broker",
-    "VirtualClock": "clock",
+    "BrokerProfile": "engine.broker",
+    "InMemoryBroker": "engine.broker",
+    "Ledger": "engine.broker",
+    "VirtualClock": "engine.clock",
     "CeleryFaultsError": "errors",
     "CeleryFaultsWarning": "errors",
     "ConfigError": "errors",
@@ -66,14 +66,14 @@ _HOMES = {
     "TimeLimitPassed": "errors",
     "RefusedError": "errors",
     "UnfiredFaultError": "errors",
-    "FaultSpec": "faults",
-    "Step": "faults",
-    "parse_spec": "faults",
+    "FaultSpec": "grammar",
+    "Step": "grammar",
+    "parse_spec": "grammar",
     "CeleryFaults": "harness",
-    "Scenario": "idempotency",
-    "SweepReport": "idempotency",
-    "Outcome": "outcome",
-    "Timeline": "outcome",
+    "Scenario": "verdicts.idempotency",
+    "SweepReport": "verdicts.idempotency",
+    "Outcome": "engine.outcome",
+    "Timeline": "engine.outcome",
 }
 
 

@@ -26,8 +26,7 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from . import _celery_internals as internals
-from . import idempotency
-from .broker import (
+from .engine.broker import (
     TRANSPORT_OPTION,
     BoundProducerPool,
     BrokerEvent,
@@ -37,15 +36,28 @@ from .broker import (
     Ledger,
     register_transport,
 )
-from .checks import Checks
-from .clock import TimeInBodies, VirtualClock
-from .effects import (
+from .engine.clock import TimeInBodies, VirtualClock
+from .engine.effects import (
     Effect,
     EffectLog,
     Patch,
     TrackedRequestsMock,
     resolve_target,
     tracking_wrapper,
+)
+from .engine.history import LOSSES, NOT_IDEMPOTENT, History
+from .engine.outcome import Outcome, Timeline, safe_repr
+from .engine.process_calls import ProcessCallsInBodies
+from .engine.replay import PublishedMessage
+from .engine.results import InMemoryResultBackend
+from .engine.scheduler import Scheduler, current_stack
+from .engine.worker import (
+    EmulatedWorker,
+    ExecutionRecord,
+    check_worker_settings,
+    check_workers,
+    where_it_hung,
+    worker_concurrency,
 )
 from .errors import (
     DrainError,
@@ -55,23 +67,11 @@ from .errors import (
     TimeLimitPassed,
     UnfiredFaultError,
 )
-from .faults import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
-from .history import LOSSES, NOT_IDEMPOTENT, History
-from .idempotency import Scenario, SweepReport
+from .grammar import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .integrations import django_configured
-from .outcome import Outcome, Timeline, safe_repr
-from .process_calls import ProcessCallsInBodies
-from .replay import PublishedMessage
-from .results import InMemoryResultBackend
-from .scheduler import Scheduler, current_stack
-from .worker import (
-    EmulatedWorker,
-    ExecutionRecord,
-    check_worker_settings,
-    check_workers,
-    where_it_hung,
-    worker_concurrency,
-)
+from .verdicts import idempotency
+from .verdicts.checks import Checks
+from .verdicts.idempotency import Scenario, SweepReport
 
 #: A drain that runs more executions than this has not converged (a task that requeues forever).
 DEFAULT_MAX_EXECUTIONS = 1000

@@ -13,7 +13,7 @@ from celery import Celery
 # later run would then import Celery's worker and billiard again, and classes
 # from two imports of one module would meet (isinstance fails). Import them here.
 import pytest_celery_faults.harness  # noqa: F401
-import pytest_celery_faults.idempotency  # noqa: F401
+import pytest_celery_faults.verdicts.idempotency  # noqa: F401
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from releases import BILLIARD, CELERY
 
 from pytest_celery_faults import CeleryFaults, Outcome
 from pytest_celery_faults.ack_table import table as generated_table
-from pytest_celery_faults.broker import BrokerEvent
+from pytest_celery_faults.engine.broker import BrokerEvent
 
 #: Celery minor release -> the billiard minor release its table was read with.
 PINNED = {(5, 3): (4, 2), (5, 4): (4, 2), (5, 5): (4, 2), (5, 6): (4, 2), (5, 7): (4, 3)}

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from pytest_celery_faults.audit import RULE_IDS, Suppression, audit_app
+from pytest_celery_faults.session.audit import RULE_IDS, Suppression, audit_app
 
 #: One task per rule, and one safe task; the broker is Redis with a short visibility timeout.
 RISKY = """
@@ -179,7 +179,7 @@ def test_a_task_may_suppress_a_rule_on_itself_with_a_reason() -> None:
 
 
 def test_a_rule_whose_proof_does_not_reproduce_is_not_reported() -> None:
-    from pytest_celery_faults import audit
+    from pytest_celery_faults.session import audit
 
     never = audit.Rule(
         "CF001",

@@ -20,7 +20,7 @@ from celery import signals as celery_signals
 from celery.exceptions import SoftTimeLimitExceeded
 
 from pytest_celery_faults import CeleryFaults
-from pytest_celery_faults.scheduler import BLOCKED_SECONDS, every_schedule
+from pytest_celery_faults.engine.scheduler import BLOCKED_SECONDS, every_schedule
 
 #: The world the tasks below change: a lock table, charges made, cleanups run.
 locks: dict[str, str] = {}

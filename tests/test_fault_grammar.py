@@ -13,7 +13,7 @@ import pytest
 from celery import Celery
 
 from pytest_celery_faults import CeleryFaults, FaultSpecError, parse_spec
-from pytest_celery_faults.faults import BOUNDARY_KINDS, VALID_FORMS, FaultSpec, Step
+from pytest_celery_faults.grammar import BOUNDARY_KINDS, VALID_FORMS, FaultSpec, Step
 
 
 @pytest.mark.parametrize(

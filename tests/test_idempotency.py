@@ -398,7 +398,7 @@ def test_sweep_orders_failures_simplest_first_and_replays_them(store: pytest.Pyt
 def test_a_sweep_keeps_the_timelines_of_its_findings_only(store: pytest.Pytester) -> None:
     store.makepyfile(
         test_sweep="""
-        from pytest_celery_faults.idempotency import NOT_KEPT
+        from pytest_celery_faults.verdicts.idempotency import NOT_KEPT
         import store
 
         def test_sweep(tracked):

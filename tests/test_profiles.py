@@ -21,7 +21,7 @@ from celery.app.defaults import NAMESPACES
 
 from pytest_celery_faults import CeleryFaults
 from pytest_celery_faults._celery_internals import redis_restore_cadence
-from pytest_celery_faults.broker import BrokerEvent
+from pytest_celery_faults.engine.broker import BrokerEvent
 
 #: (argument, delivery_info['redelivered']) for each time a task body started.
 seen: list[tuple[int, bool]] = []

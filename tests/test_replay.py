@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from celery import Celery, signals
 
-from pytest_celery_faults import CeleryFaults, replay
-from pytest_celery_faults.outcome import Outcome
+from pytest_celery_faults import CeleryFaults
+from pytest_celery_faults.engine import replay
+from pytest_celery_faults.engine.outcome import Outcome
 
 effects: list[Any] = []
 

@@ -260,7 +260,7 @@ def test_events_at_one_virtual_instant_order_the_same_whatever_the_wall_clock(
     """A countdown equal to Redis's visibility timeout: the restore and the ETA meet."""
     from types import SimpleNamespace
 
-    from pytest_celery_faults import clock
+    from pytest_celery_faults.engine import clock
 
     app.conf.broker_transport_options = {"visibility_timeout": 10}
 

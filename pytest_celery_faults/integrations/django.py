@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING, Any
 from django.core import mail
 from django.db import connections
 
-from ..effects import EffectLog, Execution
+from ..engine.effects import EffectLog, Execution
+from ..engine.scheduler import ExecutionDiscarded
+from ..engine.worker import worker_concurrency
 from ..errors import RefusedError
-from ..scheduler import ExecutionDiscarded
-from ..worker import worker_concurrency
 from .statements import written_table
 
 if TYPE_CHECKING:

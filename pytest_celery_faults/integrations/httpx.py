@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import respx
 
-from ..attempts import perform_attempt
-from ..effects import EffectLog
+from ..engine.attempts import perform_attempt
+from ..engine.effects import EffectLog
 
 if TYPE_CHECKING:
     from ..harness import CeleryFaults

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.client
 
-from ..attempts import perform_attempt
-from ..effects import EffectLog, Patch
+from ..engine.attempts import perform_attempt
+from ..engine.effects import EffectLog, Patch
 
 if TYPE_CHECKING:
     from ..harness import CeleryFaults

@@ -10,8 +10,8 @@ from __future__ import annotations
 import smtplib
 from typing import TYPE_CHECKING, Any
 
-from ..attempts import perform_attempt
-from ..effects import Patch
+from ..engine.attempts import perform_attempt
+from ..engine.effects import Patch
 
 if TYPE_CHECKING:
     from ..harness import CeleryFaults

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from ..effects import EffectLog, Execution, Patch
+from ..engine.effects import EffectLog, Execution, Patch
 from .statements import written_table
 
 if TYPE_CHECKING:

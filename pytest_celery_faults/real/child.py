@@ -25,8 +25,8 @@ from celery import signals
 from celery.exceptions import SoftTimeLimitExceeded
 
 from .. import _celery_internals as internals
-from ..effects import Patch, resolve_target
-from ..faults import Step
+from ..engine.effects import Patch, resolve_target
+from ..grammar import Step
 from .plan import LONGEST_TIME_LIMIT, PLAN_ENV, Bindings, Plan, append_record, read_records
 from .waiting import polls
 

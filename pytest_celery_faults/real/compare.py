@@ -13,8 +13,8 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..faults import FaultSpec, parse_spec
-from ..outcome import Outcome
+from ..engine.outcome import Outcome
+from ..grammar import FaultSpec, parse_spec
 from .plan import RealModeRefused, refusal, task_settings
 from .runner import RealBrokerRunner, RealOutcome, exception_text
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..faults import FaultSpec, Step, parse_spec
+from ..grammar import FaultSpec, Step, parse_spec
 
 PLAN_ENV = "CELERY_FAULTS_PLAN"
 #: kombu's Redis transport restores unacked messages in sweeps, about every 100 s

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from ..faults import parse_spec
+from ..grammar import parse_spec
 from .plan import (
     LONGEST_TIME_LIMIT,
     PLAN_ENV,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from .audit import AuditReport, Suppression
+    from ..session.audit import AuditReport, Suppression
 
 APP_INI = "celery_faults_app"
 SUPPRESS_INI = "celery_faults_audit_suppress"
@@ -72,7 +72,7 @@ class AuditHooks:
                 f"--celery-faults-audit needs the {APP_INI} ini option (the app to audit, "
                 f"as 'module:attribute')"
             )
-        from .audit import Suppression
+        from ..session.audit import Suppression
 
         try:
             suppressions = [Suppression.parse(line) for line in config.getini(SUPPRESS_INI)]
@@ -82,8 +82,8 @@ class AuditHooks:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        from .apps import load_app
-        from .audit import audit_app, profile_of
+        from ..apps import load_app
+        from ..session.audit import audit_app, profile_of
 
         try:
             app = load_app(str(self.config.getini(APP_INI)))
@@ -92,7 +92,7 @@ class AuditHooks:
             self.error = str(exc)
             session.exitstatus = pytest.ExitCode.USAGE_ERROR
             return
-        from .plugin import report_key
+        from . import report_key
 
         session_report = self.config.stash.get(report_key, None)
         if session_report is not None:

@@ -18,8 +18,8 @@ from celery import Celery, signals
 from celery.local import Proxy
 from kombu.serialization import dumps, loads
 
-from .effects import Effect
-from .faults import INTERNAL_PREFIX
+from ..engine.effects import Effect
+from ..grammar import INTERNAL_PREFIX
 
 
 def http_timeout_problem(effect: Effect) -> str | None:

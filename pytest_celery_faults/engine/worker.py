@@ -37,13 +37,13 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import CeleryError
 
-from . import _celery_internals as internals
+from .. import _celery_internals as internals
+from ..errors import ConfigError, raised_by_the_plugin
+from ..grammar import FaultPlan, Step
 from .broker import Delivery, InMemoryBroker
 from .clock import VirtualClock
 from .control import WorkerMailbox
 from .effects import Effect, EffectLog
-from .errors import ConfigError, raised_by_the_plugin
-from .faults import FaultPlan, Step
 from .interruptions import stops_the_test_run
 from .scheduler import BLOCKED_SECONDS, ExecutionDiscarded, Scheduler, Stack
 

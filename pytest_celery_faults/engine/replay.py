@@ -29,7 +29,7 @@ from typing import Any
 from celery import Celery, Signature, Task
 from celery.utils import uuid
 
-from . import _celery_internals as internals
+from .. import _celery_internals as internals
 
 
 @dataclass(frozen=True)

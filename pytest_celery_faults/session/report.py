@@ -10,14 +10,14 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import FaultSpecError
-from .faults import parse_spec
-from .outcome import safe_repr
+from ..engine.outcome import safe_repr
+from ..errors import FaultSpecError
+from ..grammar import parse_spec
 
 if TYPE_CHECKING:
+    from ..engine.outcome import Outcome
+    from ..harness import CeleryFaults
     from .gate import EagerGate
-    from .harness import CeleryFaults
-    from .outcome import Outcome
 
 
 @dataclass

@@ -25,9 +25,9 @@ from kombu.connection import Connection
 from kombu.messaging import Producer
 from kombu.transport import TRANSPORT_ALIASES, virtual
 
-from ._celery_internals import redis_restore_cadence
+from .._celery_internals import redis_restore_cadence
+from ..errors import ConfigError
 from .clock import VirtualClock
-from .errors import ConfigError
 
 SCHEME = "celery-faults"
 TRANSPORT_OPTION = "celery_faults_broker"

@@ -26,10 +26,10 @@ from celery import signals
 from celery.app.task import Task
 from celery.result import EagerResult
 
-from .effects import Patch
-from .harness import CeleryFaults
-from .history import Tally
-from .outcome import Outcome
+from ..engine.effects import Patch
+from ..engine.history import Tally
+from ..engine.outcome import Outcome
+from ..harness import CeleryFaults
 
 #: What ``Task.apply`` takes that ``apply_async`` does not.
 _APPLY_ONLY = ("retries", "throw", "logfile", "loglevel")

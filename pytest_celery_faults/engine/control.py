@@ -19,7 +19,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from . import _celery_internals as internals
+from .. import _celery_internals as internals
 
 if TYPE_CHECKING:
     from .worker import EmulatedWorker

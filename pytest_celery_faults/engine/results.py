@@ -29,7 +29,7 @@ from celery.exceptions import ChordError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import GroupResult, allow_join_result
 
-from . import _celery_internals as internals
+from .. import _celery_internals as internals
 
 
 @dataclass

@@ -30,10 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import _celery_internals as internals
+from .. import _celery_internals as internals
+from ..grammar import Step
 from .broker import BrokerEvent, Ledger
 from .effects import Effect, EffectLog
-from .faults import Step
 from .outcome import Outcome, Timeline, TimelineEntry, safe_repr
 from .worker import CUT_SHORT, ExecutionRecord
 

@@ -17,9 +17,9 @@ import pytest
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .gate import EagerGate
-    from .harness import CeleryFaults
-    from .report import SessionReport
+    from ..harness import CeleryFaults
+    from ..session.gate import EagerGate
+    from ..session.report import SessionReport
 
 APP_INI = "celery_faults_app"
 BROKER_INI = "celery_faults_broker"
@@ -122,7 +122,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "worker against URL (amqp://... or redis://...) and fails when the outcome differs "
         "from the emulation. Needs the celery_faults_app ini option. Default: off.",
     )
-    from .plugin_audit import add_options as add_audit_options
+    from .audit import add_options as add_audit_options
 
     add_audit_options(parser)
     parser.addini(
@@ -144,10 +144,10 @@ def pytest_configure(config: pytest.Config) -> None:
     check_option_specs(config, import_exceptions=False)
     check_report_path(config)
     check_broker_url(config)
-    from .plugin_audit import AuditHooks
+    from .audit import AuditHooks
 
     AuditHooks.configure(config)
-    from .report import SessionReport
+    from ..session.report import SessionReport
 
     config.stash[report_key] = SessionReport(seed=_seed(config))
     if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
@@ -230,7 +230,7 @@ def _fault_sweep_marker(
         )
     if isinstance(hows, str) or not isinstance(hows, tuple | list) or not hows:
         raise ValueError(f"hows={hows!r}: expected a non-empty tuple of fault kinds")
-    from .faults import BOUNDARY_KINDS
+    from ..grammar import BOUNDARY_KINDS
 
     for how in hows:
         if how not in BOUNDARY_KINDS or how == "raise":
@@ -240,9 +240,9 @@ def _fault_sweep_marker(
 
 def marker_settings(item: pytest.Item) -> MarkerSettings:
     """Read and validate the plugin's markers on ``item``; errors name the marker."""
-    from .broker import BrokerProfile
-    from .faults import parse_spec
-    from .worker import check_workers
+    from ..engine.broker import BrokerProfile
+    from ..engine.worker import check_workers
+    from ..grammar import parse_spec
 
     settings = MarkerSettings()
     try:
@@ -282,7 +282,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     sweep = metafunc.definition.get_closest_marker("fault_sweep")
     if sweep is None or SWEEP_FIXTURE not in metafunc.fixturenames:
         return
-    from .idempotency import boundary_specs
+    from ..verdicts.idempotency import boundary_specs
 
     try:
         hows, max_effects = _fault_sweep_marker(*sweep.args, **sweep.kwargs)
@@ -352,8 +352,8 @@ def check_option_specs(config: pytest.Config, *, import_exceptions: bool) -> Non
     names are imported after collection, since one may live in the project under
     test, importable only once collection has set up sys.path.
     """
-    from .errors import FaultSpecError
-    from .faults import parse_spec
+    from ..errors import FaultSpecError
+    from ..grammar import parse_spec
 
     for spec in config.getoption("celery_faults_specs", default=[]) or []:
         try:
@@ -431,7 +431,7 @@ _MISSING_APP = (
 
 def load_app(dotted: str) -> Celery:
     """The app the ini option names; a usage error naming the option when it cannot."""
-    from .apps import load_app as load
+    from ..apps import load_app as load
 
     module, sep, attribute = dotted.partition(":")
     if not sep:
@@ -445,7 +445,7 @@ def load_app(dotted: str) -> Celery:
     except ValueError as exc:
         raise pytest.UsageError(f"{APP_INI} = {exc}") from None
     except (Exception, SystemExit) as exc:  # the module fails to import (or exits): one line
-        from .outcome import safe_repr
+        from ..engine.outcome import safe_repr
 
         try:
             detail = f": {exc}" if str(exc) else ""
@@ -486,7 +486,7 @@ def check_broker_url(config: pytest.Config) -> None:
     url = _broker_url(config)
     if not url:
         return
-    from .real.runner import profile_for
+    from ..real.runner import profile_for
 
     where = (
         "--celery-faults-broker"
@@ -507,7 +507,7 @@ def _broker_url(config: pytest.Config) -> str | None:
 @pytest.fixture(scope="session")
 def _celery_faults_real_runner(request: pytest.FixtureRequest) -> Iterator[Any]:
     """One real worker for the session, started on first use (real-broker mode)."""
-    from .real.runner import BrokerUnreachable, RealBrokerRunner
+    from ..real.runner import BrokerUnreachable, RealBrokerRunner
 
     url = _broker_url(request.config)
     app_path = request.config.getini(APP_INI)
@@ -550,16 +550,16 @@ def celery_faults(
     _celery_faults_sweep_case: str | None,
 ) -> Iterator[CeleryFaults]:
     """The fault-injection harness for this test, active for its whole duration."""
-    from .errors import CeleryFaultsWarning, ConfigError, RefusedError
-    from .harness import CeleryFaults
-    from .report import record_harness
+    from ..errors import CeleryFaultsWarning, ConfigError, RefusedError
+    from ..harness import CeleryFaults
+    from ..session.report import record_harness
 
     settings = marker_settings(request.node)
     config = request.config
     broker_url = _broker_url(config)
     profile = settings.profile
     if broker_url:
-        from .real.runner import profile_for
+        from ..real.runner import profile_for
 
         profile = profile_for(broker_url)
     harness = CeleryFaults(
@@ -592,7 +592,7 @@ def celery_faults(
                 harness.arm_suite_wide(spec)
         request.node.stash[harness_key] = harness
         if broker_url:
-            from .real.compare import RealComparison
+            from ..real.compare import RealComparison
 
             runner = request.getfixturevalue("_celery_faults_real_runner")
             isolation = request.getfixturevalue("celery_faults_real_isolation")
@@ -622,7 +622,7 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if call.excinfo is not None and report.failed:
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         if call.excinfo.errisinstance(ConfigError):  # a setting: one line, not our frames
             report.longrepr = f"celery_faults: {call.excinfo.value}"
@@ -631,7 +631,7 @@ def pytest_runtest_makereport(
     item.stash[verdict_key] = report.outcome
     gate = item.stash.get(gate_key, None)
     if gate is not None and gate.tally.calls:
-        from .report import record_gate
+        from ..session.report import record_gate
 
         item.config.stash[report_key].add(record_gate(item.nodeid, gate, report.outcome))
         if report.failed:  # the test's own assertion failed: say what the worker did
@@ -673,7 +673,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     if own:
         stack = item.config.getoption("celery_faults_stack", default=False)
         specs = [*own, *specs] if stack else own
-    from .gate import EagerGate
+    from ..session.gate import EagerGate
 
     gate = EagerGate(
         specs,
@@ -753,7 +753,7 @@ class XdistHooks:
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         import json
 
-        from .report import TestRecord
+        from ..session.report import TestRecord
 
         data = getattr(node, "workeroutput", {}).get("celery_faults_report")
         if not data:

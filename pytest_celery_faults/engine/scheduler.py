@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from .clock import VirtualClock
 
-from .faults import SCHEDULE_LABELS as LABELS
+from ..grammar import SCHEDULE_LABELS as LABELS
 
 #: How long (real seconds) a discarded stack may take to unwind before it is abandoned.
 DISCARD_SECONDS = 5.0

@@ -27,9 +27,9 @@ from typing import Any
 
 from celery import Celery
 
-from .broker import BrokerProfile
-from .harness import CeleryFaults
-from .outcome import Outcome
+from ..engine.broker import BrokerProfile
+from ..engine.outcome import Outcome
+from ..harness import CeleryFaults
 
 #: The task option that suppresses rules on one task: ``{rule id: reason}``.
 TASK_SUPPRESS_OPTION = "celery_faults_suppress"

@@ -24,9 +24,8 @@ from typing import Any, Protocol
 
 from celery import Celery
 
-from . import replay
-from .faults import ArmedSpec, FaultSpec, parse_spec
-from .history import (
+from ..engine import replay
+from ..engine.history import (
     CLASSES,
     ENDED_OTHERWISE,
     LOSSES,
@@ -36,9 +35,10 @@ from .history import (
     Evidence,
     History,
 )
-from .outcome import Outcome, Timeline, TimelineEntry
-from .replay import PublishedMessage
-from .scheduler import Scheduler, every_schedule
+from ..engine.outcome import Outcome, Timeline, TimelineEntry
+from ..engine.replay import PublishedMessage
+from ..engine.scheduler import Scheduler, every_schedule
+from ..grammar import ArmedSpec, FaultSpec, parse_spec
 
 #: The kinds a sweep tries at every boundary, unless told otherwise. A hard
 #: time limit (``timeout``) is left out: Celery stores FAILURE for it by

@@ -1,0 +1,1 @@
+"""What a test session does with faults beyond one test: the eager gate, the report, the audit."""
