@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 APP_MODULE = """
@@ -122,3 +125,15 @@ def test_markers_are_documented(pytester: pytest.Pytester) -> None:
             "@pytest.mark.crash_after(n, how='sigkill', task=None)*",
         ]
     )
+
+
+def test_importing_the_entry_point_imports_neither_celery_nor_the_harness() -> None:
+    # every pytest session where the plugin is installed imports its pytest11 module
+    probe = (
+        "import sys, pytest_celery_faults.plugin; "
+        "print('celery' in sys.modules, 'pytest_celery_faults.harness' in sys.modules)"
+    )
+    printed = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert printed.strip() == "False False"

@@ -1,6 +1,6 @@
 """``--celery-faults-audit``: the pytest side of the audit (see :mod:`.audit`).
 
-Registered by ``plugin.py`` when the option is given. The audit runs when the
+Registered by the plugin's ``pytest_configure`` when the option is given. The audit runs when the
 session finishes, so every task the tests imported is registered; its findings
 go to the terminal summary, the JSON report and, with
 ``--celery-faults-sarif=PATH``, a SARIF file; a finding left unsuppressed fails
@@ -16,7 +16,8 @@ import pytest
 if TYPE_CHECKING:
     from ..session.audit import AuditReport, Suppression
 
-APP_INI = "celery_faults_app"
+from .options import APP_INI
+
 SUPPRESS_INI = "celery_faults_audit_suppress"
 
 
@@ -92,7 +93,7 @@ class AuditHooks:
             self.error = str(exc)
             session.exitstatus = pytest.ExitCode.USAGE_ERROR
             return
-        from . import report_key
+        from .stash import report_key
 
         session_report = self.config.stash.get(report_key, None)
         if session_report is not None:
