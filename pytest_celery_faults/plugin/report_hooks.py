@@ -65,10 +65,12 @@ def write_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config)
     written = config.stash.get(report_error_key, None)
     if report is None or not (report.records or specs or written):
         return
+    from ..session.summary import summary_lines
+
     terminalreporter.section("celery-faults")
     allow = bool(config.getoption("celery_faults_allow_unfired", default=False))
     ran = exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)  # not cut short
-    for line in report.summary_lines(specs if ran else [], allow_unfired=allow):
+    for line in summary_lines(report, specs if ran else [], allow_unfired=allow):
         terminalreporter.write_line(line)
     if written:
         terminalreporter.write_line(f"ERROR: {written}")
