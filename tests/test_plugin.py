@@ -137,3 +137,29 @@ def test_importing_the_entry_point_imports_neither_celery_nor_the_harness() -> N
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
     assert printed.strip() == "False False"
+
+
+def test_the_timeout_marker_wins_over_every_session_setting(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pytest-timeout's precedence, as plugin/timeouts.py documents it: the marker first
+    monkeypatch.setenv("PYTEST_TIMEOUT", "50")
+    project.makeini("[pytest]\ncelery_faults_app = proj:app\ntimeout = 120\n")
+    project.makepyfile(
+        test_it="""
+        import time
+
+        import pytest
+
+
+        @pytest.mark.timeout(9)
+        def test_x(celery_faults):
+            assert 0 < celery_faults.deadline - time.monotonic() <= 9
+
+
+        @pytest.mark.timeout(method="thread")
+        def test_no_limit_in_the_marker(celery_faults):
+            assert 9 < celery_faults.deadline - time.monotonic() <= 100
+        """
+    )
+    project.runpytest("-p", "no:randomly", "--timeout=100").assert_outcomes(passed=2)
