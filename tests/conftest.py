@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from celery import Celery
+from recording import World
 
 # pytester's in-process runs drop the modules first imported inside them; a
 # later run would then import Celery's worker and billiard again, and classes
@@ -23,6 +24,12 @@ def app() -> Iterator[Celery]:
     application.conf.broker_url = "memory://"
     yield application
     application.close()
+
+
+@pytest.fixture
+def world() -> World:
+    """A fresh recording world: what the test's tasks change, through ``world.touch``."""
+    return World()
 
 
 @pytest.fixture(autouse=True)

@@ -8,26 +8,9 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from recording import World
 
 from pytest_celery_faults import CeleryFaults
-
-
-class World:
-    """What the tasks of these tests change; ``touch`` is tracked as their side effect."""
-
-    def __init__(self) -> None:
-        self.log: list[Any] = []
-
-    def touch(self, value: Any) -> None:
-        self.log.append(value)
-
-
-world = World()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_world() -> None:
-    world.log.clear()
 
 
 @pytest.fixture
@@ -58,7 +41,7 @@ def test_ping_and_inspect_are_answered_by_each_worker_without_waiting(
     assert no_polling_pause == []  # no reply was waited for: each was there already
 
 
-def test_a_task_revoked_before_it_runs_is_skipped_as_revoked(app: Celery) -> None:
+def test_a_task_revoked_before_it_runs_is_skipped_as_revoked(app: Celery, world: World) -> None:
     @app.task(name="tests.charge", shared=False)
     def charge() -> None:
         world.touch("charged")
@@ -100,7 +83,7 @@ def test_inspect_from_a_task_sees_itself_active_and_the_rest_held(app: Celery) -
     assert after == {"celery@faults-1": []}
 
 
-def _worker_pair(app: Celery, how: str) -> tuple[Any, Any]:
+def _worker_pair(app: Celery, how: str, world: World) -> tuple[Any, Any]:
     app.conf.worker_concurrency = 2
 
     @app.task(name="tests.long", shared=False)
@@ -128,9 +111,9 @@ def _worker_pair(app: Celery, how: str) -> tuple[Any, Any]:
     ],
 )
 def test_revoke_with_terminate_kills_the_child_running_the_task(
-    app: Celery, how: str, log: list[str]
+    app: Celery, how: str, log: list[str], world: World
 ) -> None:
-    long, stopper = _worker_pair(app, how)
+    long, stopper = _worker_pair(app, how, world)
     with CeleryFaults(app, seed=1) as faults:
         faults.track((world, "touch"))
         target = long.delay()
@@ -143,7 +126,7 @@ def test_revoke_with_terminate_kills_the_child_running_the_task(
     assert f"child terminated by remote control ({how})" in str(outcome.timeline)
 
 
-def test_a_task_that_terminates_itself_unwinds_on_sigterm(app: Celery) -> None:
+def test_a_task_that_terminates_itself_unwinds_on_sigterm(app: Celery, world: World) -> None:
     @app.task(name="tests.quitter", bind=True, shared=False)
     def quitter(self: Any) -> None:
         try:
@@ -162,7 +145,7 @@ def test_a_task_that_terminates_itself_unwinds_on_sigterm(app: Celery) -> None:
 
 @pytest.mark.parametrize(("state_db", "ran"), [(False, True), (True, False)])
 def test_revoked_ids_live_in_the_worker_memory_unless_worker_state_db_keeps_them(
-    app: Celery, tmp_path: Any, state_db: bool, ran: bool
+    app: Celery, tmp_path: Any, state_db: bool, ran: bool, world: World
 ) -> None:
     app.conf.worker_prefetch_multiplier = 1  # the second message stays in the broker
     if state_db:
@@ -188,7 +171,9 @@ def test_revoked_ids_live_in_the_worker_memory_unless_worker_state_db_keeps_them
     assert outcome.state == ("SUCCESS" if ran else "REVOKED")
 
 
-def test_a_revoked_id_is_known_only_to_the_workers_that_got_the_broadcast(app: Celery) -> None:
+def test_a_revoked_id_is_known_only_to_the_workers_that_got_the_broadcast(
+    app: Celery, world: World
+) -> None:
     @app.task(name="tests.noop", shared=False)
     def noop() -> None:
         world.touch("ran")
@@ -283,7 +268,9 @@ def test_the_rate_limit_command_spaces_starts_from_then_on(app: Celery) -> None:
     assert elapsed == 20.0  # one start every 10 virtual seconds
 
 
-def test_a_worker_that_lost_power_lists_none_of_its_dead_tasks_as_active(app: Celery) -> None:
+def test_a_worker_that_lost_power_lists_none_of_its_dead_tasks_as_active(
+    app: Celery, world: World
+) -> None:
     @app.task(name="tests.look", bind=True, acks_late=True, shared=False)
     def look(self: Any) -> list[str]:
         world.touch("looked")
@@ -296,7 +283,7 @@ def test_a_worker_that_lost_power_lists_none_of_its_dead_tasks_as_active(app: Ce
     assert outcome.result == [outcome.task_id]  # the redelivery, not also the dead copy
 
 
-def test_a_task_alone_that_kills_its_own_child_is_frozen_too(app: Celery) -> None:
+def test_a_task_alone_that_kills_its_own_child_is_frozen_too(app: Celery, world: World) -> None:
     """Every execution runs on a child's thread: one alone is frozen as one beside others."""
 
     @app.task(name="tests.self_kill", bind=True, shared=False)
@@ -315,7 +302,9 @@ def test_a_task_alone_that_kills_its_own_child_is_frozen_too(app: Celery) -> Non
     assert (outcome.state, outcome.acked, outcome.executions) == ("REVOKED", True, 1)
 
 
-def test_a_remote_sigterm_runs_the_handler_a_task_installed_in_its_child(app: Celery) -> None:
+def test_a_remote_sigterm_runs_the_handler_a_task_installed_in_its_child(
+    app: Celery, world: World
+) -> None:
     import signal
 
     app.conf.worker_concurrency = 2
@@ -346,7 +335,9 @@ def test_a_remote_sigterm_runs_the_handler_a_task_installed_in_its_child(app: Ce
     assert "went on" in log  # the handler returned: the child goes on
 
 
-def test_a_task_on_a_stack_of_its_own_that_kills_its_child_is_frozen(app: Celery) -> None:
+def test_a_task_on_a_stack_of_its_own_that_kills_its_child_is_frozen(
+    app: Celery, world: World
+) -> None:
     app.conf.worker_concurrency = 2  # every execution on a stack of its own
 
     @app.task(name="tests.self_kill", bind=True, shared=False)
@@ -366,7 +357,9 @@ def test_a_task_on_a_stack_of_its_own_that_kills_its_child_is_frozen(app: Celery
     assert (outcome.state, outcome.acked, outcome.executions) == ("REVOKED", True, 1)
 
 
-def test_terminating_a_task_accepted_but_not_yet_run_ends_it_before_its_body(app: Celery) -> None:
+def test_terminating_a_task_accepted_but_not_yet_run_ends_it_before_its_body(
+    app: Celery, world: World
+) -> None:
     @app.task(name="tests.watcher", shared=False)
     def watcher(task_id: str) -> None:
         app.control.revoke(task_id, terminate=True)

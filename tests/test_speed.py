@@ -1,18 +1,26 @@
-"""What the harness caches for speed changes nothing Celery, kombu or Python would do."""
+"""What the harness caches for speed changes nothing Celery, kombu or Python would do.
+
+The speed-ups sit behind one switch (:mod:`pytest_celery_faults.speedups`); the last
+tests run the same scenarios with it on and off and compare everything they show.
+"""
 
 from __future__ import annotations
 
 import enum
+import re
 import traceback
+from traceback import format_tb
 from typing import Any
 
+import billiard.einfo
 import pytest
-from celery import Celery
+from celery import Celery, chord, signals
 from kombu.pools import ProducerPool
 from kombu.serialization import dumps, loads
 
-from pytest_celery_faults import CeleryFaults
+from pytest_celery_faults import CeleryFaults, speedups
 from pytest_celery_faults import _celery_internals as internals
+from pytest_celery_faults.session.report import SessionReport, record_harness
 from pytest_celery_faults.verdicts.checks import comes_back_unchanged, round_trip_problem
 
 #: Fields that differ between any two publishes of one signature.
@@ -136,3 +144,169 @@ def test_other_values_still_go_through_the_round_trip(value: Any) -> None:
     if isinstance(value, Color):
         problem = round_trip_problem(value, "json", "argument 0", "tests.add")
         assert problem is not None and "(Color) comes back" in problem
+
+
+# -- the one switch: every speed-up off changes nothing a test sees ----------------------
+
+#: A task id, whole or as the timeline shortens it; a memory address in a repr.
+_IDS = re.compile(r"\b[0-9a-f]{8}(?:-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?\b")
+_ADDRESSES = re.compile(r"0x[0-9a-f]+")
+
+
+def _same_ids(text: str) -> str:
+    """``text`` with each task id numbered in order of appearance (ids are random per run)."""
+    names: dict[str, str] = {}
+
+    def name(match: re.Match[str]) -> str:
+        return names.setdefault(match[0][:8], f"<id{len(names) + 1}>")
+
+    return _ADDRESSES.sub("0x?", _IDS.sub(name, text))
+
+
+class Shop:
+    """What the scenario tasks change: e-mails sent and orders marked sent."""
+
+    def __init__(self) -> None:
+        self.emails: list[Any] = []
+        self.marks: set[Any] = set()
+
+    def send_email(self, order: Any) -> None:
+        self.emails.append(order)
+
+    def reset(self) -> None:
+        self.emails.clear()
+        self.marks.clear()
+
+    def observe(self) -> dict[str, Any]:
+        return {"emails": list(self.emails), "marks": sorted(self.marks)}
+
+
+def _scenarios() -> str:
+    """A sweep (its findings, timelines and report JSON), a kill and its redelivery, a child
+    lost for good, a task that raises, and a chord: everything they show, as one text."""
+    shop = Shop()
+    app = Celery("speed", set_as_current=False)
+    app.conf.broker_url = "memory://"
+    late = {"acks_late": True, "reject_on_worker_lost": True, "shared": False}
+
+    @app.task(name="speed.email_first", **late)
+    def email_first(order: int) -> None:
+        if order not in shop.marks:
+            shop.send_email(order)
+            shop.marks.add(order)
+
+    @app.task(name="speed.charge", acks_late=True, shared=False)
+    def charge(order: int) -> None:
+        shop.send_email(("charged", order))
+
+    @app.task(name="speed.fails", shared=False)
+    def fails() -> int:
+        values: dict[str, Any] = {"a": [1]}
+        return values["a"][0] + values["b"][1]  # type: ignore[no-any-return]
+
+    @app.task(name="speed.line", **late)
+    def line(amount: int) -> int:
+        shop.send_email(("line", amount))
+        return amount
+
+    @app.task(name="speed.total", **late)
+    def total(amounts: list[int]) -> int:
+        shop.send_email(("total", sum(amounts)))
+        return sum(amounts)
+
+    shown: list[str] = []
+
+    def on_failure(**sent: Any) -> None:
+        """What a receiver of ``task_failure`` (Sentry, a logger) formats."""
+        einfo = sent["einfo"]
+        shown.append("".join(format_tb(sent["traceback"])))
+        shown.append("".join(format_tb(einfo.tb)))  # billiard's picklable copy of the frames
+        shown.append(str(einfo.traceback))
+
+    signals.task_failure.connect(on_failure, weak=False)
+    try:
+        with CeleryFaults(app) as faults:
+            faults.track((shop, "send_email"))
+            report = faults.sweep(email_first.s(1), shop.observe, shop.reset)
+            shown.append(report.summary())
+            for scenario in report.scenarios:
+                shown += [scenario.spec, scenario.verdict, scenario.problem, scenario.diff]
+                shown += scenario.outcome.timeline.texts()
+            shown += [found.describe(report.baseline) for found in report.failures]
+            for signature, specs in [
+                (email_first.s(2), ("sigkill@0",)),
+                (email_first.s(3), ("sigkill@1",)),
+                (charge.s(4), ("sigkill@1",)),
+                (fails.s(), ()),
+                (chord([line.s(1), line.s(2)], total.s()), ("sigkill@1",)),
+                (chord([line.s(3), line.s(4)], total.s()), ()),
+            ]:
+                outcome = faults.run(signature, *specs)
+                meta = faults.backend.get_task_meta(outcome.task_id)
+                shown += [outcome.summary(), str(outcome.timeline), repr(outcome.exception)]
+                shown += [str(meta.get("status")), str(meta.get("traceback"))]
+            shown.append(str(faults.timeline))
+            shown.append(repr(shop.observe()))
+            document = SessionReport(seed=0)
+            document.add(record_harness("test_speed.py::scenarios", faults, [], faults.warnings))
+            shown.append(document.to_json())
+    finally:
+        signals.task_failure.disconnect(on_failure)
+        app.close()
+    return _same_ids("\n".join(shown))
+
+
+def test_the_switch_reads_the_environment_and_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(speedups.ENVIRONMENT_VARIABLE, raising=False)
+    assert speedups.enabled()
+    with speedups.disabled():
+        with speedups.disabled():
+            assert not speedups.enabled()
+        assert not speedups.enabled()
+    assert speedups.enabled()
+    monkeypatch.setenv(speedups.ENVIRONMENT_VARIABLE, "0")
+    assert speedups.enabled()
+    monkeypatch.setenv(speedups.ENVIRONMENT_VARIABLE, "1")
+    assert not speedups.enabled()
+
+
+def test_switched_off_no_speed_up_touches_celery_billiard_or_python(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(speedups.ENVIRONMENT_VARIABLE, raising=False)
+    frame_code = billiard.einfo._Frame.Code
+    anchors = traceback._extract_caret_anchors_from_line_segment  # type: ignore[attr-defined]
+    settings_class = type(app.conf)
+    with (
+        speedups.disabled(),
+        internals.code_summaries_cached(),
+        internals.caret_anchors_cached(),
+        internals.default_settings_snapshot(app),
+    ):
+        assert billiard.einfo._Frame.Code is frame_code
+        assert traceback._extract_caret_anchors_from_line_segment is anchors  # type: ignore[attr-defined]
+        assert type(app.conf) is settings_class
+    with (
+        internals.code_summaries_cached(),
+        internals.caret_anchors_cached(),
+        internals.default_settings_snapshot(app),
+    ):  # and switched on, each does take over (or the comparison below proves nothing)
+        assert billiard.einfo._Frame.Code is not frame_code
+        assert traceback._extract_caret_anchors_from_line_segment is not anchors  # type: ignore[attr-defined]
+        assert type(app.conf) is not settings_class
+
+
+def test_every_speed_up_off_changes_no_outcome_timeline_traceback_or_report(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(speedups.ENVIRONMENT_VARIABLE, raising=False)
+    fast = _scenarios()
+    with speedups.disabled():
+        plain = _scenarios()
+    again = _scenarios()
+    assert "duplicated" in fast and "child killed" in fast and "WorkerLostError" in fast
+    assert "KeyError" in fast and "^^^^" in fast and "speed.total" in fast
+    frames = 'in fails\n    return values["a"][0]'  # as a task_failure receiver formats them
+    assert fast.count(frames) >= 3
+    assert plain.splitlines() == fast.splitlines()
+    assert again == fast

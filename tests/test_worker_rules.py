@@ -7,26 +7,9 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from recording import World
 
 from pytest_celery_faults import CeleryFaults, FaultSpecError
-
-
-class World:
-    """What the tasks of these tests change; ``touch`` is tracked as their side effect."""
-
-    def __init__(self) -> None:
-        self.log: list[Any] = []
-
-    def touch(self, value: Any) -> None:
-        self.log.append(value)
-
-
-world = World()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_world() -> None:
-    world.log.clear()
 
 
 class StatementFailed(Exception):
@@ -45,6 +28,7 @@ class NeedsKeyword(Exception):
 
 def test_raise_builds_an_exception_whose_constructor_needs_more_than_a_message(
     app: Celery,
+    world: World,
 ) -> None:
     @app.task(name="tests.query", shared=False, autoretry_for=(StatementFailed,))
     def query() -> str:
@@ -108,7 +92,7 @@ def test_request_hostname_is_the_worker_node_name(app: Celery) -> None:
     assert consumer is not None and consumer.startswith(f"{outcome.result}#")
 
 
-def test_an_expired_message_is_revoked_as_expired(app: Celery) -> None:
+def test_an_expired_message_is_revoked_as_expired(app: Celery, world: World) -> None:
     from celery import signals
 
     @app.task(name="tests.late", shared=False)
@@ -137,7 +121,7 @@ def test_an_expired_message_is_revoked_as_expired(app: Celery) -> None:
 # -- time limits --------------------------------------------------------------------
 
 
-def test_timeout_on_a_task_without_a_hard_limit_is_refused(app: Celery) -> None:
+def test_timeout_on_a_task_without_a_hard_limit_is_refused(app: Celery, world: World) -> None:
     @app.task(name="tests.unlimited", shared=False, soft_time_limit=5)
     def unlimited() -> None:
         world.touch("work")
@@ -154,7 +138,7 @@ def test_timeout_on_a_task_without_a_hard_limit_is_refused(app: Celery) -> None:
     )
 
 
-def test_timeout_uses_the_limit_from_the_app_settings(app: Celery) -> None:
+def test_timeout_uses_the_limit_from_the_app_settings(app: Celery, world: World) -> None:
     app.conf.task_time_limit = 30
 
     @app.task(name="tests.limited", shared=False)
@@ -170,6 +154,7 @@ def test_timeout_uses_the_limit_from_the_app_settings(app: Celery) -> None:
 
 def test_soft_timeout_at_zero_fires_inside_the_body_where_it_can_be_caught(
     app: Celery,
+    world: World,
 ) -> None:
     from celery.exceptions import SoftTimeLimitExceeded
 
@@ -255,7 +240,7 @@ def test_retry_jitter_draws_from_the_seed(app: Celery) -> None:
 
 
 def test_events_at_one_virtual_instant_order_the_same_whatever_the_wall_clock(
-    app: Celery, monkeypatch: pytest.MonkeyPatch
+    app: Celery, monkeypatch: pytest.MonkeyPatch, world: World
 ) -> None:
     """A countdown equal to Redis's visibility timeout: the restore and the ETA meet."""
     from types import SimpleNamespace

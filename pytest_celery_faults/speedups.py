@@ -1,0 +1,56 @@
+"""The one switch for everything the plugin does only to run faster.
+
+A speed-up is a cache or a shortcut that must change nothing a test can see:
+the same outcomes, the same timelines, the same report text, byte for byte.
+Each one asks :func:`enabled` when it is set up and, when the answer is no,
+leaves Celery, kombu, billiard and Python exactly as they are. That makes every
+speed-up checkable: ``tests/test_speed.py`` runs the same
+scenarios with the switch on and off and compares what comes out.
+
+Turned off for a whole run with the environment variable
+``CELERY_FAULTS_NO_SPEEDUPS=1`` (to rule the speed-ups out when a result looks
+wrong), or for a block of code with :func:`disabled`.
+
+The speed-ups behind the switch (those touching Celery's, kombu's or billiard's
+private API live in ``_celery_internals/speedups.py``):
+
+- ``code_summaries_cached``: billiard's ``_Code`` summary of a code object,
+  built once per code object rather than once per traceback;
+- ``caret_anchors_cached``: Python's traceback caret anchors, computed once
+  per source segment;
+- ``default_settings_snapshot``: settings found only in Celery's defaults,
+  answered from a dict instead of a chain of ``KeyError``\\ s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+#: Set to ``1`` (or any non-empty value but ``0``) to turn every speed-up off.
+ENVIRONMENT_VARIABLE = "CELERY_FAULTS_NO_SPEEDUPS"
+
+_disabled_blocks = 0
+
+
+def enabled() -> bool:
+    """Whether the speed-ups apply: neither the environment nor :func:`disabled` says no."""
+    if _disabled_blocks:
+        return False
+    return os.environ.get(ENVIRONMENT_VARIABLE, "") in ("", "0")
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Every speed-up set up inside this block is left out (re-entrant).
+
+    A speed-up reads the switch when a harness starts, so a harness started
+    inside the block runs without any, even if it outlives the block.
+    """
+    global _disabled_blocks
+    _disabled_blocks += 1
+    try:
+        yield
+    finally:
+        _disabled_blocks -= 1
