@@ -32,10 +32,11 @@ from typing import Any, Protocol
 
 from .. import _celery_internals as internals
 from ..grammar import Step
+from ..vocabulary import CUT_SHORT
 from .broker import BrokerEvent, Ledger
 from .effects import Effect, EffectLog
+from .execution import ExecutionRecord
 from .outcome import Outcome, Timeline, TimelineEntry, safe_repr
-from .worker import CUT_SHORT, ExecutionRecord
 
 DUPLICATED = "duplicated"
 DIVERGED = "diverged"
