@@ -48,7 +48,7 @@ from .engine.effects import (
     tracking_wrapper,
 )
 from .engine.execution import ExecutionRecord
-from .engine.history import LOSSES, NOT_IDEMPOTENT, History
+from .engine.history import History
 from .engine.outcome import Outcome, Timeline, safe_repr
 from .engine.process_calls import ProcessCallsInBodies
 from .engine.replay import PublishedMessage
@@ -67,6 +67,7 @@ from .grammar import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .integrations import django_configured
 from .verdicts import idempotency
 from .verdicts.checks import Checks
+from .verdicts.classify import LOSSES, NOT_IDEMPOTENT
 from .verdicts.idempotency import Scenario, SweepReport
 
 #: A drain that runs more executions than this has not converged (a task that requeues forever).
