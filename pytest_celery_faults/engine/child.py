@@ -21,7 +21,15 @@ from celery import Celery
 
 from .. import _celery_internals as internals
 from ..grammar import Step
-from ..vocabulary import CHILD_KILLED, COLD_SHUTDOWN, EXITED, POWER_LOST, Ending
+from ..vocabulary import (
+    CHILD_KILLED,
+    COLD_SHUTDOWN,
+    EXITED,
+    FREEZING_KINDS,
+    POWER_LOST,
+    EffectKind,
+    Ending,
+)
 from .broker import Delivery
 from .clock import VirtualClock
 from .effects import Effect, EffectLog
@@ -30,8 +38,6 @@ from .scheduler import ExecutionDiscarded, Stack
 
 #: What a job raises that makes billiard's child report it and then leave.
 CHILD_LEAVES = (SystemExit, KeyboardInterrupt)
-#: Fault kinds that kill the process running the task without unwinding it.
-FREEZING_KINDS = frozenset({"sigkill", "timeout", "power_loss", "cold_shutdown"})
 #: How a freezing kind ends an execution's record.
 FROZEN_ENDING: Final[dict[str, Ending]] = {
     "sigkill": CHILD_KILLED,
@@ -138,7 +144,7 @@ class ChildExecution:
         """Celery's task_prerun: the task's body is about to run (an execution)."""
         self.record.started = True
 
-    def before_effect(self, kind: str, label: str) -> None:
+    def before_effect(self, kind: EffectKind, label: str) -> None:
         if self.dead:
             raise ExecutionDiscarded()
         if self.stack is not None:

@@ -25,9 +25,9 @@ from celery.exceptions import CeleryError
 from .. import _celery_internals as internals
 from ..errors import raised_by_the_plugin
 from ..grammar import FaultPlan, Step
-from ..vocabulary import COLD_SHUTDOWN, POWER_LOST, Ending
+from ..vocabulary import COLD_SHUTDOWN, FREEZING_KINDS, POWER_LOST, Ending
 from .broker import Delivery, InMemoryBroker
-from .child import FREEZING_KINDS, ChildExecution
+from .child import ChildExecution
 from .clock import VirtualClock
 from .control import WorkerMailbox
 from .effects import EffectLog

@@ -18,21 +18,37 @@ from typing import Any, Protocol
 
 from .. import _celery_internals as internals
 from ..grammar import Step
-from ..vocabulary import CUT_SHORT, RAISED, RETURNED, Ending, Verdict
+from ..vocabulary import (
+    ACK_LOST,
+    ACKED,
+    CHANNEL_CLOSED,
+    CUT_SHORT,
+    DELIVERED,
+    ORPHANED,
+    PUBLISHED,
+    RAISED,
+    REJECTED,
+    RESTORED,
+    RETURNED,
+    SETTLING,
+    Ending,
+    LedgerEventKind,
+    Verdict,
+)
 from .broker import BrokerEvent, Ledger
 from .effects import Effect, EffectLog
 from .execution import ExecutionRecord
 from .outcome import Outcome, Timeline, TimelineEntry
 
-_LEDGER_TEXT = {
-    "published": "published {name}[{short}] {detail}",
-    "delivered": "delivered to {consumer}{redelivered}",
-    "acked": "acked",
-    "rejected": "rejected ({detail})",
-    "restored": "back in the queue: {detail}",
-    "ack_lost": "the ack never reached the broker",
-    "orphaned": "unacked on a dead connection; {detail}",
-    "channel_closed": "the broker closed {consumer}'s channel: {detail}",
+_LEDGER_TEXT: dict[LedgerEventKind, str] = {
+    PUBLISHED: "published {name}[{short}] {detail}",
+    DELIVERED: "delivered to {consumer}{redelivered}",
+    ACKED: "acked",
+    REJECTED: "rejected ({detail})",
+    RESTORED: "back in the queue: {detail}",
+    ACK_LOST: "the ack never reached the broker",
+    ORPHANED: "unacked on a dead connection; {detail}",
+    CHANNEL_CLOSED: "the broker closed {consumer}'s channel: {detail}",
 }
 
 
@@ -203,8 +219,8 @@ class History:
         events = self.ledger.for_task(task_id)
         records = self.records_by_task.get(task_id, [])
         name = events[0].task_name if events else (records[0].task_name if records else "?")
-        settles = [e for e in events if e.kind in ("acked", "rejected", "restored", "ack_lost")]
-        rejects = [e for e in events if e.kind == "rejected"]
+        settles = [e for e in events if e.kind in SETTLING]
+        rejects = [e for e in events if e.kind == REJECTED]
         meta = self.results.get_task_meta(task_id, cache=False)
         state = meta.get("status", "PENDING")
         value = meta.get("result")
@@ -215,9 +231,9 @@ class History:
         return Outcome(
             task_id=task_id,
             name=name,
-            deliveries=sum(e.kind == "delivered" for e in events),
+            deliveries=sum(e.kind == DELIVERED for e in events),
             executions=sum(record.started for record in records),
-            acked=bool(settles) and settles[-1].kind == "acked",
+            acked=bool(settles) and settles[-1].kind == ACKED,
             rejected=rejects[-1].detail if rejects else None,
             lost=ended in CUT_SHORT and not self.broker.holds(task_id),
             state=state,

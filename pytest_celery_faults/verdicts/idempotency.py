@@ -30,17 +30,10 @@ from ..engine.outcome import Outcome, Timeline, TimelineEntry
 from ..engine.replay import PublishedMessage
 from ..engine.scheduler import Scheduler, every_schedule
 from ..grammar import ArmedSpec, FaultSpec, parse_spec
-from ..vocabulary import ENDED_OTHERWISE, OK
+from ..vocabulary import DEFAULT_KINDS, ENDED_OTHERWISE, OK, WHOLE_MESSAGE_SPECS
+from ..vocabulary import SWEEP_KINDS as SWEEP_KINDS  # the harness's default ``hows``
 from .classify import CLASSES, LOSSES, NAMED_ONLY, NOT_IDEMPOTENT, judge
 
-#: The kinds a sweep tries at every boundary, unless told otherwise. A hard
-#: time limit (``timeout``) is left out: Celery stores FAILURE for it by
-#: design, so it would flag every task; pass it in ``hows`` to include it.
-SWEEP_KINDS: tuple[str, ...] = ("sigkill", "sigterm", "exit", "power_loss", "cold_shutdown")
-#: The kinds ``assert_idempotent`` tries at every boundary by default.
-DEFAULT_KINDS: tuple[str, ...] = ("sigkill", "exit", "power_loss")
-#: Specs without a boundary that every default set includes.
-WHOLE_MESSAGE_SPECS: tuple[str, ...] = ("redeliver", "ack_lost")
 #: In ``specs`` or ``hows``: every interleaving of two overlapping copies, each a scenario.
 EVERY_OVERLAP = "overlap"
 UNFIRED = "unfired"
