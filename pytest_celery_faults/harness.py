@@ -36,7 +36,9 @@ from .engine.broker import (
     Ledger,
     register_transport,
 )
+from .engine.child import where_it_hung
 from .engine.clock import TimeInBodies, VirtualClock
+from .engine.consumer import EmulatedWorker
 from .engine.effects import (
     Effect,
     EffectLog,
@@ -45,20 +47,14 @@ from .engine.effects import (
     resolve_target,
     tracking_wrapper,
 )
-from .engine.history import LOSSES, NOT_IDEMPOTENT, History
+from .engine.execution import ExecutionRecord
+from .engine.history import History
 from .engine.outcome import Outcome, Timeline, safe_repr
 from .engine.process_calls import ProcessCallsInBodies
 from .engine.replay import PublishedMessage
 from .engine.results import InMemoryResultBackend
 from .engine.scheduler import Scheduler, current_stack
-from .engine.worker import (
-    EmulatedWorker,
-    ExecutionRecord,
-    check_worker_settings,
-    check_workers,
-    where_it_hung,
-    worker_concurrency,
-)
+from .engine.settings import check_worker_settings, check_workers, worker_concurrency
 from .errors import (
     DrainError,
     EmulationError,
@@ -71,6 +67,7 @@ from .grammar import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
 from .integrations import django_configured
 from .verdicts import idempotency
 from .verdicts.checks import Checks
+from .verdicts.classify import LOSSES, NOT_IDEMPOTENT
 from .verdicts.idempotency import Scenario, SweepReport
 
 #: A drain that runs more executions than this has not converged (a task that requeues forever).

@@ -27,7 +27,11 @@ from kombu.transport import TRANSPORT_ALIASES, virtual
 
 from .._celery_internals import redis_restore_cadence
 from ..errors import ConfigError
+from ..vocabulary import LedgerEventKind, Settlement
 from .clock import VirtualClock
+
+#: What the ledger says of an ack or a reject for a delivery the broker already took back.
+_IGNORED: dict[Settlement, LedgerEventKind] = {"ack": "ack_ignored", "reject": "reject_ignored"}
 
 SCHEME = "celery-faults"
 TRANSPORT_OPTION = "celery_faults_broker"
@@ -135,7 +139,7 @@ class Delivery:
     redelivered: bool
     delivered_at: float
     settled: bool = False
-    settlement: str = ""  # "ack", "reject" or "restore", once settled
+    settlement: Settlement = ""  # "ack", "reject" or "restore", once settled
     timer: Any = None
 
 
@@ -143,7 +147,7 @@ class BrokerEvent(NamedTuple):
     """One line of the ledger (immutable; a tuple, built several times per delivery)."""
 
     time: float
-    kind: str
+    kind: LedgerEventKind
     task_id: str
     task_name: str
     message: int
@@ -541,7 +545,7 @@ class InMemoryBroker:
             delivery=delivery,
         )
 
-    def _settle(self, tag: str, how: str) -> Delivery | None:
+    def _settle(self, tag: str, how: Settlement) -> Delivery | None:
         delivery = self.unacked.pop(tag, None)
         if delivery is None:
             self._record_stale(tag, how)
@@ -556,15 +560,15 @@ class InMemoryBroker:
             self._sweep_timer = None
         return delivery
 
-    def _record_stale(self, tag: str, how: str) -> None:
+    def _record_stale(self, tag: str, how: Settlement) -> None:
         # An ack or reject for a delivery the broker already took back (its
         # visibility timeout passed, or its connection dropped): ignored, as
         # Redis ignores it. Recorded, because it explains a duplicate.
         name, _, _ = tag.rpartition(".")
-        if name != self.name or how == "restore":
+        if name != self.name or how not in _IGNORED:
             return
         self.ledger.record(
-            BrokerEvent(self.clock.time(), f"{how}_ignored", "?", "?", 0, detail=f"tag {tag}")
+            BrokerEvent(self.clock.time(), _IGNORED[how], "?", "?", 0, detail=f"tag {tag}")
         )
 
     def _restore(
@@ -597,7 +601,7 @@ class InMemoryBroker:
 
     def _record(
         self,
-        kind: str,
+        kind: LedgerEventKind,
         message: StoredMessage,
         delivery: Delivery | None = None,
         detail: str = "",

@@ -17,18 +17,48 @@ is set and it stopped cleanly (Celery saves that file at exit).
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+from celery import Celery
 
 from .. import _celery_internals as internals
+from .broker import InMemoryBroker
+from .pool import InProcessPool
 
-if TYPE_CHECKING:
-    from .worker import EmulatedWorker
+
+class Node(Protocol):
+    """The worker process, as its mailbox sees it (:class:`.consumer.EmulatedWorker`)."""
+
+    @property
+    def app(self) -> Celery: ...
+    @property
+    def hostname(self) -> str: ...
+    @property
+    def broker(self) -> InMemoryBroker: ...
+    @property
+    def pool(self) -> InProcessPool: ...
+    @property
+    def connection(self) -> Any: ...
+    @property
+    def channel(self) -> Any: ...
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def stop_requested(self) -> bool: ...
+
+    def held_for_eta(self) -> list[tuple[float, Any]]: ...
+
+    def reset_rate_limits(self) -> None: ...
+
+    def request_stop(self) -> None: ...
+
+    def die(self, *, graceful: bool = False) -> None: ...
 
 
 class WorkerMailbox:
     """One emulated worker's mailbox and revoked ids."""
 
-    def __init__(self, worker: EmulatedWorker) -> None:
+    def __init__(self, worker: Node) -> None:
         self.worker = worker
         self.revoked: Any = internals.new_revoked_set()
         self.saved: Any = None  # the revoked ids worker_state_db holds, once saved

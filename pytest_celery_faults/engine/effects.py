@@ -5,6 +5,13 @@ only recorded. Inside a task run by the emulated worker, the running
 execution is told before the effect (so ``raise(...)@N`` can replace it, and a
 dead child can do nothing more) and after it (so ``sigkill@N`` and its kin fire
 at that boundary).
+
+A side effect that may fail is still a side effect: it was attempted. An HTTP
+request that ends in a connection error or a read timeout may have reached
+the server; a Redis command cut off by a dropped connection may have run.
+:func:`perform_attempt` records such a call as an effect (with what it raised
+in its detail) and lets faults fire at its boundary, then raises the error to
+the task, as the library would.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 
 import responses
 
+from ..vocabulary import EffectKind, Ending
 from .clock import VirtualClock
 
 T = TypeVar("T")
@@ -27,7 +35,7 @@ T = TypeVar("T")
 class Effect:
     """One side effect that completed."""
 
-    kind: str  # "call", "http" or "publish"
+    kind: EffectKind
     label: str
     time: float
     task_id: str | None = None
@@ -51,7 +59,7 @@ class Execution(Protocol):
 
     def body_starts(self) -> None: ...
 
-    def before_effect(self, kind: str, label: str) -> None: ...
+    def before_effect(self, kind: EffectKind, label: str) -> None: ...
 
     def after_effect(self, effect: Effect) -> None: ...
 
@@ -64,8 +72,8 @@ class ExecutionWatcher(Protocol):
     """Told when an execution starts and how it ended (integrations use it).
 
     ``started`` is called on the stack that runs the body, just before it.
-    ``ended`` is called with how the execution ended: ``"returned"``,
-    ``"raised"`` or ``"exit"`` on the execution's own stack after it unwound;
+    ``ended`` is called with how the execution ended (a ``vocabulary.Ending``):
+    ``"returned"``, ``"raised"`` or ``"exit"`` on the execution's own stack after it unwound;
     ``"child killed"``, ``"power lost"`` or ``"cold shutdown"`` when it was
     cut off, from the harness's side, while the killed stack stays frozen and
     runs nothing more (a database integration rolls back its open
@@ -78,7 +86,7 @@ class ExecutionWatcher(Protocol):
 
     def started(self, execution: Execution) -> None: ...
 
-    def ended(self, execution: Execution, how: str) -> None: ...
+    def ended(self, execution: Execution, how: Ending) -> None: ...
 
 
 class EffectLog:
@@ -126,7 +134,7 @@ class EffectLog:
                 self.plugin_failed(execution, exc, "as it started")
                 raise
 
-    def execution_ended(self, execution: Execution, how: str) -> None:
+    def execution_ended(self, execution: Execution, how: Ending) -> None:
         for watcher in self.watchers:
             try:
                 watcher.ended(execution, how)
@@ -165,7 +173,7 @@ class EffectLog:
 
     def perform(
         self,
-        kind: str,
+        kind: EffectKind,
         label: str,
         call: Callable[[], T],
         detail: dict[str, Any] | None = None,
@@ -220,6 +228,37 @@ class EffectLog:
         return [effect.label for effect in self.effects]
 
 
+def perform_attempt(
+    log: EffectLog,
+    kind: EffectKind,
+    label: str,
+    call: Callable[[], T],
+    detail: dict[str, Any] | None = None,
+    cause: Callable[[Exception], BaseException] | None = None,
+) -> T:
+    """``log.perform(kind, label, call)``, counting the call even when it raises.
+
+    ``cause`` finds the error to describe in what the call raised (a mock's
+    wrapper around the error the code will see); by default its ``__cause__``.
+    """
+    detail = dict(detail or {})
+    failed: list[Exception] = []
+
+    def attempt() -> T | None:
+        try:
+            return call()
+        except Exception as exc:
+            error = cause(exc) if cause is not None else exc.__cause__ or exc
+            detail["raised"] = f"{type(error).__name__}: {error}"
+            failed.append(exc)
+            return None
+
+    result = log.perform(kind, label, attempt, detail=detail)
+    if failed:
+        raise failed[0]
+    return result  # type: ignore[return-value]
+
+
 class TrackedRequestsMock(responses.RequestsMock):
     """``responses.RequestsMock`` whose every request is a side effect."""
 
@@ -232,8 +271,6 @@ class TrackedRequestsMock(responses.RequestsMock):
         label = f"{request.method} {request.url}"
         detail = {"timeout": kwargs.get("timeout")}
         parent = super()._on_request
-        from .attempts import perform_attempt  # a request that raised was still attempted
-
         return perform_attempt(
             self.effect_log, "http", label, lambda: parent(adapter, request, **kwargs), detail
         )

@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..vocabulary import RETURNED, Ending
+
 
 def safe_repr(value: Any) -> str:
     """``repr(value)``, or a stand-in naming its type when the task's own ``__repr__`` raises."""
@@ -127,12 +129,12 @@ class Outcome:
     retries: int
     timeline: Timeline
     faults: list[str] = field(default_factory=list)
-    ended: str = ""
+    ended: Ending = ""
 
     @property
     def succeeded(self) -> bool:
         """The task's last execution returned (whether or not its result was stored)."""
-        return self.ended == "returned" or self.state == "SUCCESS"
+        return self.ended == RETURNED or self.state == "SUCCESS"
 
     @property
     def story(self) -> str:

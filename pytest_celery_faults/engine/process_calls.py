@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 
 class ChildProcess(Protocol):
-    """The emulated child an execution runs in (:class:`.worker.ChildExecution`)."""
+    """The emulated child an execution runs in (:class:`.child.ChildExecution`)."""
 
     def exit_process(self, code: int) -> None: ...
 

@@ -46,7 +46,7 @@ from django.db import connections
 
 from ..engine.effects import EffectLog, Execution
 from ..engine.scheduler import ExecutionDiscarded
-from ..engine.worker import worker_concurrency
+from ..engine.settings import worker_concurrency
 from ..errors import RefusedError
 from .statements import written_table
 

@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import respx
 
-from ..engine.attempts import perform_attempt
-from ..engine.effects import EffectLog
+from ..engine.effects import EffectLog, perform_attempt
 
 if TYPE_CHECKING:
     from ..harness import CeleryFaults

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.client
 
-from ..engine.attempts import perform_attempt
-from ..engine.effects import EffectLog, Patch
+from ..engine.effects import EffectLog, Patch, perform_attempt
 
 if TYPE_CHECKING:
     from ..harness import CeleryFaults

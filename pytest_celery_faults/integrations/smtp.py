@@ -10,8 +10,7 @@ from __future__ import annotations
 import smtplib
 from typing import TYPE_CHECKING, Any
 
-from ..engine.attempts import perform_attempt
-from ..engine.effects import Patch
+from ..engine.effects import Patch, perform_attempt
 
 if TYPE_CHECKING:
     from ..harness import CeleryFaults

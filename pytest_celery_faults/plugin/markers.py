@@ -109,7 +109,7 @@ def _fault_sweep_marker(
 def marker_settings(item: pytest.Item) -> MarkerSettings:
     """Read and validate the plugin's markers on ``item``; errors name the marker."""
     from ..engine.broker import BrokerProfile
-    from ..engine.worker import check_workers
+    from ..engine.settings import check_workers
     from ..grammar import parse_spec
 
     settings = MarkerSettings()

@@ -25,29 +25,15 @@ from typing import Any, Protocol
 from celery import Celery
 
 from ..engine import replay
-from ..engine.history import (
-    CLASSES,
-    ENDED_OTHERWISE,
-    LOSSES,
-    NAMED_ONLY,
-    NOT_IDEMPOTENT,
-    OK,
-    Evidence,
-    History,
-)
+from ..engine.history import Evidence, History
 from ..engine.outcome import Outcome, Timeline, TimelineEntry
 from ..engine.replay import PublishedMessage
 from ..engine.scheduler import Scheduler, every_schedule
 from ..grammar import ArmedSpec, FaultSpec, parse_spec
+from ..vocabulary import DEFAULT_KINDS, ENDED_OTHERWISE, OK, WHOLE_MESSAGE_SPECS
+from ..vocabulary import SWEEP_KINDS as SWEEP_KINDS  # the harness's default ``hows``
+from .classify import CLASSES, LOSSES, NAMED_ONLY, NOT_IDEMPOTENT, judge
 
-#: The kinds a sweep tries at every boundary, unless told otherwise. A hard
-#: time limit (``timeout``) is left out: Celery stores FAILURE for it by
-#: design, so it would flag every task; pass it in ``hows`` to include it.
-SWEEP_KINDS: tuple[str, ...] = ("sigkill", "sigterm", "exit", "power_loss", "cold_shutdown")
-#: The kinds ``assert_idempotent`` tries at every boundary by default.
-DEFAULT_KINDS: tuple[str, ...] = ("sigkill", "exit", "power_loss")
-#: Specs without a boundary that every default set includes.
-WHOLE_MESSAGE_SPECS: tuple[str, ...] = ("redeliver", "ack_lost")
 #: In ``specs`` or ``hows``: every interleaving of two overlapping copies, each a scenario.
 EVERY_OVERLAP = "overlap"
 UNFIRED = "unfired"
@@ -104,7 +90,7 @@ class Scenario:
     spec: str
     outcome: Outcome
     observed: Any
-    verdict: str  # a class of .history.CLASSES, or "unfired"
+    verdict: str  # a class of .classify.CLASSES, or "unfired"
     problem: str = ""
     #: What ``observe()`` returned in the fault-free run.
     baseline_observed: Any = field(default=None, repr=False, compare=False)
@@ -355,7 +341,7 @@ class Idempotency:
         if self.harness.unfired():
             _forget_timeline(outcome)
             return Scenario(text, outcome, observed, UNFIRED, "the fault never fired")
-        judged = self.history.judge(text, baseline, self.history.evidence(outcome, observed))
+        judged = judge(self.history, text, baseline, self.history.evidence(outcome, observed))
         if judged.verdict == OK:
             _forget_timeline(outcome)
             return Scenario(text, outcome, observed, OK, judged.problem)
