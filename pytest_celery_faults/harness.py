@@ -47,6 +47,7 @@ from .engine.effects import (
 )
 from .engine.history import LOSSES, NOT_IDEMPOTENT, History
 from .engine.outcome import Outcome, Timeline, safe_repr
+from .engine.plan import ArmedSpec, FaultPlan
 from .engine.process_calls import ProcessCallsInBodies
 from .engine.replay import PublishedMessage
 from .engine.results import InMemoryResultBackend
@@ -67,7 +68,7 @@ from .errors import (
     TimeLimitPassed,
     UnfiredFaultError,
 )
-from .grammar import ArmedSpec, FaultPlan, FaultSpec, Step, parse_spec
+from .grammar import FaultSpec, Step, parse_spec
 from .integrations import django_configured
 from .verdicts import idempotency
 from .verdicts.checks import Checks

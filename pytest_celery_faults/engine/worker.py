@@ -39,12 +39,13 @@ from celery.exceptions import CeleryError
 
 from .. import _celery_internals as internals
 from ..errors import ConfigError, raised_by_the_plugin
-from ..grammar import FaultPlan, Step
+from ..grammar import Step
 from .broker import Delivery, InMemoryBroker
 from .clock import VirtualClock
 from .control import WorkerMailbox
 from .effects import Effect, EffectLog
 from .interruptions import stops_the_test_run
+from .plan import FaultPlan
 from .scheduler import BLOCKED_SECONDS, ExecutionDiscarded, Scheduler, Stack
 
 #: What a job raises that makes billiard's child report it and then leave.

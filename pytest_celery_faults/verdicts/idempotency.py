@@ -36,9 +36,10 @@ from ..engine.history import (
     History,
 )
 from ..engine.outcome import Outcome, Timeline, TimelineEntry
+from ..engine.plan import ArmedSpec
 from ..engine.replay import PublishedMessage
 from ..engine.scheduler import Scheduler, every_schedule
-from ..grammar import ArmedSpec, FaultSpec, parse_spec
+from ..grammar import FaultSpec, parse_spec
 
 #: The kinds a sweep tries at every boundary, unless told otherwise. A hard
 #: time limit (``timeout``) is left out: Celery stores FAILURE for it by
