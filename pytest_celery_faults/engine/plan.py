@@ -7,6 +7,7 @@ records the steps that fired.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..grammar import FaultSpec, Step, parse_spec
@@ -128,3 +129,31 @@ class FaultPlan:
             for armed in self.armed
             if (armed.explicit or not explicit_only) and not armed.has_fired
         ]
+
+
+def unfired_message(
+    missing: list[ArmedSpec], plan: FaultPlan, reached: Callable[[str], int]
+) -> str:
+    """Why each of the ``missing`` specs never fired; ``reached``: a task id's side effects."""
+    lines = []
+    for armed in missing:
+        if armed.spec.redeliver:
+            why = "no message matching it completed, so nothing was redelivered"
+        elif armed.task_id is None:
+            target = f"task {armed.spec.task!r}" if armed.spec.task else "any task"
+            why = f"no message for {target} was published after it was armed"
+        else:
+            deliveries = plan.deliveries.get(armed.task_id, 0)
+            effects = reached(armed.task_id)
+            steps = ", ".join(f"{step} (delivery {n})" for n, step in armed.unfired_steps)
+            why = (
+                f"{steps} never fired: the task was delivered {deliveries} time(s) "
+                f"and reached at most {effects} side effect(s) in a delivery"
+            )
+        lines.append(f"  {armed.spec}: {why}")
+    return (
+        "celery_faults: fault spec(s) never fired, so the test proved nothing about them:\n"
+        + "\n".join(lines)
+        + "\n(opt out with @pytest.mark.celery_faults(..., allow_unfired=True)"
+        " or CeleryFaults(check_unfired=False))"
+    )

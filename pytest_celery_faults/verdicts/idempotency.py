@@ -68,8 +68,13 @@ class Runs(Protocol):
     """What scenarios need of the harness: reset it, run a signature, read the history."""
 
     app: Celery
-    history: History
-    scheduler: Scheduler
+
+    @property
+    def history(self) -> History: ...
+
+    @property
+    def scheduler(self) -> Scheduler: ...
+
     #: Real-broker mode's comparison of every run(), or ``None`` (see :class:`Compares`).
     comparison: Compares | None
 
