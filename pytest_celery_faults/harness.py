@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 from celery import Celery, Task
 
 from . import _celery_internals as internals
 from .engine.broker import BrokerProfile, InMemoryBroker, Ledger
 from .engine.clock import VirtualClock
-from .engine.core import DEFAULT_MAX_EXECUTIONS, Engine
+from .engine.core import DEFAULT_MAX_EXECUTIONS, Engine, check_settings
 from .engine.effects import EffectLog, TrackedRequestsMock
 from .engine.history import LOSSES, NOT_IDEMPOTENT, History
 from .engine.outcome import Outcome, Timeline
@@ -32,13 +32,15 @@ from .engine.plan import ArmedSpec, FaultPlan, unfired_message
 from .engine.replay import PublishedMessage
 from .engine.results import InMemoryResultBackend
 from .engine.scheduler import Scheduler
-from .engine.worker import EmulatedWorker, ExecutionRecord, check_workers
+from .engine.worker import EmulatedWorker, ExecutionRecord
 from .errors import UnfiredFaultError
 from .grammar import FaultSpec
 from .integrations import django_configured
 from .verdicts import idempotency
 from .verdicts.checks import Checks
 from .verdicts.idempotency import Scenario, SweepReport
+
+T = TypeVar("T")
 
 
 class RunObserver(Protocol):
@@ -49,6 +51,33 @@ class RunObserver(Protocol):
     def after_run(
         self, signature: Any, specs: Sequence[str | FaultSpec], outcome: Outcome
     ) -> None: ...
+
+
+class _Held(Generic[T]):
+    """A read-only view of what the started engine holds under the same name.
+
+    It stays readable after ``stop()`` (the report reads the warnings then);
+    before ``start()`` it is an error that says so.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, harness: None, owner: type) -> _Held[T]: ...
+
+    @overload
+    def __get__(self, harness: CeleryFaults, owner: type | None = None) -> T: ...
+
+    def __get__(self, harness: CeleryFaults | None, owner: type | None = None) -> T | _Held[T]:
+        if harness is None:
+            return self
+        return cast(T, getattr(harness._live(), self.name))
+
+    def __set__(self, harness: CeleryFaults, value: T) -> None:
+        raise AttributeError(
+            f"CeleryFaults.{self.name} is read-only: the harness's engine owns it"
+        )
 
 
 class CeleryFaults:
@@ -68,15 +97,7 @@ class CeleryFaults:
         app = internals.app_behind_proxy(app)  # celery.current_app: the app behind it
         if not isinstance(app, Celery):
             raise TypeError(f"CeleryFaults(app={app!r}): expected a Celery app")
-        check_workers(workers)
-        if (
-            not isinstance(max_executions, int)
-            or isinstance(max_executions, bool)
-            or max_executions < 1
-        ):
-            raise ValueError(f"max_executions={max_executions!r}: expected a whole number >= 1")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError(f"seed={seed!r}: expected a whole number or None")
+        check_settings(workers=workers, max_executions=max_executions, seed=seed)
         BrokerProfile.named(profile)  # refuse an unknown profile before anything starts
         self.app = app
         self.profile_name = profile
@@ -203,9 +224,7 @@ class CeleryFaults:
             observer.before_run(signature, specs)
         frozen = signature.freeze()
         plain = getattr(signature, "subtask_type", None) is None
-        if specs:
-            self._own_specs()
-        engine.arm_for(frozen.id if plain else None, signature.task, specs)
+        self._arm_for(engine, frozen.id if plain else None, signature.task, specs)
         signature.apply_async()
         engine.drain()
         while getattr(frozen, "results", None):  # a group: its last task stands for it
@@ -228,26 +247,24 @@ class CeleryFaults:
                 "a copy cannot stand in for run() when real-broker mode compares it"
             )
         task_id = published.task_id_for_copy()
-        if specs:
-            self._own_specs()
-        engine.arm_for(task_id, published.task_name, specs)
+        self._arm_for(engine, task_id, published.task_name, specs)
         published.publish_copy(task_id)
         engine.drain()
         return self.outcome(task_id)
+
+    def _arm_for(
+        self, engine: Engine, task_id: str | None, task_name: str, specs: Sequence[str | FaultSpec]
+    ) -> None:
+        if specs:
+            self._own_specs()
+        engine.arm_for(task_id, task_name, specs)
 
     def drain(self) -> list[Outcome]:
         """Run the workers until nothing is ready or pending, moving the virtual clock.
 
         Returns the outcomes of the task ids delivered meanwhile, in delivery order.
         """
-        engine = self._driven("drain")
-        first_event = len(engine.ledger)
-        engine.drain()
-        touched: dict[str, None] = {}
-        for event in engine.ledger.events[first_event:]:
-            if event.kind == "delivered":
-                touched.setdefault(event.task_id)
-        return [self.outcome(task_id) for task_id in touched]
+        return [self.outcome(task_id) for task_id in self._driven("drain").drain_delivered()]
 
     def track(
         self, target: str | tuple[Any, str], name: str | None = None, *, duration: float = 0.0
@@ -379,29 +396,26 @@ class CeleryFaults:
         engine.require_driver(what)
         return engine
 
-    @property
-    def effects(self) -> EffectLog:
-        """The side effects executed, with task id and delivery number."""
-        return self._live().effects
-
-    @property
-    def ledger(self) -> Ledger:
-        """The broker's event log."""
-        return self._live().ledger
-
-    @property
-    def clock(self) -> VirtualClock:
-        return self._live().clock
-
-    @property
-    def http(self) -> TrackedRequestsMock:
-        """A ``responses.RequestsMock``: every HTTP request through ``requests`` is an effect."""
-        return self._live().http
-
-    @property
-    def warnings(self) -> list[str]:
-        """What the checks found in the code under test, each once."""
-        return self._live().warnings
+    #: The side effects executed, with task id and delivery number.
+    effects = _Held[EffectLog]()
+    #: The broker's event log.
+    ledger = _Held[Ledger]()
+    clock = _Held[VirtualClock]()
+    #: A ``responses.RequestsMock``: every HTTP request through ``requests`` is an effect.
+    http = _Held[TrackedRequestsMock]()
+    #: What the checks found in the code under test, each once.
+    warnings = _Held[list[str]]()
+    history = _Held[History]()
+    plan = _Held[FaultPlan]()
+    broker = _Held[InMemoryBroker]()
+    backend = _Held[InMemoryResultBackend]()
+    scheduler = _Held[Scheduler]()
+    workers = _Held[list[EmulatedWorker]]()
+    checks = _Held[Checks]()
+    #: Whether executions can overlap (several workers, or a pool of several children).
+    concurrent = _Held[bool]()
+    #: The dotted targets tracked (real-broker mode tracks them in its worker too).
+    tracked = _Held[list[str]]()
 
     @property
     def records(self) -> list[ExecutionRecord]:
@@ -411,44 +425,6 @@ class CeleryFaults:
     @property
     def timeline(self) -> Timeline:
         return self.history.timeline
-
-    @property
-    def history(self) -> History:
-        return self._live().history
-
-    @property
-    def plan(self) -> FaultPlan:
-        return self._live().plan
-
-    @property
-    def broker(self) -> InMemoryBroker:
-        return self._live().broker
-
-    @property
-    def backend(self) -> InMemoryResultBackend:
-        return self._live().backend
-
-    @property
-    def scheduler(self) -> Scheduler:
-        return self._live().scheduler
-
-    @property
-    def workers(self) -> list[EmulatedWorker]:
-        return self._live().workers
-
-    @property
-    def checks(self) -> Checks:
-        return self._live().checks
-
-    @property
-    def concurrent(self) -> bool:
-        """Whether executions can overlap (several workers, or a pool of several children)."""
-        return self._live().concurrent
-
-    @property
-    def tracked(self) -> list[str]:
-        """The dotted targets tracked (real-broker mode tracks them in its worker too)."""
-        return self._live().tracked
 
     def __repr__(self) -> str:
         state = "active" if self.active else "inactive"

@@ -57,6 +57,7 @@ from .worker import (
     EmulatedWorker,
     ExecutionRecord,
     check_worker_settings,
+    check_workers,
     where_it_hung,
     worker_concurrency,
 )
@@ -65,6 +66,19 @@ from .worker import (
 DEFAULT_MAX_EXECUTIONS = 1000
 #: A drain that has to move the virtual clock further than this has not converged either.
 DEFAULT_HORIZON = 365 * 24 * 3600.0
+
+
+def check_settings(*, workers: object, max_executions: object, seed: object) -> None:
+    """Refuse, naming the value, settings an engine cannot run with (before anything starts)."""
+    check_workers(workers)
+    if (
+        not isinstance(max_executions, int)
+        or isinstance(max_executions, bool)
+        or max_executions < 1
+    ):
+        raise ValueError(f"max_executions={max_executions!r}: expected a whole number >= 1")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"seed={seed!r}: expected a whole number or None")
 
 
 class Engine:
@@ -416,6 +430,13 @@ class Engine:
             raise misuse
         if not self._draining:  # a task's result.get() drains inside the outer drain
             self._raise_plugin_failures()
+
+    def drain_delivered(self) -> list[str]:
+        """``drain()``; the task ids delivered meanwhile, in delivery order."""
+        first_event = len(self.ledger)
+        self.drain()
+        events = self.ledger.events[first_event:]
+        return list(dict.fromkeys(e.task_id for e in events if e.kind == "delivered"))
 
     def _raise_plugin_failures(self) -> None:
         """An error of the plugin's own inside an execution fails the test, never reads as ok."""

@@ -68,13 +68,8 @@ class Runs(Protocol):
     """What scenarios need of the harness: reset it, run a signature, read the history."""
 
     app: Celery
-
-    @property
-    def history(self) -> History: ...
-
-    @property
-    def scheduler(self) -> Scheduler: ...
-
+    history: History
+    scheduler: Scheduler
     #: Real-broker mode's comparison of every run(), or ``None`` (see :class:`Compares`).
     comparison: Compares | None
 
