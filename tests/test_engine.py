@@ -552,3 +552,27 @@ def test_tracebacks_are_unchanged_by_the_code_summary_cache(app: Celery) -> None
     assert inside == outside
     assert "_raise_through_frames(depth - 1)" in outside[0]
     assert billiard.einfo._Frame.Code is billiard.einfo._Code  # nothing outlives the harness
+
+
+def test_the_engine_runs_without_the_harness_and_stop_undoes_its_one_stack(app: Celery) -> None:
+    # The façade only shows what the engine wires: the engine alone publishes,
+    # drains and gives the app back. (#23)
+    from pytest_celery_faults.engine.core import Engine
+
+    task = make_task(app, acks_late=True, reject_on_worker_lost=True)
+    app.finalize()
+    before = dict(app.conf.changes)
+    engine = Engine(
+        app, profile="rabbitmq", workers=1, seed=0, max_executions=10, deadline=lambda: None
+    )
+    engine.start()
+    try:
+        engine.arm_for(None, task.name, ["sigkill@0"])
+        sent = task.delay(1)
+        assert engine.drain_delivered() == [sent.id]
+        assert engine.history.outcome(sent.id).deliveries == 2
+    finally:
+        engine.stop()
+    assert not engine.active
+    assert dict(app.conf.changes) == before
+    assert task.apply(args=(2,)).get() == 4  # eager again, off the in-memory broker

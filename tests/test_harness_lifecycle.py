@@ -361,3 +361,46 @@ def test_executions_running_at_once_have_labels_of_their_own(app: Celery) -> Non
     _, _, replayed, again = _fresh_run(app, parent, world, f"overlap({schedule})")
     assert again == choices
     assert replayed == timeline
+
+
+def test_nothing_public_exists_only_after_start_and_views_refuse_before_it(app: Celery) -> None:
+    # The engine holds what start() wires; the harness shows it read-only. (#23)
+    @app.task(shared=False)
+    def noop() -> None:
+        pass
+
+    faults = CeleryFaults(app)
+    public = {name for name in vars(faults) if not name.startswith("_")}
+    with pytest.raises(RuntimeError, match=r"has not started: use it as `with CeleryFaults"):
+        faults.effects  # noqa: B018
+    with faults:
+        faults.run(noop.s())  # type: ignore[attr-defined]
+        assert {name for name in vars(faults) if not name.startswith("_")} == public
+        with pytest.raises(AttributeError, match="read-only"):
+            faults.clock = None
+    assert faults.warnings == []  # still readable after stop(): the report reads it then
+    assert len(faults.records) == 1
+
+
+def test_a_run_observer_is_told_of_each_run_in_order(app: Celery) -> None:
+    # Real-broker mode registers an observer; nothing replaces run() on the instance. (#23)
+    @app.task(acks_late=True, reject_on_worker_lost=True, shared=False)
+    def add(x: int) -> int:
+        return x + 1
+
+    seen: list[tuple[str, ...]] = []
+
+    class Observer:
+        def before_run(self, signature: Any, specs: Any) -> None:
+            seen.append(("before", signature.task, *specs))
+
+        def after_run(self, signature: Any, specs: Any, outcome: Any) -> None:
+            seen.append(("after", outcome.state, str(outcome.deliveries), *specs))
+
+    with CeleryFaults(app) as faults:
+        forget = faults.observe_runs(Observer())
+        assert faults.run(add.s(1), "sigkill@0").state == "SUCCESS"  # type: ignore[attr-defined]
+        forget()
+        faults.run(add.s(2))  # type: ignore[attr-defined]
+        assert "run" not in vars(faults)
+    assert seen == [("before", add.name, "sigkill@0"), ("after", "SUCCESS", "2", "sigkill@0")]

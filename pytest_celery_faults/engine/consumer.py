@@ -24,7 +24,7 @@ from celery.exceptions import CeleryError
 
 from .. import _celery_internals as internals
 from ..errors import raised_by_the_plugin
-from ..grammar import FaultPlan, Step
+from ..grammar import Step
 from ..vocabulary import COLD_SHUTDOWN, FREEZING_KINDS, POWER_LOST, Ending
 from .broker import Delivery, InMemoryBroker
 from .child import ChildExecution
@@ -32,6 +32,7 @@ from .clock import VirtualClock
 from .control import WorkerMailbox
 from .effects import EffectLog
 from .execution import ExecutionRecord
+from .plan import FaultPlan
 from .pool import InProcessPool, Job
 from .scheduler import Scheduler
 from .settings import per_child_limit, worker_concurrency

@@ -119,13 +119,12 @@ class RealComparison:
         #: Called between the real run and the emulated one: a scenario's world reset
         #: (``assert_idempotent``, ``sweep``), so neither run sees the other's.
         self.between: Callable[[], Any] | None = None
-        self._emulated_run: Callable[..., Outcome] = harness.run
-        harness.run = self.run
-        harness.comparison = self  # scenarios then each go through run(), never a copy
-
-    def uninstall(self) -> None:
-        self.harness.__dict__.pop("run", None)
-        self.harness.comparison = None
+        self._before: set[str] = set()  # the task ids the emulation had seen before a run
+        self._reals: list[RealOutcome] = []
+        self._texts: list[str] = []  # the run's specs and those armed waiting, as text
+        self._restored = False
+        #: Scenarios then each go through run(), never a copy, so each is compared.
+        self.uninstall: Callable[[], None] = harness.observe_runs(self)
 
     def refuse(self, signature: Any, specs: Sequence[str]) -> None:
         """Raise :class:`RealModeRefused` (one line) when a real worker cannot run ``specs``."""
@@ -135,7 +134,8 @@ class RealComparison:
         if why is not None:
             raise RealModeRefused(f"real-broker mode cannot run this: {why}")
 
-    def run(self, signature: Any, *specs: str | FaultSpec) -> Outcome:
+    def before_run(self, signature: Any, specs: Sequence[str | FaultSpec]) -> None:
+        """Run ``signature`` on the real worker first, then put the world back as it was."""
         __tracebackhide__ = True
         harness = self.harness
         texts = [str(parse_spec(spec)) for spec in specs]
@@ -145,23 +145,23 @@ class RealComparison:
         self.runner.use_settings(task_settings(harness.app))
         self.runner.track = list(harness.tracked)
         restore = self.isolation() if self.isolation is not None else None
-        reals = self.runner.run_signature(signature.clone(), texts, waiting=waiting)
+        self._reals = self.runner.run_signature(signature.clone(), texts, waiting=waiting)
         if self.between is not None:
             self.between()
         if restore is not None:
             restore()
-        before = {outcome.task_id for outcome in harness.outcomes()}
-        outcome = self._emulated_run(signature, *specs)
-        emulated = [o for o in harness.outcomes() if o.task_id not in before]
-        check(
-            self.runner,
-            harness,
-            reals,
-            emulated,
-            texts + waiting,
-            isolated=restore is not None or self.between is not None,
-        )
-        return outcome
+        self._texts = texts + waiting
+        self._restored = restore is not None or self.between is not None
+        self._before = {outcome.task_id for outcome in harness.outcomes()}
+
+    def after_run(
+        self, signature: Any, specs: Sequence[str | FaultSpec], outcome: Outcome
+    ) -> None:
+        """Fail, naming each difference, when the real run did not do what the emulated one did."""
+        __tracebackhide__ = True
+        harness = self.harness
+        emulated = [o for o in harness.outcomes() if o.task_id not in self._before]
+        check(self.runner, harness, self._reals, emulated, self._texts, isolated=self._restored)
 
 
 def check(

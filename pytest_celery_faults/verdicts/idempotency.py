@@ -27,9 +27,10 @@ from celery import Celery
 from ..engine import replay
 from ..engine.history import Evidence, History
 from ..engine.outcome import Outcome, Timeline, TimelineEntry
+from ..engine.plan import ArmedSpec
 from ..engine.replay import PublishedMessage
 from ..engine.scheduler import Scheduler, every_schedule
-from ..grammar import ArmedSpec, FaultSpec, parse_spec
+from ..grammar import FaultSpec, parse_spec
 from ..vocabulary import DEFAULT_KINDS, ENDED_OTHERWISE, OK, WHOLE_MESSAGE_SPECS
 from ..vocabulary import SWEEP_KINDS as SWEEP_KINDS  # the harness's default ``hows``
 from .classify import CLASSES, LOSSES, NAMED_ONLY, NOT_IDEMPOTENT, judge
