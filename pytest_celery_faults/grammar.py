@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from .errors import FaultSpecError
+from .vocabulary import FaultKind
 
 #: Step kinds that fire at a side-effect boundary, with the help text for each.
-BOUNDARY_KINDS: Final[dict[str, str]] = {
+BOUNDARY_KINDS: Final[dict[FaultKind, str]] = {
     "sigkill": "the child running the task is killed by SIGKILL",
     "sigterm": "the child running the task is killed by SIGTERM",
     "exit": "the task calls sys.exit(CODE)",
@@ -36,7 +37,7 @@ BOUNDARY_KINDS: Final[dict[str, str]] = {
     "cold_shutdown": "the worker stops at once: the running task is cancelled and cut off",
 }
 #: Step kinds without a boundary.
-PLAIN_KINDS: Final[dict[str, str]] = {
+PLAIN_KINDS: Final[dict[FaultKind, str]] = {
     "ack_lost": "the task completes but its ack never reaches the broker",
     "ok": "this delivery runs without a fault",
     "overlap": "a second copy is delivered while this one runs; the two interleave at "
@@ -82,7 +83,7 @@ _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 class Step:
     """What happens to one delivery of a message."""
 
-    kind: str
+    kind: FaultKind
     at: int | None = None
     code: int | None = None
     exception: str | None = None
@@ -236,14 +237,14 @@ def _parse_step(token: str, source: str) -> Step:
     kind, arg, at_text = match.group("kind", "arg", "at")
     if kind == "overlap" and at_text is None:
         if arg is None:
-            return Step(kind)
+            return Step("overlap")
         schedule = arg.strip()
         if not schedule or schedule.strip(SCHEDULE_LABELS):
             raise bad(
                 f"{token!r}: a schedule names the execution to run at each choice, one "
                 f"character each (1-9, a-z, A-Z; 1 and 2 the two copies), as in overlap(1212)"
             )
-        return Step(kind, schedule=schedule)
+        return Step("overlap", schedule=schedule)
     if kind in PLAIN_KINDS:
         if arg is not None or at_text is not None:
             raise bad(f"{echo}: {shown(kind)} takes no argument and no @N")

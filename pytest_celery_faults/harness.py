@@ -23,6 +23,7 @@ from celery import Celery, Task
 
 from . import _celery_internals as internals
 from .engine.broker import BrokerProfile, InMemoryBroker, Ledger
+from .engine.checks import Checks
 from .engine.clock import VirtualClock
 from .engine.consumer import EmulatedWorker
 from .engine.core import DEFAULT_MAX_EXECUTIONS, Engine, check_settings
@@ -38,7 +39,6 @@ from .errors import UnfiredFaultError
 from .grammar import FaultSpec
 from .integrations import django_configured
 from .verdicts import idempotency
-from .verdicts.checks import Checks
 from .verdicts.classify import LOSSES, NOT_IDEMPOTENT
 from .verdicts.idempotency import Scenario, SweepReport
 

@@ -19,7 +19,13 @@ private API live in ``_celery_internals/speedups.py``):
 - ``caret_anchors_cached``: Python's traceback caret anchors, computed once
   per source segment;
 - ``default_settings_snapshot``: settings found only in Celery's defaults,
-  answered from a dict instead of a chain of ``KeyError``\\ s.
+  answered from a dict instead of a chain of ``KeyError``\\ s;
+- ``replayable`` (``engine/replay.py``): a sweep publishes once and each
+  scenario sends a faithful copy of that message, instead of ``apply_async``;
+- ``BoundProducerPool`` (``engine/broker.py``): one producer per connection,
+  its exchanges declared once;
+- ``_code_calls_self_retry`` (``engine/checks.py``): a task's source read once
+  per code object.
 """
 
 from __future__ import annotations

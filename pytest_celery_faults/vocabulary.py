@@ -68,6 +68,9 @@ SWEEP_KINDS: Final[tuple[FaultKind, ...]] = (
 )
 #: The kinds ``assert_idempotent`` and ``assert_no_loss`` try at every boundary by default.
 DEFAULT_KINDS: Final[tuple[FaultKind, ...]] = ("sigkill", "exit", "power_loss")
+#: The kinds the ``fault_sweep`` marker parametrizes by default: the sweep's
+#: without ``cold_shutdown`` (a whole-worker stop is a test of its own).
+MARKER_SWEEP_KINDS: Final[tuple[FaultKind, ...]] = ("sigkill", "sigterm", "exit", "power_loss")
 #: Specs without a boundary that every default set includes.
 WHOLE_MESSAGE_SPECS: Final[tuple[str, ...]] = ("redeliver", "ack_lost")
 

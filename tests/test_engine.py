@@ -527,9 +527,13 @@ def _raise_through_frames(depth: int) -> None:
     raise KeyError(f"deep {depth}")
 
 
-def test_tracebacks_are_unchanged_by_the_code_summary_cache(app: Celery) -> None:
+def test_tracebacks_are_unchanged_by_the_code_summary_cache(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Failures are cheaper in a harness (billiard's per-frame summaries are shared), same text."""
     import traceback
+
+    monkeypatch.delenv("CELERY_FAULTS_NO_SPEEDUPS", raising=False)  # the cache is what it checks
 
     import billiard.einfo
 

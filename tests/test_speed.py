@@ -20,8 +20,8 @@ from kombu.serialization import dumps, loads
 
 from pytest_celery_faults import CeleryFaults, speedups
 from pytest_celery_faults import _celery_internals as internals
+from pytest_celery_faults.engine.checks import comes_back_unchanged, round_trip_problem
 from pytest_celery_faults.session.report import SessionReport, record_harness
-from pytest_celery_faults.verdicts.checks import comes_back_unchanged, round_trip_problem
 
 #: Fields that differ between any two publishes of one signature.
 PER_MESSAGE = {"id", "root_id", "correlation_id", "delivery_tag"}

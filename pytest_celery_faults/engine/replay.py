@@ -30,6 +30,7 @@ from celery import Celery, Signature, Task
 from celery.utils import uuid
 
 from .. import _celery_internals as internals
+from .. import speedups
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,13 @@ def recording(app: Celery) -> Iterator[list[PublishedMessage]]:
 def replayable(
     app: Celery, signature: Any, sent: list[PublishedMessage], task_id: str
 ) -> PublishedMessage | None:
-    """The one message a run of ``signature`` sent as ``task_id``, if copies of it are faithful."""
+    """The one message a run of ``signature`` sent as ``task_id``, if copies of it are faithful.
+
+    A speed-up (publish once, copy per scenario): with :mod:`..speedups` off,
+    every scenario publishes through ``apply_async`` again.
+    """
+    if not speedups.enabled():
+        return None
     if getattr(signature, "subtask_type", None) is not None:
         return None  # a canvas publishes several messages, some from the worker side
     if not _celery_s_own_publish(app, signature):

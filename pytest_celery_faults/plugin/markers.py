@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from ..vocabulary import MARKER_SWEEP_KINDS
 from .stash import report_key
 
 SWEEP_FIXTURE = "_celery_faults_sweep_case"
-SWEEP_HOWS = ("sigkill", "sigterm", "exit", "power_loss")
 EXEMPT = "celery_faults_exempt"
 #: A fault_sweep makes one test case per kind and boundary; more boundaries than this is a typo.
 MAX_SWEEP_EFFECTS = 100
@@ -86,7 +86,7 @@ def _crash_after_marker(n: int, how: str = "sigkill", task: str | None = None) -
 
 
 def _fault_sweep_marker(
-    max_effects: int = 5, hows: tuple[str, ...] | list[str] = SWEEP_HOWS
+    max_effects: int = 5, hows: tuple[str, ...] | list[str] = MARKER_SWEEP_KINDS
 ) -> tuple[tuple[str, ...], int]:
     """The sweep's kinds and last boundary, validated (the cases are built once, elsewhere)."""
     if not isinstance(max_effects, int) or isinstance(max_effects, bool) or max_effects < 0:

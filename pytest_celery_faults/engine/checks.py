@@ -18,8 +18,9 @@ from celery import Celery, signals
 from celery.local import Proxy
 from kombu.serialization import dumps, loads
 
-from ..engine.effects import Effect
+from .. import speedups
 from ..grammar import INTERNAL_PREFIX
+from .effects import Effect
 
 
 def http_timeout_problem(effect: Effect) -> str | None:
@@ -142,14 +143,22 @@ def _calls_self_retry(function: Any) -> bool:
     return _code_calls_self_retry(code) if code is not None else False
 
 
-@functools.lru_cache(maxsize=1024)
 def _code_calls_self_retry(code: CodeType) -> bool:
-    """Read once per code object: each harness checks every task of the app as it starts."""
+    """Whether the source of ``code`` calls ``self.retry(`` (read once per code object)."""
+    if speedups.enabled():  # each harness checks every task of the app as it starts
+        return _source_calls_self_retry_cached(code)
+    return _source_calls_self_retry(code)
+
+
+def _source_calls_self_retry(code: CodeType) -> bool:
     try:
         source = inspect.getsource(code)
     except (OSError, TypeError):
         return False
     return "self.retry(" in source
+
+
+_source_calls_self_retry_cached = functools.lru_cache(maxsize=1024)(_source_calls_self_retry)
 
 
 #: What Flask raises when code needs an app context no one pushed.
