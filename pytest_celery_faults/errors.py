@@ -45,7 +45,7 @@ class HarnessMisuseError(CeleryFaultsError, RuntimeError):
     """The harness was driven from inside a task, or from a thread other than its own."""
 
 
-class BrokerPoolExhausted(CeleryFaultsError):
+class BrokerPoolExhaustedError(CeleryFaultsError):
     """Every connection of the app's broker pool is taken and none was given back: a leak.
 
     kombu would wait for one; in the emulation nothing could give one back, so

@@ -11,7 +11,7 @@ import pytest
 from celery import Celery
 
 from pytest_celery_faults import CeleryFaults
-from pytest_celery_faults.errors import BrokerPoolExhausted, HarnessMisuseError
+from pytest_celery_faults.errors import BrokerPoolExhaustedError, HarnessMisuseError
 
 APP_MODULE = """
 from celery import Celery
@@ -76,7 +76,7 @@ def test_an_exhausted_broker_pool_is_an_error_naming_the_leak_not_a_hang(app: Ce
     _, checkout = _publishing_tasks(app)
     with CeleryFaults(app) as faults:
         leaked = [app.pool.acquire(block=True) for _ in range(app.pool.limit)]
-        with pytest.raises(BrokerPoolExhausted, match=r"all 10 connections .* leaks"):
+        with pytest.raises(BrokerPoolExhaustedError, match=r"all 10 connections .* leaks"):
             faults.run(checkout.s(1))  # type: ignore[attr-defined]
         for connection in leaked:
             connection.release()

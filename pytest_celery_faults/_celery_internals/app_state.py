@@ -24,7 +24,7 @@ from celery.utils import time as celery_time
 from kombu.connection import Connection, ConnectionPool
 from kombu.exceptions import ConnectionLimitExceeded
 
-from ..errors import BrokerPoolExhausted
+from ..errors import BrokerPoolExhaustedError
 
 
 def app_behind_proxy(value: Any) -> Any:
@@ -127,7 +127,7 @@ class CountedConnectionPool(ConnectionPool):
     asks for) waits until another thread releases a connection. In the
     emulation one execution runs at a time, so nothing could ever release one
     meanwhile: a pool with every connection taken is a leak, and waiting would
-    hang the test. It raises :class:`BrokerPoolExhausted` instead, saying so.
+    hang the test. It raises :class:`BrokerPoolExhaustedError` instead, saying so.
     ``acquired`` and ``released`` count the connections handed out and given back.
     """
 
@@ -140,7 +140,7 @@ class CountedConnectionPool(ConnectionPool):
         try:
             connection = super().acquire(block=False)  # type: ignore[no-untyped-call]
         except ConnectionLimitExceeded:
-            raise BrokerPoolExhausted(
+            raise BrokerPoolExhaustedError(
                 f"celery_faults: all {self.limit} connections of the app's broker pool "
                 f"(broker_pool_limit) are taken and none was given back: a connection taken "
                 f"with app.pool.acquire() or app.connection_or_acquire() and never released "
