@@ -48,6 +48,7 @@ FaultKind = Literal[
     "soft_timeout",
     "warm_shutdown",
     "cold_shutdown",
+    "rollout",
     "ack_lost",
     "ok",
     "overlap",

@@ -12,6 +12,7 @@ adapter choosing from the installed code where releases differ:
 - :mod:`.backends`: chord semantics, Redis chords;
 - :mod:`.consumer`: the strategy's request bookkeeping, qos and prefetch, cold
   shutdown, rate limits, the Redis restore cadence;
+- :mod:`.shutdown`: what SIGTERM starts in a worker (warm, or cold and soft);
 - :mod:`.control`: the control panel, revoked sets, a worker's view of its state,
   the ETA timer;
 - :mod:`.speedups`: caches that exist only for speed, behind
@@ -90,6 +91,7 @@ from .messages import (
     task_messages_recorded,
     unpickled_exception,
 )
+from .shutdown import Shutdown, sigterm_shutdown, soft_shutdown_seconds
 from .speedups import (
     caret_anchors_cached,
     code_summaries_cached,
@@ -102,6 +104,7 @@ __all__ = [
     "EtaTimer",
     "ExceptionInfo",
     "HARD_TIMEOUT_TERM_GRACE",
+    "Shutdown",
     "SoftTimeLimitExceeded",
     "TimeLimitExceeded",
     "WorkerLostError",
@@ -145,7 +148,9 @@ __all__ = [
     "revoked_held_by",
     "safe_repr",
     "send_task_message_again",
+    "sigterm_shutdown",
     "signal_number",
+    "soft_shutdown_seconds",
     "soft_time_limit_signal",
     "status_after_shutdown",
     "takeover_problems",
