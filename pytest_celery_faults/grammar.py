@@ -40,6 +40,8 @@ BOUNDARY_KINDS: Final[dict[FaultKind, str]] = {
     "REMAP_SIGTERM=SIGQUIT), SIGKILL after GRACE virtual seconds (rollout(GRACE), 30 by "
     "default), a replacement worker consuming DELAY seconds after the SIGTERM "
     "(rollout(GRACE,DELAY), 0 by default)",
+    "broker_restart": "the worker's connection to the broker drops and comes back: the "
+    "broker takes back what it held unacked, Celery's consumer restarts",
 }
 #: A rollout's termination grace when the spec names none: Kubernetes' default.
 DEFAULT_GRACE: Final[int] = 30
@@ -62,7 +64,7 @@ INTERNAL_PREFIX: Final[str] = "celery."
 VALID_FORMS: Final[str] = (
     "sigkill@N, sigterm@N, exit(CODE)@N, power_loss@N, raise(dotted.Exception)@N, "
     "timeout@N, soft_timeout@N, warm_shutdown@N, cold_shutdown@N, "
-    "rollout(GRACE)@N, rollout(GRACE,DELAY)@N, ack_lost, ok, "
+    "rollout(GRACE)@N, rollout(GRACE,DELAY)@N, broker_restart@N, ack_lost, ok, "
     "overlap, overlap(SCHEDULE), "
     "redeliver*K; steps for successive deliveries joined by ';', "
     "optionally prefixed by TASK_NAME:"

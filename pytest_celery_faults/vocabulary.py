@@ -49,6 +49,7 @@ FaultKind = Literal[
     "warm_shutdown",
     "cold_shutdown",
     "rollout",
+    "broker_restart",
     "ack_lost",
     "ok",
     "overlap",

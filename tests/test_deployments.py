@@ -49,6 +49,7 @@ def slow_task(app: Celery, seconds: float = 60, **options: Any) -> Any:
         ("rollout(30)@1", Step("rollout", at=1, grace=30, delay=0), "rollout(30)@1"),
         ("rollout@0", Step("rollout", at=0, grace=30, delay=0), "rollout(30)@0"),
         ("rollout(30, 5)@2", Step("rollout", at=2, grace=30, delay=5), "rollout(30,5)@2"),
+        ("broker_restart@1", Step("broker_restart", at=1), "broker_restart@1"),
     ],
 )
 def test_deployment_specs_parse_and_print_back(text: str, step: Step, shown: str) -> None:
@@ -181,10 +182,17 @@ def test_a_sweep_over_rollouts_replays_each_scenario_from_the_original_worker(
     assert calls.count(("start", 2)) == 2
 
 
-def test_real_broker_mode_refuses_a_rollout_up_front(app: Celery) -> None:
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("rollout(30)@1", "a rollout needs a second real worker"),
+        ("broker_restart@1", "restarting the real broker"),
+    ],
+)
+def test_real_broker_mode_refuses_deployments_up_front(app: Celery, spec: str, why: str) -> None:
     task = slow_task(app, acks_late=True)
-    why = refusal(app, task.s(1), ["rollout(30)@1"])
-    assert why is not None and why.startswith("rollout(30)@1: a rollout needs a second")
+    refused = refusal(app, task.s(1), [spec])
+    assert refused is not None and refused.startswith(f"{spec}: {why}")
 
 
 def test_the_gate_plays_a_rollout_over_a_suite(pytester: pytest.Pytester) -> None:
@@ -222,3 +230,83 @@ def test_slow(celery_faults):
     result = pytester.runpytest("-p", "no:randomly", "--celery-faults=rollout(30)@1")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*assert [[]1, 1[]] == [[]1[]]*", "*rollout(30)@1*"])
+
+
+# -- broker restarts -------------------------------------------------------------
+
+
+def two_effects(app: Celery, **options: Any) -> Any:
+    @app.task(name="tests.two", shared=False, **options)
+    def two(x: int) -> int:
+        side_effect(("first", x))
+        side_effect(("second", x))
+        return x
+
+    return two
+
+
+def test_a_broker_restart_on_rabbitmq_requeues_a_running_late_ack_task_at_once(
+    app: Celery,
+) -> None:
+    task = two_effects(app, acks_late=True)
+    with CeleryFaults(app, profile="rabbitmq") as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1), "broker_restart@1")
+        kinds = [event.kind for event in faults.ledger.events]
+        assert faults.clock.elapsed == 0
+    # the running task went on to its end; its late ack went to the dead channel,
+    # and the broker had already given the message to the reconnected consumer
+    assert calls == [("first", 1), ("second", 1), ("first", 1), ("second", 1)]
+    assert (outcome.state, outcome.deliveries) == ("SUCCESS", 2)
+    assert "ack_ignored" in kinds
+    timeline = str(outcome.timeline)
+    assert "broker restart: celery@faults-1's connection to rabbitmq drops" in timeline
+    assert "delivered to celery@faults-1#2 (redelivered=True)" in timeline
+
+
+def test_a_broker_restart_on_redis_leaves_the_message_to_the_visibility_timeout(
+    app: Celery,
+) -> None:
+    app.conf.broker_transport_options = {"visibility_timeout": 100}
+    task = two_effects(app, acks_late=True)
+    with CeleryFaults(app, profile="redis") as faults:
+        faults.track(f"{__name__}.side_effect")
+        faults.inject("tests.two:broker_restart@1")
+        first, prefetched = task.delay(1), task.delay(2)
+        faults.drain()
+        one, two = faults.outcome(first.id), faults.outcome(prefetched.id)
+    # the running task's late ack still reaches Redis (kombu's client reconnects):
+    # it ran once; the prefetched message was orphaned with the old connection and
+    # came back only after the visibility timeout
+    assert (one.state, one.deliveries) == ("SUCCESS", 1)
+    assert "waits for visibility_timeout=100s" in str(two.timeline)
+    assert "+ 100.000s  delivered to celery@faults-1#2 (redelivered=True)" in str(two.timeline)
+    assert calls == [("first", 1), ("second", 1), ("first", 2), ("second", 2)]
+
+
+def test_a_broker_restart_leaves_an_early_acked_task_alone(app: Celery) -> None:
+    task = two_effects(app)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1), "broker_restart@1")
+    assert (outcome.state, outcome.deliveries, outcome.acked) == ("SUCCESS", 1, True)
+    assert calls == [("first", 1), ("second", 1)]
+
+
+@pytest.mark.parametrize("profile", ["rabbitmq", "redis"])
+def test_celery_cancels_late_ack_tasks_on_connection_loss_when_told_to(
+    app: Celery, profile: str
+) -> None:
+    app.conf.worker_cancel_long_running_tasks_on_connection_loss = True
+    task = two_effects(app, acks_late=True)
+    with CeleryFaults(app, profile=profile) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1), "broker_restart@1")
+        elapsed = faults.clock.elapsed
+    # Celery's Request.cancel: SIGTERM to the child, which unwinds; the message is back
+    assert calls == [("first", 1), ("first", 1), ("second", 1)]
+    assert (outcome.state, outcome.deliveries) == ("SUCCESS", 2)
+    assert "child terminated by Celery (worker_cancel_long_running_tasks_on_connection_loss)" in (
+        str(outcome.timeline)
+    )
+    assert elapsed == (0 if profile == "rabbitmq" else 3600)

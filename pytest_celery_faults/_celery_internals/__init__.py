@@ -12,7 +12,8 @@ adapter choosing from the installed code where releases differ:
 - :mod:`.backends`: chord semantics, Redis chords;
 - :mod:`.consumer`: the strategy's request bookkeeping, qos and prefetch, cold
   shutdown, rate limits, the Redis restore cadence;
-- :mod:`.shutdown`: what SIGTERM starts in a worker (warm, or cold and soft);
+- :mod:`.shutdown`: what SIGTERM starts in a worker (warm, or cold and soft), and
+  what a lost connection does to running tasks;
 - :mod:`.control`: the control panel, revoked sets, a worker's view of its state,
   the ETA timer;
 - :mod:`.speedups`: caches that exist only for speed, behind
@@ -91,7 +92,12 @@ from .messages import (
     task_messages_recorded,
     unpickled_exception,
 )
-from .shutdown import Shutdown, sigterm_shutdown, soft_shutdown_seconds
+from .shutdown import (
+    Shutdown,
+    cancel_on_connection_loss,
+    sigterm_shutdown,
+    soft_shutdown_seconds,
+)
 from .speedups import (
     caret_anchors_cached,
     code_summaries_cached,
@@ -111,6 +117,7 @@ __all__ = [
     "accept_content",
     "app_behind_proxy",
     "cancel_active_requests",
+    "cancel_on_connection_loss",
     "caret_anchors_cached",
     "child_death_info",
     "child_gone_info",

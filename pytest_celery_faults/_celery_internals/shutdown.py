@@ -51,3 +51,27 @@ def soft_shutdown_seconds(app: Celery, *, tasks_running: bool) -> float:
     timeout = float(conf.get("worker_soft_shutdown_timeout") or 0.0)
     waits = tasks_running or bool(conf.get("worker_enable_soft_shutdown_on_idle"))
     return timeout if timeout > 0 and waits else 0.0
+
+
+def cancel_on_connection_loss(app: Celery, pool: Any, hostname: str) -> list[str]:
+    """What Celery's consumer does to running tasks when its connection is lost; their ids.
+
+    ``Consumer.on_connection_error_after_connected`` (Celery 5.1+): with
+    ``worker_cancel_long_running_tasks_on_connection_loss`` (off by default up
+    to Celery 5.x) each active ``acks_late`` request not acknowledged yet is
+    cancelled with Celery's own ``Request.cancel(pool)``: SIGTERM to its child,
+    RETRY stored; the others run on, and a late ack they send later goes to a
+    channel that is gone. Releases without the setting cancel nothing.
+    """
+    from celery.worker import state as worker_state
+
+    if not app.conf.get("worker_cancel_long_running_tasks_on_connection_loss"):
+        return []
+    cancelled = []
+    for request in tuple(worker_state.active_requests):
+        if request.hostname != hostname:
+            continue  # another emulated worker's: this process holds them all
+        if request.task.acks_late and not request.acknowledged:
+            request.cancel(pool)
+            cancelled.append(str(request.id))
+    return cancelled

@@ -464,6 +464,33 @@ class EmulatedWorker:
         self.consumer = f"{self.hostname}#{self.generation}"
         self.broker.consumer_started(self.consumer)
 
+    def broker_restart(self, execution: ChildExecution) -> None:
+        """The broker restarts under the worker: its connection drops, Celery reconnects.
+
+        The broker takes back what the connection held unacked (RabbitMQ at
+        once; Redis once the visibility timeout has passed). Celery's consumer
+        (``on_connection_error_after_connected``, then ``on_close``) cancels the
+        running ``acks_late`` tasks if told to, forgets its reserved and ETA
+        requests, and starts again on a new connection; running tasks go on,
+        and their late acks go to a channel that is gone.
+        """
+        self.on_note(
+            execution.task_id,
+            f"broker restart: {self.hostname}'s connection to {self.broker.profile.name} "
+            f"drops; Celery's consumer reconnects, running tasks go on",
+        )
+        self.broker.connection_lost(self.consumer)
+        self.pool.terminated_by = "Celery (worker_cancel_long_running_tasks_on_connection_loss)"
+        try:
+            internals.cancel_on_connection_loss(self.app, self.pool, self.hostname)
+        finally:
+            self.pool.terminated_by = "remote control"
+        self._drop_held()
+        self.generation += 1
+        self.consumer = f"{self.hostname}#{self.generation}"
+        self.broker.consumer_started(self.consumer)
+        execution.take_signal()  # cancelled itself: the SIGTERM lands on its own child now
+
     def reconnect(self) -> None:
         """The connection dropped (a lost ack): the broker takes back what we held."""
         self.broken_connection = False

@@ -340,6 +340,8 @@ class Engine:
         """A fault on the whole worker fired at a boundary of ``execution``."""
         if step.kind == "rollout":
             self._rollout(worker, execution.task_id, step)
+        elif step.kind == "broker_restart":
+            worker.broker_restart(execution)
 
     def _rollout(self, worker: EmulatedWorker, task_id: str, step: Step) -> None:
         """SIGTERM to ``worker`` (its grace, then SIGKILL) and a replacement after the delay."""
