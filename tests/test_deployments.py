@@ -310,3 +310,46 @@ def test_celery_cancels_late_ack_tasks_on_connection_loss_when_told_to(
         str(outcome.timeline)
     )
     assert elapsed == (0 if profile == "rabbitmq" else 3600)
+
+
+def test_a_message_waiting_on_its_eta_goes_back_when_the_old_worker_exits(app: Celery) -> None:
+    task = slow_task(app, seconds=10, acks_late=True)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        faults.inject("tests.slow:rollout(30)@1")
+        first = task.delay(1)
+        later = task.apply_async((2,), countdown=100)
+        faults.drain()
+        held = faults.outcome(later.id)
+    assert faults.outcome(first.id).deliveries == 1
+    # held by the old worker for its ETA, back when it exited (10 s), run at its ETA
+    timeline = str(held.timeline)
+    assert "+  10.000s  delivered to celery@faults-2#1 (redelivered=True)" in timeline
+    assert "+ 110.000s    side effect 2" in timeline
+    assert (held.state, held.deliveries) == ("SUCCESS", 2)
+
+
+def test_assert_idempotent_takes_rollout_specs(app: Celery) -> None:
+    task = slow_task(app, acks_late=True, reject_on_worker_lost=True)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        with pytest.raises(AssertionError, match=r"rollout\(30\)@1"):
+            faults.assert_idempotent(
+                task.s(1), observe=lambda: list(calls), reset=calls.clear, specs=["rollout(30)@1"]
+            )
+
+
+def test_a_soft_shutdown_longer_than_the_grace_ends_in_sigkill(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cold = functools.partial(worker_app._shutdown_handler, sig="SIGTERM", how="Cold")
+    monkeypatch.setattr(worker_app, "install_worker_term_handler", cold)
+    app.conf.worker_soft_shutdown_timeout = 60
+    task = slow_task(app)
+    with CeleryFaults(app) as faults:
+        faults.track(f"{__name__}.side_effect")
+        outcome = faults.run(task.s(1), "rollout(30)@1")
+    timeline = str(outcome.timeline)
+    assert "+  30.000s    grace over: SIGKILL" in timeline
+    assert "cold shutdown: " not in timeline
+    assert (outcome.lost, calls) == (True, [("start", 1)])
