@@ -5,6 +5,7 @@ the replay string a failure prints::
 
     spec   := [TASK ":"] step (";" step)*  |  [TASK ":"] "redeliver" ["*" K]
     step   := KIND "@" N  |  "exit(" CODE ")@" N  |  "raise(" DOTTED ")@" N
+            |  "rollout" ["(" GRACE ["," DELAY] ")"] "@" N
             |  "overlap" ["(" SCHEDULE ")"]  |  "ack_lost"  |  "ok"
 
 Step *i* applies to delivery *i* of the message it is bound to; ``@N`` is the
@@ -35,7 +36,15 @@ BOUNDARY_KINDS: Final[dict[FaultKind, str]] = {
     "soft_timeout": "the soft time limit is hit (SoftTimeLimitExceeded in the task)",
     "warm_shutdown": "the worker is asked to stop: the task finishes, held messages go back",
     "cold_shutdown": "the worker stops at once: the running task is cancelled and cut off",
+    "rollout": "a deploy: SIGTERM to the worker (Celery's warm shutdown, or cold with "
+    "REMAP_SIGTERM=SIGQUIT), SIGKILL after GRACE virtual seconds (rollout(GRACE), 30 by "
+    "default), a replacement worker consuming DELAY seconds after the SIGTERM "
+    "(rollout(GRACE,DELAY), 0 by default)",
+    "broker_restart": "the worker's connection to the broker drops and comes back: the "
+    "broker takes back what it held unacked, Celery's consumer restarts",
 }
+#: A rollout's termination grace when the spec names none: Kubernetes' default.
+DEFAULT_GRACE: Final[int] = 30
 #: Step kinds without a boundary.
 PLAIN_KINDS: Final[dict[FaultKind, str]] = {
     "ack_lost": "the task completes but its ack never reaches the broker",
@@ -54,7 +63,8 @@ INTERNAL_PREFIX: Final[str] = "celery."
 
 VALID_FORMS: Final[str] = (
     "sigkill@N, sigterm@N, exit(CODE)@N, power_loss@N, raise(dotted.Exception)@N, "
-    "timeout@N, soft_timeout@N, warm_shutdown@N, cold_shutdown@N, ack_lost, ok, "
+    "timeout@N, soft_timeout@N, warm_shutdown@N, cold_shutdown@N, "
+    "rollout(GRACE)@N, rollout(GRACE,DELAY)@N, broker_restart@N, ack_lost, ok, "
     "overlap, overlap(SCHEDULE), "
     "redeliver*K; steps for successive deliveries joined by ';', "
     "optionally prefixed by TASK_NAME:"
@@ -88,6 +98,8 @@ class Step:
     code: int | None = None
     exception: str | None = None
     schedule: str | None = None  # overlap: which execution runs at each choice (its label)
+    grace: int | None = None  # rollout: virtual seconds from SIGTERM to SIGKILL
+    delay: int | None = None  # rollout: virtual seconds from SIGTERM to the replacement
 
     def __str__(self) -> str:
         if self.kind == "exit":
@@ -96,6 +108,12 @@ class Step:
             head = f"raise({self.exception})"
         elif self.schedule:
             head = f"{self.kind}({self.schedule})"
+        elif self.kind == "rollout":
+            head = (
+                f"rollout({self.grace})"
+                if not self.delay
+                else (f"rollout({self.grace},{self.delay})")
+            )
         else:
             head = self.kind
         return head if self.at is None else f"{head}@{self.at}"
@@ -265,6 +283,12 @@ def _parse_step(token: str, source: str) -> Step:
         if not arg or not _DOTTED.match(arg.strip()):
             raise bad(f"{echo} needs an exception, as in raise(requests.ConnectionError)@1")
         return Step(kind, at=at, exception=arg.strip())
+    if kind == "rollout":
+        parts = [part.strip() for part in (arg or str(DEFAULT_GRACE)).split(",")]
+        if len(parts) > 2:
+            raise bad(f"{echo}: a rollout takes a grace and a delay, as in rollout(30,5)@{at}")
+        grace, *delay = (_natural(part, token=token, source=source) for part in parts)
+        return Step(kind, at=at, grace=grace, delay=delay[0] if delay else 0)
     if arg is not None:
         raise bad(f"{echo}: {shown(kind)} takes no argument")
     return Step(kind, at=at)

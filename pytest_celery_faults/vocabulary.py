@@ -48,6 +48,8 @@ FaultKind = Literal[
     "soft_timeout",
     "warm_shutdown",
     "cold_shutdown",
+    "rollout",
+    "broker_restart",
     "ack_lost",
     "ok",
     "overlap",

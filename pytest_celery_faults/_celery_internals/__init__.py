@@ -12,6 +12,8 @@ adapter choosing from the installed code where releases differ:
 - :mod:`.backends`: chord semantics, Redis chords;
 - :mod:`.consumer`: the strategy's request bookkeeping, qos and prefetch, cold
   shutdown, rate limits, the Redis restore cadence;
+- :mod:`.shutdown`: what SIGTERM starts in a worker (warm, or cold and soft), and
+  what a lost connection does to running tasks;
 - :mod:`.control`: the control panel, revoked sets, a worker's view of its state,
   the ETA timer;
 - :mod:`.speedups`: caches that exist only for speed, behind
@@ -90,6 +92,12 @@ from .messages import (
     task_messages_recorded,
     unpickled_exception,
 )
+from .shutdown import (
+    Shutdown,
+    cancel_on_connection_loss,
+    sigterm_shutdown,
+    soft_shutdown_seconds,
+)
 from .speedups import (
     caret_anchors_cached,
     code_summaries_cached,
@@ -102,12 +110,14 @@ __all__ = [
     "EtaTimer",
     "ExceptionInfo",
     "HARD_TIMEOUT_TERM_GRACE",
+    "Shutdown",
     "SoftTimeLimitExceeded",
     "TimeLimitExceeded",
     "WorkerLostError",
     "accept_content",
     "app_behind_proxy",
     "cancel_active_requests",
+    "cancel_on_connection_loss",
     "caret_anchors_cached",
     "child_death_info",
     "child_gone_info",
@@ -145,7 +155,9 @@ __all__ = [
     "revoked_held_by",
     "safe_repr",
     "send_task_message_again",
+    "sigterm_shutdown",
     "signal_number",
+    "soft_shutdown_seconds",
     "soft_time_limit_signal",
     "status_after_shutdown",
     "takeover_problems",

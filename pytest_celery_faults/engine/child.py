@@ -106,6 +106,8 @@ class ChildExecution:
     on_fired: Callable[[ChildExecution, Step], None]
     request_stop: Callable[[], None]
     broker_delivery: Delivery
+    #: A fault on the whole worker (``rollout``, ``broker_restart``): the worker acts on it.
+    worker_fault: Callable[[ChildExecution, Step], None] = lambda execution, step: None
     effect_count: int = 0
     dead: bool = False
     started: bool = False
@@ -289,6 +291,9 @@ class ChildExecution:
             self.stack.freeze(step)
         if kind == "warm_shutdown":
             self.request_stop()  # the worker takes nothing more; this task goes on to its end
+            return
+        if kind in ("rollout", "broker_restart"):
+            self.worker_fault(self, step)  # the main process's affair; this task goes on
             return
         raise AssertionError(f"fault kind {kind!r} does not fire at a boundary")
 

@@ -5,8 +5,9 @@ turns each message into the ``Request`` Celery's default strategy builds for
 its task, keeps the prefetch count, holds ETA and rate-limited requests on
 its timer, and hands a reserved request to its pool (:mod:`.pool`) with an
 explicit :meth:`.pool.InProcessPool.execute`. It also owns the process's
-life: warm and cold shutdown, power loss, a lost connection and a restart,
-and its remote-control mailbox (:mod:`.control`).
+life: warm and cold shutdown, a rollout's SIGTERM and SIGKILL, power loss,
+a lost connection and a restart, and its remote-control mailbox
+(:mod:`.control`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class EmulatedWorker:
         on_fired: Callable[[ExecutionRecord, Step], None],
         on_note: Callable[[str, str], None],
         after_delivery: Callable[[Delivery], None],
+        on_worker_fault: Callable[[EmulatedWorker, ChildExecution, Step], None] = (
+            lambda worker, execution, step: None
+        ),
     ) -> None:
         self.app = app
         self.broker = broker
@@ -85,6 +89,11 @@ class EmulatedWorker:
         self.on_fired = on_fired
         self.on_note = on_note
         self.after_delivery = after_delivery
+        self.on_worker_fault = on_worker_fault
+        #: A rollout's timers (SIGKILL after the grace, the cold shutdown), cancelled
+        #: when the worker is gone before they fire.
+        self.shutdown_timers: list[Any] = []
+        self.rolled_out_by: str | None = None  # the task whose rollout SIGTERMed the worker
         self.alive = True
         self.concurrency = worker_concurrency(app)
         self.max_tasks_per_child = per_child_limit(app, "worker_max_tasks_per_child")
@@ -131,7 +140,10 @@ class EmulatedWorker:
             self.concurrent
             or self.extra_slots > 0
             or bool(hard_limit)
-            or (step is not None and (step.kind in FREEZING_KINDS or step.kind == "overlap"))
+            or (
+                step is not None
+                and (step.kind in FREEZING_KINDS or step.kind in ("overlap", "rollout"))
+            )
         )
 
     # -- taking messages --------------------------------------------------------
@@ -271,6 +283,7 @@ class EmulatedWorker:
             request_stop=self.request_stop,
             broker_delivery=delivery,
             on_note=self.on_note,
+            worker_fault=lambda ex, fired: self.on_worker_fault(self, ex, fired),
         )
         if step is not None and step.kind == "ack_lost":
             self.broker.drop_ack(delivery.tag, lambda: self._ack_lost(record, step))
@@ -362,6 +375,11 @@ class EmulatedWorker:
         ending: Ending = COLD_SHUTDOWN if graceful else POWER_LOST
         jobs = [cause, *(job for job in self.pool.running.values() if job is not cause)]
         self.scheduler.freeze_where(lambda stack: stack.owner in jobs, cause)
+        self._cut_off(jobs, ending)
+        self.die(graceful=graceful)
+
+    def _cut_off(self, jobs: list[Job], ending: Ending) -> None:
+        """The worker's children are gone under these jobs: each execution ends ``ending``."""
         for job in jobs:
             self.pool._settled(job)
             job.execution.dead = True
@@ -369,7 +387,71 @@ class EmulatedWorker:
             self.on_record(job.execution.record)
             if job.execution.started:
                 self.effects.execution_ended(job.execution, ending)
-        self.die(graceful=graceful)
+
+    # -- a rollout: SIGTERM, a grace, SIGKILL -----------------------------------
+
+    def sigterm(self, *, grace: float, task_id: str) -> None:
+        """A rollout's SIGTERM to the main process: Celery's own shutdown, then SIGKILL.
+
+        SIGTERM starts the shutdown the installed Celery installed for it
+        (:func:`.internals.sigterm_shutdown`): warm by default, the consumer
+        takes nothing more and running tasks go on to their end; cold with
+        ``REMAP_SIGTERM=SIGQUIT``, after the soft shutdown's wait (Celery 5.5+).
+        Whatever still runs once ``grace`` virtual seconds have passed is
+        SIGKILLed with the whole pod: frozen, and the connection drops uncleanly.
+        """
+        how = internals.sigterm_shutdown()
+        self.rolled_out_by = task_id
+        self.stop_requested = True  # either way: the consumer takes nothing more
+        now = self.clock.time()
+        if how == "warm":
+            self.on_note(
+                task_id,
+                f"rollout: SIGTERM to {self.hostname}: warm shutdown (running tasks finish, "
+                f"held messages go back when it exits); SIGKILL in {grace:g}s",
+            )
+        else:
+            running = bool(self.pool.running)
+            wait = internals.soft_shutdown_seconds(self.app, tasks_running=running)
+            soft = f" after a soft shutdown of {wait:g}s" if wait else ""
+            self.on_note(
+                task_id,
+                f"rollout: SIGTERM to {self.hostname}: cold shutdown (REMAP_SIGTERM=SIGQUIT)"
+                f"{soft}; SIGKILL in {grace:g}s",
+            )
+            if wait < grace:
+                self.shutdown_timers.append(
+                    self.clock.call_at(now + wait, lambda: self._cold_after_soft(task_id))
+                )
+        self.shutdown_timers.append(
+            self.clock.call_at(now + grace, lambda: self._grace_over(task_id, grace))
+        )
+
+    def _cold_after_soft(self, task_id: str) -> None:
+        """Celery's ``on_cold_shutdown`` after the soft wait: cancel what runs, exit."""
+        if not self.alive:
+            return
+        self.on_note(task_id, f"cold shutdown: {self.hostname} cancels its running tasks")
+        jobs = list(self.pool.running.values())
+        if not jobs:
+            self.die(graceful=True)
+            return
+        self.lose_power(graceful=True, cause=jobs[0])
+
+    def _grace_over(self, task_id: str, grace: float) -> None:
+        """The termination grace is over: SIGKILL to every process of the pod."""
+        if not self.alive:
+            return
+        jobs = list(self.pool.running.values())
+        names = ", ".join(f"{job.execution.task_name}[{job.execution.task_id}]" for job in jobs)
+        self.on_note(
+            task_id,
+            f"grace over: SIGKILL to {self.hostname} after {grace:g}s"
+            + (f" (cut off: {names})" if names else ""),
+        )
+        self.scheduler.freeze_where(lambda stack: stack.owner in jobs, None)
+        self._cut_off(jobs, POWER_LOST)
+        self.die(graceful=False)
 
     def channel_lost(self) -> None:
         """The broker closed our channel: Celery's consumer restarts on a new connection.
@@ -381,6 +463,33 @@ class EmulatedWorker:
         self.generation += 1
         self.consumer = f"{self.hostname}#{self.generation}"
         self.broker.consumer_started(self.consumer)
+
+    def broker_restart(self, execution: ChildExecution) -> None:
+        """The broker restarts under the worker: its connection drops, Celery reconnects.
+
+        The broker takes back what the connection held unacked (RabbitMQ at
+        once; Redis once the visibility timeout has passed). Celery's consumer
+        (``on_connection_error_after_connected``, then ``on_close``) cancels the
+        running ``acks_late`` tasks if told to, forgets its reserved and ETA
+        requests, and starts again on a new connection; running tasks go on,
+        and their late acks go to a channel that is gone.
+        """
+        self.on_note(
+            execution.task_id,
+            f"broker restart: {self.hostname}'s connection to {self.broker.profile.name} "
+            f"drops; Celery's consumer reconnects, running tasks go on",
+        )
+        self.broker.connection_lost(self.consumer)
+        self.pool.terminated_by = "Celery (worker_cancel_long_running_tasks_on_connection_loss)"
+        try:
+            internals.cancel_on_connection_loss(self.app, self.pool, self.hostname)
+        finally:
+            self.pool.terminated_by = "remote control"
+        self._drop_held()
+        self.generation += 1
+        self.consumer = f"{self.hostname}#{self.generation}"
+        self.broker.consumer_started(self.consumer)
+        execution.take_signal()  # cancelled itself: the SIGTERM lands on its own child now
 
     def reconnect(self) -> None:
         """The connection dropped (a lost ack): the broker takes back what we held."""
@@ -405,6 +514,8 @@ class EmulatedWorker:
         self.mailbox.fresh_process(keep_saved=not fresh_scenario)
         self.mailbox.open()
         self.alive = True
+        self.rolled_out_by = None
+        self._cancel_shutdown_timers()
         self.stop_requested = self.broken_connection = False
         self.extra_slots = 0
         self.pool.running.clear()
@@ -415,10 +526,18 @@ class EmulatedWorker:
     def die(self, *, graceful: bool = False) -> None:
         """The worker and its children are gone; its connection drops (closed, if graceful)."""
         self.alive = False
+        if graceful and self.shutdown_timers and self.rolled_out_by is not None:
+            self.on_note(self.rolled_out_by, f"{self.hostname} exited within the grace")
+        self._cancel_shutdown_timers()
         self.mailbox.close(clean=graceful)
         self._drop_held()
         internals.node_requests_dropped(self.hostname)  # the process's memory is gone
         self.broker.connection_lost(self.consumer, graceful=graceful)
+
+    def _cancel_shutdown_timers(self) -> None:
+        timers, self.shutdown_timers = self.shutdown_timers, []
+        for timer in timers:
+            self.clock.cancel(timer)
 
     def _drop_held(self) -> None:
         if self.reserved or self.scheduled:

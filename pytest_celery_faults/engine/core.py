@@ -113,6 +113,9 @@ class Engine:
         self.tracked: list[str] = []  # the dotted targets tracked, for real-broker mode
         self.calls: dict[str, int] = {}  # tracked label -> calls seen, over every scenario
         self.warnings: list[str] = []
+        #: The workers a rollout started in place of the ones it stopped (this scenario's).
+        self.replacements: list[EmulatedWorker] = []
+        self._replacements_due = 0  # rollouts whose replacement has not started yet
 
     # -- life cycle -------------------------------------------------------------
 
@@ -219,6 +222,8 @@ class Engine:
         for index in range(1, self.worker_count + 1):
             self.workers.append(self._new_worker(index))
             self._guard(self.workers[-1].close)
+        self.original_workers = list(self.workers)
+        self._guard(self._discard_replacements, at_stop=True)
         self._guard(self._undo_patches)
         self._guard(self._run_on_stop)
         self.http = TrackedRequestsMock(self.effects)
@@ -258,7 +263,7 @@ class Engine:
                     f"proved nothing (does the code reach the same work another way, e.g. "
                     f"Session.begin() rather than Session.commit()?)"
                 )
-        self._request_ids = set().union(*(worker.request_ids for worker in self.workers))
+        self._request_ids = set().union(*(worker.request_ids for worker in self.every_worker()))
         self._undo.close()
         failures, self._failures = self._failures, []
         if self.misuse is not None:
@@ -291,6 +296,9 @@ class Engine:
         """A fresh scenario in place: empty broker, results, effects, plan and clock."""
         self.discard_frozen()
         request_ids: set[str] = set()
+        for worker in self.replacements:
+            request_ids |= worker.request_ids
+        self._discard_replacements()
         for worker in self.workers:
             request_ids |= worker.request_ids
             worker.request_ids.clear()
@@ -313,7 +321,50 @@ class Engine:
         """``retry_jitter``'s draws come from the seed, apart from the worker order's."""
         return f"{self.scenario_seed}:retry_jitter"
 
-    def _new_worker(self, index: int) -> EmulatedWorker:
+    def every_worker(self) -> list[EmulatedWorker]:
+        """The workers started with the engine, then the replacements rollouts started."""
+        return [*self.original_workers, *self.replacements]
+
+    def _discard_replacements(self, *, at_stop: bool = False) -> None:
+        """The scenario is over: the workers are the ones the engine started with again."""
+        replacements, self.replacements = self.replacements, []
+        self._replacements_due = 0
+        self.workers = list(self.original_workers)
+        for worker in replacements:
+            worker.mailbox.close(clean=False)
+            if not at_stop:  # the next scenario's broker knows nothing of it
+                self.broker.connection_lost(worker.consumer)
+            worker.close()
+
+    def _worker_fault(self, worker: EmulatedWorker, execution: Any, step: Step) -> None:
+        """A fault on the whole worker fired at a boundary of ``execution``."""
+        if step.kind == "rollout":
+            self._rollout(worker, execution.task_id, step)
+        elif step.kind == "broker_restart":
+            worker.broker_restart(execution)
+
+    def _rollout(self, worker: EmulatedWorker, task_id: str, step: Step) -> None:
+        """SIGTERM to ``worker`` (its grace, then SIGKILL) and a replacement after the delay."""
+        worker.sigterm(grace=float(step.grace or 0), task_id=task_id)
+        self._replacements_due += 1
+        start = self.clock.time() + float(step.delay or 0)
+        self.clock.call_at(start, lambda: self._start_replacement(worker, task_id))
+
+    def _start_replacement(self, old: EmulatedWorker, task_id: str) -> None:
+        """The deploy's new worker is up: a new process, hostname and connection."""
+        self._replacements_due -= 1
+        index = len(self.every_worker()) + 1
+        new = self._new_worker(index, concurrent=True)
+        self.replacements.append(new)
+        if old in self.workers:
+            self.workers[self.workers.index(old)] = new
+        else:  # pragma: no cover - a rolled-out worker is in the list until replaced
+            self.workers.append(new)
+        self.history.note(
+            task_id, f"replacement worker started: {new.hostname} consumes from now on", depth=1
+        )
+
+    def _new_worker(self, index: int, *, concurrent: bool | None = None) -> EmulatedWorker:
         return EmulatedWorker(
             app=self.app,
             broker=self.broker,
@@ -322,11 +373,12 @@ class Engine:
             plan=self.plan,
             scheduler=self.scheduler,
             index=index,
-            concurrent=self.concurrent,
+            concurrent=self.concurrent if concurrent is None else concurrent,
             on_record=self.history.recorded,
             on_fired=self._on_fired,
             on_note=lambda task_id, text: self.history.note(task_id, text, depth=1),
             after_delivery=self._after_delivery,
+            on_worker_fault=self._worker_fault,
         )
 
     def discard_frozen(self) -> None:
@@ -558,7 +610,7 @@ class Engine:
 
     def _live_workers(self) -> list[EmulatedWorker]:
         live = [worker for worker in self.workers if worker.alive]
-        if live:
+        if live or self._replacements_due:  # a rollout's replacement comes up on its timer
             return live
         # Every worker is gone: the supervisor starts them again.
         for worker in self.workers:
@@ -624,7 +676,7 @@ class Engine:
             execution.take_signal()
 
     def _channel_closed(self, consumer: str) -> None:
-        for worker in self.workers:
+        for worker in self.every_worker():
             if worker.consumer == consumer:
                 worker.channel_lost()
 

@@ -145,6 +145,7 @@ class InProcessPool:
         self.running: dict[int, Job] = {}
         self.children: list[Child] = []
         self.cancelling = False  # a cold shutdown's Request.cancel: the worker handles the kill
+        self.terminated_by = "remote control"  # who asks terminate_job, in the timeline
         self._handed: ChildExecution | None = None  # what the consumer handed over, for its job
 
     def execute(self, request: Any, execution: ChildExecution) -> None:
@@ -451,7 +452,7 @@ class InProcessPool:
         number = job.terminated_by = internals.signal_number(signum)
         execution = job.execution
         self.worker.note(
-            execution, f"child terminated by remote control ({describe_signal(number)})"
+            execution, f"child terminated by {self.terminated_by} ({describe_signal(number)})"
         )
         if self.worker.effects.execution is execution:
             execution.signalled = number  # the execution revoked itself: see take_signal

@@ -69,6 +69,16 @@ NOT_ON_A_REAL_WORKER = {
         "off the running task (it hung for the whole run in measurements on Celery 5.7 and "
         "RabbitMQ), so real-broker mode does not inject it; the emulation alone covers it"
     ),
+    "rollout": (
+        "a rollout needs a second real worker started as the first stops and a SIGKILL of "
+        "the first on the virtual clock's grace; real-broker mode runs one worker and does "
+        "not inject it; the emulation alone covers it"
+    ),
+    "broker_restart": (
+        "restarting the real broker under a real worker at a chosen side effect would stop "
+        "it for every other test sharing it; real-broker mode does not inject it; the "
+        "emulation alone covers it"
+    ),
     "overlap": (
         "a real worker cannot be made to take a second copy of a message while the first "
         "runs, nor to interleave the two at chosen side effects; the emulation alone covers it"
