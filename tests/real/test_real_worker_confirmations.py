@@ -4,8 +4,11 @@ Each test asserts the real behaviour, then runs the same task through the
 emulation (state under a key of its own) and asserts the same verdict: a kill
 freezes the task (its ``finally`` never runs), a declared soft time limit
 interrupts a sleep, two duplicates in flight at once both act, an unacked
-message holds its prefetch slot, and the consumer takes a message a body
-publishes while the body still runs.
+message holds its prefetch slot, the consumer takes a message a body
+publishes while the body still runs, a power loss's messages come back in the
+broker's order (RabbitMQ's exact order; on Redis, which comes back), and a
+recycled child starts fresh (where the emulation differs, a module global, the
+test says so).
 """
 
 from __future__ import annotations
