@@ -286,6 +286,7 @@ class RealBrokerRunner:
         waiting: list[str] | tuple[str, ...] = (),
         timeout: float = 45.0 + LONGEST_TIME_LIMIT,
         tasks: int = 0,
+        starts: int = 0,
     ) -> list[RealOutcome]:
         """Publish a frozen signature or canvas; the outcomes of its task ids, in order.
 
@@ -294,6 +295,9 @@ class RealBrokerRunner:
         message of a matching name, as armed specs do. ``tasks``: how many task ids
         the run has in all, when bodies publish tasks whose ids are not known in
         advance: it is not over before the worker has received that many.
+        ``starts``: how many bodies the run starts in all (redeliveries counted),
+        when that is known: it is not over before the worker has started that
+        many, however long it goes without news (up to ``timeout``).
         """
         ids = frozen_ids(signature)
         plain = getattr(signature, "subtask_type", None) is None
@@ -310,11 +314,11 @@ class RealBrokerRunner:
         if self.worker is None or self.worker.poll() is not None:
             self.worker = None
             self.start_worker()
-        deaths = self._publish_and_wait(signature, ids, timeout, tasks)
+        deaths = self._publish_and_wait(signature, ids, timeout, tasks, starts)
         return [self._observe(task_id, deaths) for task_id in self._seen_ids(ids)]
 
     def _publish_and_wait(
-        self, signature: Any, ids: list[str], timeout: float, tasks: int = 0
+        self, signature: Any, ids: list[str], timeout: float, tasks: int = 0, starts: int = 0
     ) -> int:
         from celery.canvas import Signature
         from kombu.utils.json import dumps, loads
@@ -338,6 +342,8 @@ class RealBrokerRunner:
                 seen, last_news, settled_at = len(records), time.monotonic(), None
             if deaths == 0 and any(r.get("spec", "").split("@")[0] in SHUTDOWNS for r in records):
                 continue  # the worker was told to stop: nothing is settled until it has
+            if sum(r["event"] == "start" and r.get("body", True) for r in records) < starts:
+                continue  # a body the run is known to start has not started yet
             grace = self._settled(ids, records)
             if len(self._seen_ids(ids, records)) < tasks:
                 grace = None  # a task a body published has not been received yet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -237,3 +238,100 @@ def ends_its_process(how: str) -> str:
     if how in ("SIGTERM", "SIGHUP", "SIGKILL"):
         os.kill(os.getpid(), getattr(signal, how))
     return "survived"
+
+
+# -- the consumer: requeue order, recycling --------------------------------------------
+
+
+def _await_received_count(name: str, count: int, seconds: float = 60.0) -> None:
+    """On a real worker: wait (bounded) until its main process has received ``count``
+    messages of task ``name`` in this scenario: they are all prefetched, unacked.
+    In the emulation (no plan in the environment) the consumer took them at the publish."""
+    import os
+
+    from pytest_celery_faults.real.plan import PLAN_ENV, Plan, read_records
+
+    path = os.environ.get(PLAN_ENV)
+    if path is None:
+        return
+    record = Plan.read(path).record
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        received = {
+            entry.get("task_id")
+            for entry in read_records(record)
+            if entry.get("event") == "received" and entry.get("task") == name
+        }
+        if len(received) >= count:
+            return
+        time.sleep(0.02)
+
+
+def _note_unacked(key: str) -> None:
+    """On a real worker on Redis: keep kombu's unacked index as it stands (task id, delivery
+    tag, score), the order its restore sweep will use, under ``{key}:unacked``."""
+    import json
+    import os
+
+    import redis
+    from kombu.transport.redis import Channel
+
+    from pytest_celery_faults.real.plan import PLAN_ENV
+
+    url = str(app.conf.broker_url or "")
+    if os.environ.get(PLAN_ENV) is None or not url.startswith("redis"):
+        return
+    broker = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        rows = []
+        for tag, score in broker.zrange(Channel.unacked_index_key, 0, -1, withscores=True):
+            raw = broker.hget(Channel.unacked_key, tag)
+            if raw:
+                payload = json.loads(raw)[0]
+                rows.append([payload["headers"]["id"], tag, score])
+        state().set(f"{key}:unacked", json.dumps(rows))
+    finally:
+        broker.close()
+
+
+@app.task(name="realapp.ordered", bind=True, acks_late=True, shared=False)
+def ordered(self: Task, key: str, n: int, of: int) -> int:
+    """Logs its place ``n`` and whether it came redelivered, then a side effect.
+
+    The first, on its first delivery, waits until the worker holds all ``of``
+    messages (prefetched, unacked), so a power loss after its side effect finds
+    them all delivered.
+    """
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    if n == 0 and not redelivered:
+        _await_received_count(str(self.name), of)
+        _note_unacked(key)
+    state().rpush(f"{key}:order", f"{n}:{int(redelivered)}")
+    effect(1)
+    return n
+
+
+#: What a child keeps between its tasks: a thread-local and a module-level counter.
+_child_local = threading.local()
+_module_runs = 0
+
+
+@app.task(name="realapp.counted", bind=True, shared=False)
+def counted(self: Task) -> dict[str, int]:
+    """How many tasks this child ran (a thread-local and a module global say), and its pid
+    as ``os.getpid()`` and as the worker's ``inspect().active()`` says (Celery's
+    ``worker_pid``, which a recycled child changes)."""
+    import os
+
+    global _module_runs
+    _module_runs += 1
+    _child_local.runs = getattr(_child_local, "runs", 0) + 1
+    hostname = str(self.request.hostname)
+    replies = app.control.inspect(destination=[hostname], limit=1, timeout=20).active() or {}
+    [worker_pid] = [r["worker_pid"] for r in replies[hostname] if r["id"] == self.request.id]
+    return {
+        "pid": os.getpid(),
+        "worker_pid": int(worker_pid),
+        "thread_local": int(_child_local.runs),
+        "module": _module_runs,
+    }

@@ -4,12 +4,16 @@ Each test asserts the real behaviour, then runs the same task through the
 emulation (state under a key of its own) and asserts the same verdict: a kill
 freezes the task (its ``finally`` never runs), a declared soft time limit
 interrupts a sleep, two duplicates in flight at once both act, an unacked
-message holds its prefetch slot, and the consumer takes a message a body
-publishes while the body still runs.
+message holds its prefetch slot, the consumer takes a message a body
+publishes while the body still runs, a power loss's messages come back in the
+broker's order (RabbitMQ's exact order; on Redis, which comes back), and a
+recycled child starts fresh (where the emulation differs, a module global, the
+test says so).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -19,11 +23,12 @@ from celery import group
 
 from pytest_celery_faults import CeleryFaults, Outcome
 from pytest_celery_faults._celery_internals import redis_restore_cadence
-from pytest_celery_faults.real.plan import RESTORE_SWEEP_EVERY_SECOND
+from pytest_celery_faults.real.plan import RESTORE_SWEEP_EVERY_SECOND, read_records
 from pytest_celery_faults.real.runner import (
     RealBrokerRunner,
     RealOutcome,
     exception_text,
+    frozen_ids,
     normalise_exception,
 )
 from pytest_celery_faults.real.waiting import polls
@@ -354,3 +359,106 @@ def test_a_message_held_for_its_countdown_leaves_room_for_the_next(
         elapsed = faults.clock.elapsed
     assert ended == [second.task_id, first.task_id]
     assert elapsed == 3.0
+
+
+# -- the consumer: requeue order and recycling (#20 items 4 and 7) ----------------------
+
+
+def emulated_order(signature: object, spec: str, profile: str, prefetch_multiplier: int) -> None:
+    """The same canvas and fault through the emulation (the tasks log under their key)."""
+    realapp.app.conf.worker_prefetch_multiplier = prefetch_multiplier
+    try:
+        with CeleryFaults(realapp.app, profile=profile) as faults:
+            faults.track("realapp.effect")
+            faults.run(signature, spec)
+    finally:
+        realapp.app.conf.worker_prefetch_multiplier = 1
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq", "redis"])
+def test_messages_a_power_loss_sends_back_come_again_in_the_order_the_broker_gives(
+    make_runner: Callable[..., RealBrokerRunner], broker: str, key: str
+) -> None:
+    """acks_late, prefetch 4 (multiplier 4, concurrency 1): the worker has received all
+    four messages when it loses power during the first; a new worker runs them again.
+
+    RabbitMQ puts them back at their original places: 0, 1, 2, 3, as the emulation.
+
+    Redis: what is asserted is that all four were unacked in kombu's unacked index at
+    the power loss and all four come back, redelivered; not their order. kombu's
+    sweep (any worker's on the same database: the index is shared) restores the
+    newest first, each ``RPUSH``ed to the end the consumer's ``BRPOP`` takes from, one
+    transaction per message, while the consumer's ``BRPOP`` may be waiting: the
+    order is the list's, a stack, interleaved with the consumer's takes (measured in
+    six runs: 3,0,1,2 three times; 3,1,0,2; 3,2,0,1; 0,3,2,1). The emulation restores
+    every message before the consumer takes one: the oldest first, one of the orders
+    a real worker can give.
+    """
+    count = 4
+    store = realapp.state()
+    with make_runner(broker) as real:
+        real.settings = {"conf": {"worker_prefetch_multiplier": count}}
+        restores_in_time(real)
+        batch = group(realapp.ordered.si(key, n, count) for n in range(count))
+        batch.freeze()
+        places = {task_id: n for n, task_id in enumerate(frozen_ids(batch))}
+        outcomes = real.run_signature(
+            batch, waiting=["realapp.ordered:power_loss@1"], starts=1 + count, timeout=240
+        )
+        records = read_records(real.record_path)
+    power_loss = next(n for n, record in enumerate(records) if record["event"] == "fault")
+    held = {r["task_id"] for r in records[:power_loss] if r["event"] == "received"}
+    assert held == set(places), records  # the worker held all four when it lost power
+    log = store.lrange(f"{key}:order", 0, -1)
+    timelines = [outcome.timeline() for outcome in outcomes]
+    assert [outcome.state for outcome in outcomes] == ["SUCCESS"] * count, timelines
+    assert log[0] == "0:0", log  # the first, fresh, lost power after its side effect
+    again = [int(entry.split(":")[0]) for entry in log[1:]]
+    assert log[1:] == [f"{n}:1" for n in again], log  # every one came back redelivered
+    assert sorted(again) == list(range(count)), log
+    if broker == "rabbitmq":
+        assert again == [0, 1, 2, 3], log
+    else:
+        rows = [row for row in json.loads(store.get(f"{key}:unacked")) if row[0] in places]
+        assert len(rows) == count, rows  # all four delivered, unacked, at the power loss
+    twin = f"{key}:emulated"
+    emulated_order(
+        group(realapp.ordered.si(twin, n, count) for n in range(count)),
+        "realapp.ordered:power_loss@1",
+        broker,
+        prefetch_multiplier=count,
+    )
+    assert store.lrange(f"{twin}:order", 0, -1) == ["0:0", "0:1", "1:1", "2:1", "3:1"]
+
+
+def test_a_recycled_child_is_a_new_process_with_fresh_state(
+    make_runner: Callable[..., RealBrokerRunner],
+) -> None:
+    """worker_max_tasks_per_child=1: billiard replaces the child after each task.
+
+    On a real worker the second task runs in a new process: another pid (Celery's
+    ``worker_pid`` says the same), an empty thread-local, and the module's globals as
+    the worker's main process imported them. The emulation gives the child a new
+    ``worker_pid`` and a fresh thread (the thread-local is empty), but its children
+    share the test's process: a module-level global carries over from task to task.
+    """
+    with make_runner("rabbitmq", remote_control=True) as real:
+        real.settings = {"conf": {"worker_max_tasks_per_child": 1}}
+        first, second = (real.run("realapp.counted", timeout=60) for _ in range(2))
+    assert (first.state, second.state) == ("SUCCESS", "SUCCESS"), second.timeline()
+    one, two = first.result, second.result
+    assert one["pid"] == one["worker_pid"] and two["pid"] == two["worker_pid"], (one, two)
+    assert one["pid"] != two["pid"]
+    assert (one["thread_local"], two["thread_local"]) == (1, 1)
+    assert (one["module"], two["module"]) == (1, 1)  # a new child starts from the import
+    realapp.app.conf.worker_max_tasks_per_child = 1
+    try:
+        with CeleryFaults(realapp.app) as faults:
+            e_one, e_two = (faults.run(realapp.counted.s()).result for _ in range(2))
+            timeline = str(faults.timeline)
+    finally:
+        realapp.app.conf.worker_max_tasks_per_child = None
+    assert e_one["worker_pid"] != e_two["worker_pid"], timeline
+    assert (e_one["thread_local"], e_two["thread_local"]) == (1, 1)
+    assert e_two["module"] == e_one["module"] + 1  # the emulation's children share modules
+    assert "child recycled after 1 task(s) (worker_max_tasks_per_child=1)" in timeline
