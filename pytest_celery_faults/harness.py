@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from time import monotonic as real_monotonic
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task, signals
 
@@ -73,6 +73,9 @@ from .verdicts import idempotency
 from .verdicts.checks import Checks
 from .verdicts.idempotency import Scenario, SweepReport
 
+if TYPE_CHECKING:
+    from .explore.report import ExploreReport
+
 #: A drain that runs more executions than this has not converged (a task that requeues forever).
 DEFAULT_MAX_EXECUTIONS = 1000
 #: A drain that has to move the virtual clock further than this has not converged either.
@@ -122,6 +125,8 @@ class CeleryFaults:
         #: A refused use (from a task, from another thread): the driver raises it too.
         self._misuse: HarnessMisuseError | None = None
         self._draining = 0  # drains in progress (a task waiting for a result drains inside one)
+        #: explore()'s suite-wide budget, failure database and test id (the plugin sets it).
+        self.explore_defaults: Any = None
 
     # -- life cycle -------------------------------------------------------------
 
@@ -808,6 +813,23 @@ class CeleryFaults:
         if isinstance(hows, str):
             raise TypeError(f"hows={hows!r}: expected a list of fault kinds, such as [{hows!r}]")
         return idempotency.sweep(self, signature, observe, reset, hows, pairs)
+
+    def explore(
+        self,
+        workload: Any,
+        observe: Callable[[], Any],
+        reset: Callable[[], Any] | None = None,
+        invariant: Callable[[Any], Any] | None = None,
+        **options: Any,
+    ) -> ExploreReport:
+        """Run ``workload`` under many drawn fault schedules; see :mod:`.explore`.
+
+        Returns an :class:`~.explore.ExploreReport`; its ``assert_ok()`` fails
+        with the smallest failing schedule as a replay string and its timeline.
+        """
+        from .explore.explorer import explore
+
+        return explore(self, workload, observe, reset, invariant, **options)
 
     # -- unfired specs ----------------------------------------------------------
 

@@ -11,7 +11,6 @@ import hashlib
 import re
 from pathlib import Path
 
-DEFAULT_DIRECTORY = ".celery-faults"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 

@@ -217,11 +217,8 @@ def search(
     counter = {"runs": 0, "found_at": 0, "after": 0}
 
     def probe(data: Any) -> None:
-        if failures:
-            counter["after"] += 1
-        else:
-            counter["runs"] += 1
-        result = run(DrawSource(data, kinds, reach))
+        result = run(DrawSource(data, kinds, reach))  # raises when Hypothesis stops it
+        counter["after" if failures else "runs"] += 1
         if result.failed:
             if not failures:
                 counter["found_at"] = counter["runs"]

@@ -125,6 +125,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     from .audit import add_options as add_audit_options
 
     add_audit_options(parser)
+    from ..explore.options import add_options as add_explore_options
+
+    add_explore_options(parser)
     parser.addini(
         BROKER_INI,
         help="the broker URL for real-broker mode (as --celery-faults-broker). Default: unset.",
@@ -570,6 +573,9 @@ def celery_faults(
         check_unfired=not settings.allow_unfired,
     )
     harness.deadline = _deadline(request.node)
+    from ..explore.options import explore_defaults
+
+    harness.explore_defaults = explore_defaults(request)
     specs = list(settings.specs)
     if _celery_faults_sweep_case is not None:
         specs.append(_celery_faults_sweep_case)

@@ -1,0 +1,104 @@
+"""``explore()``: the baseline, the failure database first, then the search (see the package)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .checker import merge
+from .database import FailureDatabase
+from .options import ExploreDefaults
+from .report import ExploreReport
+from .runner import ReplaySource, Runner, RunResult, Workload
+from .schedule import parse_schedule
+from .search import DrawSource, parse_kinds, search
+
+if TYPE_CHECKING:
+    from ..harness import CeleryFaults
+
+#: Runs searched when neither the test nor ``--celery-faults-explore`` says.
+DEFAULT_BUDGET = 100
+
+
+def explore(
+    harness: CeleryFaults,
+    workload: Workload,
+    observe: Callable[[], Any],
+    reset: Callable[[], Any] | None = None,
+    invariant: Callable[[Any], Any] | None = None,
+    *,
+    budget: int | None = None,
+    seed: int | None = None,
+    kinds: Sequence[str] | None = None,
+    replay: str | None = None,
+    database: str | Path | None = None,
+    key: str | None = None,
+) -> ExploreReport:
+    """Explore ``workload`` under drawn fault schedules; see :meth:`CeleryFaults.explore`."""
+    defaults: ExploreDefaults = getattr(harness, "explore_defaults", None) or ExploreDefaults()
+    if budget is None:
+        budget = defaults.budget if defaults.budget is not None else DEFAULT_BUDGET
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"explore(budget={budget!r}): expected a whole number >= 1")
+    if seed is None:
+        seed = harness.seed if harness.seed is not None else 0
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"explore(seed={seed!r}): expected a whole number")
+    if not callable(workload) and (
+        isinstance(workload, str | bytes) or not isinstance(workload, Sequence)
+    ):
+        raise TypeError(
+            f"explore(workload={workload!r}): expected a function that publishes messages, "
+            f"or a list of signatures"
+        )
+    if not callable(observe):
+        raise TypeError(f"explore(observe={observe!r}): expected a function")
+    parsed_kinds = parse_kinds(kinds)
+    schedule = parse_schedule(replay) if replay is not None else None
+    directory = database if database is not None else defaults.database
+    key = key if key is not None else defaults.key
+    failures = FailureDatabase(directory) if directory is not None and key else None
+
+    report = ExploreReport(seed=seed, budget=budget)
+    started = time.perf_counter()
+    with Runner(harness, workload, observe, reset, invariant) as runner:
+        runner.baseline(None)  # the whole workload fault-free: how far each task reaches
+        if schedule is not None:
+            result = runner.run(ReplaySource(schedule))
+            report.runs = 1
+            merge(report.counts, result.counts)
+            report.failure = result if result.failed else None
+            report.found_at = 1 if result.failed else None
+            report.seconds = time.perf_counter() - started
+            return report
+        if failures is not None and key is not None:
+            for saved in failures.load(key):
+                result = runner.run(ReplaySource(parse_schedule(saved)))
+                report.replayed.append(saved)
+                if result.failed:
+                    merge(report.counts, result.counts)
+                    report.failure = result
+                    report.seconds = time.perf_counter() - started
+                    return report
+                failures.discard(key, saved)
+
+        searching = [True]  # runs are counted until the first failure (then: shrinking)
+
+        def counted(source: DrawSource) -> RunResult:
+            result = runner.run(source)
+            if searching[0]:
+                merge(report.counts, result.counts)
+                searching[0] = not result.failed
+            return result
+
+        found = search(counted, kinds=parsed_kinds, reach=runner.reach, budget=budget, seed=seed)
+    report.runs = found.runs
+    report.found_at = found.found_at
+    report.shrink_runs = found.shrink_runs
+    report.failure = found.smallest
+    if found.smallest is not None and failures is not None and key is not None:
+        failures.save(key, str(found.smallest.schedule))
+    report.seconds = time.perf_counter() - started
+    return report
