@@ -13,7 +13,7 @@ from .options import ExploreDefaults
 from .report import ExploreReport
 from .runner import ReplaySource, Runner, RunResult, Workload
 from .schedule import parse_schedule
-from .search import DrawSource, parse_kinds, search
+from .search import DrawSource, Kind, parse_kinds, search
 
 if TYPE_CHECKING:
     from ..harness import CeleryFaults
@@ -71,34 +71,52 @@ def explore(
             merge(report.counts, result.counts)
             report.failure = result if result.failed else None
             report.found_at = 1 if result.failed else None
-            report.seconds = time.perf_counter() - started
-            return report
-        if failures is not None and key is not None:
-            for saved in failures.load(key):
-                result = runner.run(ReplaySource(parse_schedule(saved)))
-                report.replayed.append(saved)
-                if result.failed:
-                    merge(report.counts, result.counts)
-                    report.failure = result
-                    report.seconds = time.perf_counter() - started
-                    return report
-                failures.discard(key, saved)
+        elif not _replay_saved(runner, report, failures, key):
+            _search(runner, report, parsed_kinds, failures, key)
+    report.seconds = time.perf_counter() - started
+    defaults.reports.append(report.to_json())
+    return report
 
-        searching = [True]  # runs are counted until the first failure (then: shrinking)
 
-        def counted(source: DrawSource) -> RunResult:
-            result = runner.run(source)
-            if searching[0]:
-                merge(report.counts, result.counts)
-                searching[0] = not result.failed
-            return result
+def _replay_saved(
+    runner: Runner, report: ExploreReport, failures: FailureDatabase | None, key: str | None
+) -> bool:
+    """Replay the schedules saved for ``key``; whether one fails again (it is the report's)."""
+    if failures is None or key is None:
+        return False
+    for saved in failures.load(key):
+        result = runner.run(ReplaySource(parse_schedule(saved)))
+        report.replayed.append(saved)
+        if result.failed:
+            merge(report.counts, result.counts)
+            report.failure = result
+            return True
+        failures.discard(key, saved)  # it passes now: fixed
+    return False
 
-        found = search(counted, kinds=parsed_kinds, reach=runner.reach, budget=budget, seed=seed)
+
+def _search(
+    runner: Runner,
+    report: ExploreReport,
+    kinds: tuple[Kind, ...],
+    failures: FailureDatabase | None,
+    key: str | None,
+) -> None:
+    searching = [True]  # runs are counted until the first failure (then: shrinking)
+
+    def counted(source: DrawSource) -> RunResult:
+        result = runner.run(source)
+        if searching[0]:
+            merge(report.counts, result.counts)
+            searching[0] = not result.failed
+        return result
+
+    found = search(
+        counted, kinds=kinds, reach=runner.reach, budget=report.budget, seed=report.seed
+    )
     report.runs = found.runs
     report.found_at = found.found_at
     report.shrink_runs = found.shrink_runs
     report.failure = found.smallest
     if found.smallest is not None and failures is not None and key is not None:
         failures.save(key, str(found.smallest.schedule))
-    report.seconds = time.perf_counter() - started
-    return report

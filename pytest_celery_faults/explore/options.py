@@ -5,8 +5,9 @@ Imported by the plugin in every suite, so it imports pytest alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,11 +17,19 @@ DEFAULT_DIRECTORY = ".celery-faults"
 
 @dataclass
 class ExploreDefaults:
-    """What the plugin sets for every test: the suite-wide budget, the database, the test id."""
+    """What the plugin sets for every test: the suite-wide budget, the database, the test id.
+
+    ``reports`` gathers the summary of each ``explore()`` of the test (for the HTML page).
+    """
 
     budget: int | None = None
     database: str | Path | None = None
     key: str | None = None
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+#: Each test's ExploreDefaults, by node id: what its explore() calls found.
+explored_key: pytest.StashKey[dict[str, ExploreDefaults]] = pytest.StashKey()
 
 
 def _budget(text: str) -> int:
@@ -47,6 +56,16 @@ def add_options(parser: pytest.Parser) -> None:
         help="the budget of celery_faults.explore(): runs searched per call, in every test "
         "that does not set budget= itself. Default: 100.",
     )
+    group.addoption(
+        "--celery-faults-html",
+        action="store",
+        default=None,
+        metavar="PATH",
+        dest="celery_faults_html",
+        help="write one self-contained HTML page to PATH: per test, the sweep as a matrix "
+        "(fault kind by boundary, each cell coloured by its class, a click shows its "
+        "replay), explore()'s counts per task, the gate's per-spec counts. Default: none.",
+    )
     parser.addini(
         DATABASE_INI,
         help="the directory where explore() saves failing schedules per test (replayed "
@@ -59,8 +78,51 @@ def explore_defaults(request: pytest.FixtureRequest) -> ExploreDefaults:
     """The budget, database and key explore() uses in this test."""
     config = request.config
     directory = config.getini(DATABASE_INI) or DEFAULT_DIRECTORY
-    return ExploreDefaults(
+    defaults = ExploreDefaults(
         budget=config.getoption("celery_faults_explore", default=None),
         database=Path(config.rootpath, directory),
         key=request.node.nodeid,
     )
+    config.stash.setdefault(explored_key, {})[request.node.nodeid] = defaults
+    return defaults
+
+
+def configure(config: pytest.Config) -> None:
+    """With ``--celery-faults-html``, the page is written when the session finishes."""
+    if config.getoption("celery_faults_html", default=None) and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(HtmlHooks(config), "celery-faults-html")
+
+
+class HtmlHooks:
+    """Writes the HTML page on the controller (xdist workers' records are merged by then)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        import json
+
+        from ..plugin import report_key
+        from .report_html import render
+
+        config = self.config
+        report = config.stash.get(report_key, None)
+        if report is None:
+            return
+        path = str(config.getoption("celery_faults_html"))
+        explored = {
+            nodeid: defaults.reports
+            for nodeid, defaults in config.stash.get(explored_key, {}).items()
+            if defaults.reports
+        }
+        specs = list(config.getoption("celery_faults_specs", default=[]) or [])
+        gate = {spec: report.fired_in(spec) for spec in specs}
+        page = render(json.loads(report.to_json()), explored, gate)
+        try:
+            Path(path).write_text(page, encoding="utf-8")
+        except OSError as exc:
+            raise pytest.UsageError(
+                f"--celery-faults-html={path!r}: the page could not be written "
+                f"({exc.strerror or exc})"
+            ) from None

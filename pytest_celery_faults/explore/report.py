@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .checker import TaskCounts
 from .runner import RunResult
@@ -60,6 +61,25 @@ class ExploreReport:
         if self.failure is not None:
             text += "\ntimeline of the smallest failing schedule:\n" + self.failure.timeline
         return text
+
+    def to_json(self) -> dict[str, Any]:
+        """What the HTML page shows of it (no wall-clock time: the same seed, the same bytes)."""
+        failure = self.failure
+        return {
+            "seed": self.seed,
+            "budget": self.budget,
+            "runs": self.runs,
+            "found_at": self.found_at,
+            "shrink_runs": self.shrink_runs,
+            "replayed": list(self.replayed),
+            "replay": self.replay,
+            "problem": failure.problem if failure is not None else None,
+            "timeline": failure.timeline if failure is not None else None,
+            "counts": {
+                name: {"published": counts.published, **counts.fates}
+                for name, counts in sorted(self.counts.items())
+            },
+        }
 
     def assert_ok(self) -> None:
         """Fail with the smallest failing schedule, its replay string and its timeline."""

@@ -150,6 +150,9 @@ def pytest_configure(config: pytest.Config) -> None:
     from .audit import AuditHooks
 
     AuditHooks.configure(config)
+    from ..explore.options import configure as configure_explore
+
+    configure_explore(config)
     from ..session.report import SessionReport
 
     config.stash[report_key] = SessionReport(seed=_seed(config))
