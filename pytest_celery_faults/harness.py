@@ -74,6 +74,8 @@ from .verdicts.checks import Checks
 from .verdicts.idempotency import Scenario, SweepReport
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .explore.report import ExploreReport
 
 #: A drain that runs more executions than this has not converged (a task that requeues forever).
@@ -820,16 +822,38 @@ class CeleryFaults:
         observe: Callable[[], Any],
         reset: Callable[[], Any] | None = None,
         invariant: Callable[[Any], Any] | None = None,
-        **options: Any,
+        *,
+        budget: int | None = None,
+        seed: int | None = None,
+        kinds: Sequence[str] | None = None,
+        replay: str | None = None,
+        database: str | Path | None = None,
+        key: str | None = None,
     ) -> ExploreReport:
-        """Run ``workload`` under many drawn fault schedules; see :mod:`.explore`.
+        """Run ``workload`` (a function that publishes, or signatures) under drawn schedules.
 
-        Returns an :class:`~.explore.ExploreReport`; its ``assert_ok()`` fails
-        with the smallest failing schedule as a replay string and its timeline.
+        Each run starts from a fresh state, draws its faults, overlaps,
+        interleavings and stalls from ``seed`` (``kinds`` sets the mix), and is
+        checked: ``observe()`` against the fault-free run, ``invariant``, each
+        message's fate. The report's ``assert_ok()`` fails with the smallest
+        failing schedule (shrunk by Hypothesis) as a replay string, which
+        ``replay=`` runs again. See :mod:`.explore`.
         """
         from .explore.explorer import explore
 
-        return explore(self, workload, observe, reset, invariant, **options)
+        return explore(
+            self,
+            workload,
+            observe,
+            reset,
+            invariant,
+            budget=budget,
+            seed=seed,
+            kinds=kinds,
+            replay=replay,
+            database=database,
+            key=key,
+        )
 
     # -- unfired specs ----------------------------------------------------------
 

@@ -366,7 +366,7 @@ def test_the_budget_and_the_database_come_from_the_command_line_and_the_ini(
             def bump():
                 COUNT[0] += 1
 
-            @app.task(name="incr", acks_late=True)
+            @app.task(name="incr", acks_late=True, shared=False)
             def incr():
                 bump()
 
