@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from html.parser import HTMLParser
 from typing import Any
 
@@ -151,6 +152,13 @@ def test_the_page_shows_explore_counts_and_the_smallest_failing_schedule(
     assert "explore" in page.tables
     assert "replay: <code>proj.append_row:redeliver</code>" in text
     assert "<th>proj.append_row</th>" in text
+    # Under xdist the workers' explore() summaries reach the one page (the same one, once
+    # the failure database is gone: else its saved schedule is replayed instead of a search).
+    shutil.rmtree(pytester.path / ".celery-faults")
+    spread = pytester.path / "spread.html"
+    result = pytester.runpytest("-p", "no:randomly", "-n", "2", f"--celery-faults-html={spread}")
+    result.assert_outcomes(passed=1)
+    assert spread.read_text() == text
 
 
 def test_render_escapes_what_it_shows() -> None:

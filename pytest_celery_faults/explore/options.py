@@ -88,9 +88,56 @@ def explore_defaults(request: pytest.FixtureRequest) -> ExploreDefaults:
 
 
 def configure(config: pytest.Config) -> None:
-    """With ``--celery-faults-html``, the page is written when the session finishes."""
-    if config.getoption("celery_faults_html", default=None) and not hasattr(config, "workerinput"):
-        config.pluginmanager.register(HtmlHooks(config), "celery-faults-html")
+    """With ``--celery-faults-html``, the page is written when the session finishes.
+
+    Under xdist each worker hands its explore() summaries to the controller,
+    which merges them and writes the one page.
+    """
+    if not config.getoption("celery_faults_html", default=None):
+        return
+    if hasattr(config, "workerinput"):
+        config.pluginmanager.register(WorkerHooks(config), "celery-faults-html-worker")
+        return
+    config.pluginmanager.register(HtmlHooks(config), "celery-faults-html")
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(XdistMerge(config), "celery-faults-html-xdist")
+
+
+def _explored(config: pytest.Config) -> dict[str, list[dict[str, Any]]]:
+    every = config.stash.get(explored_key, {})
+    return {nodeid: every[nodeid].reports for nodeid in sorted(every) if every[nodeid].reports}
+
+
+class WorkerHooks:
+    """On an xdist worker: its tests' explore() summaries go to the controller."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    @pytest.hookimpl
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        import json
+
+        output = self.config.workeroutput  # type: ignore[attr-defined]
+        output["celery_faults_explored"] = json.dumps(_explored(self.config))
+
+
+class XdistMerge:
+    """On the controller: each worker's summaries join the controller's, by node id."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    @pytest.hookimpl
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        import json
+
+        data = getattr(node, "workeroutput", {}).get("celery_faults_explored")
+        if not data:
+            return
+        every = self.config.stash.setdefault(explored_key, {})
+        for nodeid, reports in json.loads(data).items():
+            every.setdefault(nodeid, ExploreDefaults(key=nodeid)).reports.extend(reports)
 
 
 class HtmlHooks:
@@ -111,18 +158,17 @@ class HtmlHooks:
         if report is None:
             return
         path = str(config.getoption("celery_faults_html"))
-        explored = {
-            nodeid: defaults.reports
-            for nodeid, defaults in config.stash.get(explored_key, {}).items()
-            if defaults.reports
-        }
         specs = list(config.getoption("celery_faults_specs", default=[]) or [])
         gate = {spec: report.fired_in(spec) for spec in specs}
-        page = render(json.loads(report.to_json()), explored, gate)
+        page = render(json.loads(report.to_json()), _explored(config), gate)
         try:
             Path(path).write_text(page, encoding="utf-8")
-        except OSError as exc:
-            raise pytest.UsageError(
-                f"--celery-faults-html={path!r}: the page could not be written "
-                f"({exc.strerror or exc})"
-            ) from None
+        except OSError as exc:  # say so, do not crash: the run's results stand
+            reporter = config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(
+                    f"ERROR: --celery-faults-html={path!r}: the page could not be written "
+                    f"({exc.strerror or exc})"
+                )
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
