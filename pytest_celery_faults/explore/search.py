@@ -107,26 +107,32 @@ class DrawSource:
         # The interleaving is drawn last: the shrinker, which tries the earliest draws
         # first, then keeps a switch of executions rather than a fault.
         ordered = sorted(kinds, key=lambda kind: kind.name == "interleave")
-        on = [kind for kind in ordered if data.draw(st.booleans())]
+        mix = data.draw(st.tuples(*(st.booleans() for _ in ordered)))
+        on = [kind for kind, drawn in zip(ordered, mix, strict=True) if drawn]
         self.faults = [kind for kind in on if kind.name not in ("interleave", "pause")]
         self.interleaving = any(kind.name == "interleave" for kind in on)
         self.pausing = any(kind.name == "pause" for kind in on)
         self._faults: list[FaultSpec | None] = []
         self._pauses: list[tuple[int, int]] = []
+        #: Inside one composite draw (``prepare``): its ``draw``, much cheaper than
+        #: ``data.draw`` per choice; the choices and their shrinking are the same.
+        self._inner: Any = None
 
     def _int(self, top: int) -> int:
         """A draw in ``0..top``; 0 once Hypothesis has stopped this run (see :attr:`aborted`)."""
         if self.aborted is not None:
             return 0
         try:
-            return int(self.data.draw(self._st.integers(0, top)))
+            draw = self._inner if self._inner is not None else self.data.draw
+            return int(draw(self._st.integers(0, top)))
         except BaseException as stop:  # its own stop (a shrink's shorter run): raised later
             self.aborted = stop
             return 0
 
     def messages(self, count: int) -> tuple[int, ...] | None:
         # Each signature is published unless drawn out (3 in 4 kept; shrinks towards out).
-        return tuple(n for n in range(1, count + 1) if self._int(3))
+        kept = self.data.draw(self._st.tuples(*(self._st.integers(0, 3) for _ in range(count))))
+        return tuple(n for n, keep in enumerate(kept, start=1) if keep)
 
     def prepare(self, order: Sequence[str]) -> None:
         """Draw each message's fault and stall up front, on the test's thread.
@@ -138,8 +144,19 @@ class DrawSource:
         """
         names = [*order, *([""] * MARGIN)]
         most = max(self.reach.values(), default=2)
-        self._faults = [self._fault(self.reach.get(name, most)) for name in names]
-        self._pauses = [self._pause(self.reach.get(name, most)) for name in names]
+
+        def plan(draw: Any) -> None:
+            self._inner = draw
+            try:
+                self._faults = [self._fault(self.reach.get(name, most)) for name in names]
+                self._pauses = [self._pause(self.reach.get(name, most)) for name in names]
+            finally:
+                self._inner = None
+
+        try:
+            self.data.draw(self._st.composite(plan)())
+        except BaseException as stop:  # as in _int: raised once the run is over
+            self.aborted = self.aborted or stop
 
     def _fault(self, reach: int) -> FaultSpec | None:
         if not self.faults:
