@@ -404,3 +404,36 @@ def test_a_bad_budget_on_the_command_line_is_a_usage_error(pytester: pytest.Pyte
     result = pytester.runpytest("--celery-faults-explore=none")
     result.stderr.fnmatch_lines(["*--celery-faults-explore='none': expected a whole number*"])
     assert result.ret == pytest.ExitCode.USAGE_ERROR
+
+
+@searching
+def test_a_stall_past_redis_visibility_timeout_runs_a_message_twice(
+    app: Celery, tasks: dict[str, Any]
+) -> None:
+    app.conf.broker_transport_options = {"visibility_timeout": 60}
+    fresh_world()
+    with CeleryFaults(app, profile="redis", seed=0) as harness:
+        harness.track((THIS, "bump"))
+        report = harness.explore(
+            [tasks["incr"].s()], lambda: WORLD["count"], fresh_world, kinds=["pause"], budget=30
+        )
+    assert report.replay is not None and report.replay.startswith("pause(incr#1.1@1+")
+    seconds = int(report.replay.rsplit("+", 1)[1].rstrip(")"))
+    assert seconds > 60  # a stall past the visibility timeout: Redis delivers it again
+    assert report.failure is not None and "0 became" not in (report.failure.problem or "")
+    assert "redelivered=True" in report.failure.timeline
+
+
+@searching
+def test_raised_exceptions_join_the_mix_when_asked_for(
+    faults: CeleryFaults, tasks: dict[str, Any]
+) -> None:
+    report = faults.explore(
+        [tasks["incr"].s()],
+        lambda: WORLD["count"],
+        fresh_world,
+        kinds=["raise(ConnectionError)"],
+        budget=20,
+    )
+    assert report.replay == "incr:raise(ConnectionError)@0"
+    assert report.counts["incr"].fates["failed"] >= 1

@@ -109,6 +109,8 @@ class RunResult:
     refs: dict[str, MessageRef] = field(default_factory=dict)
     #: The task names of the messages published, in order.
     order: list[str] = field(default_factory=list)
+    #: The scheduler's choices: (label chosen, labels that could run), in order.
+    choices: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
@@ -253,7 +255,8 @@ class Runner:
         timeline = self._story() if problem is not None or reference is None else ""
         refs = dict(self._ids)
         order = [self._ids[task_id].task for task_id in self._order]
-        return RunResult(schedule, observed, counts, problem, timeline, refs, order)
+        choices = list(scheduler.choices)
+        return RunResult(schedule, observed, counts, problem, timeline, refs, order, choices)
 
     def _publish(self, messages: tuple[int, ...] | None) -> None:
         if self.signatures is None:

@@ -131,8 +131,9 @@ class DrawSource:
 
     def messages(self, count: int) -> tuple[int, ...] | None:
         # Each signature is published unless drawn out (3 in 4 kept; shrinks towards out).
+        # None kept stands for all of them: a run that publishes nothing tests nothing.
         kept = self.data.draw(self._st.tuples(*(self._st.integers(0, 3) for _ in range(count))))
-        return tuple(n for n, keep in enumerate(kept, start=1) if keep)
+        return tuple(n for n, keep in enumerate(kept, start=1) if keep) or None
 
     def prepare(self, order: Sequence[str]) -> None:
         """Draw each message's fault and stall up front, on the test's thread.
