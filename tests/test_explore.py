@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -437,3 +438,78 @@ def test_raised_exceptions_join_the_mix_when_asked_for(
     )
     assert report.replay == "incr:raise(ConnectionError)@0"
     assert report.counts["incr"].fates["failed"] >= 1
+
+
+SHARDED = """
+import sys
+
+import pytest
+from celery import Celery
+
+app = Celery("sharded", set_as_current=False)
+app.conf.worker_concurrency = 2
+app.conf.task_acks_late = True
+app.conf.task_reject_on_worker_lost = True
+KEYS = set()
+
+
+def read():
+    return set(KEYS)
+
+
+def write(keys):
+    KEYS.clear()
+    KEYS.update(keys)
+
+
+@app.task(name="add", shared=False)
+def add(key):
+    write(read() | {key})
+
+
+@pytest.fixture
+def celery_faults_app():
+    return app
+
+
+@pytest.mark.explore_shards(2)
+def test_adds(celery_faults):
+    celery_faults.track((sys.modules[__name__], "read"))
+    celery_faults.track((sys.modules[__name__], "write"))
+    report = celery_faults.explore(
+        [add.s(key) for key in "abc"], lambda: sorted(KEYS), KEYS.clear, budget=60
+    )
+    report.assert_ok()
+"""
+
+
+@searching
+def test_shards_spread_over_xdist_find_what_one_process_finds(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_sharded=SHARDED)
+    findings = []
+    for spread in (["-n", "0"], ["-n", "2"]):
+        shutil.rmtree(pytester.path / ".celery-faults", ignore_errors=True)
+        result = pytester.runpytest("-p", "no:randomly", *spread)
+        result.assert_outcomes(failed=2)
+        lines = result.stdout.lines
+        findings.append(
+            sorted(line.strip() for line in lines if "replay:" in line or "FAILED (" in line)
+        )
+    assert findings[0] == findings[1]
+    assert any("explore (seed 1, budget 30)" in line for line in result.stdout.lines)
+    assert len(findings[0]) == 4  # each shard: what failed, and its replay
+
+
+def test_a_bad_shard_count_is_refused_naming_it(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.explore_shards(0)
+        def test_x():
+            pass
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.stdout.fnmatch_lines(["*explore_shards(0): expected one whole number of shards*"])
+    assert result.ret == pytest.ExitCode.INTERRUPTED

@@ -47,6 +47,9 @@ def explore(
         seed = harness.seed if harness.seed is not None else 0
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"explore(seed={seed!r}): expected a whole number")
+    if defaults.shard is not None:  # @pytest.mark.explore_shards(n): this case's share
+        index, count = defaults.shard
+        seed, budget = seed * count + index, -(-budget // count)
     if not callable(workload) and (
         isinstance(workload, str | bytes) or not isinstance(workload, Sequence)
     ):

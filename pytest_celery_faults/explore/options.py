@@ -13,6 +13,15 @@ import pytest
 
 DATABASE_INI = "celery_faults_explore_db"
 DEFAULT_DIRECTORY = ".celery-faults"
+#: The marker that splits a test's explore() into shards pytest-xdist can spread.
+SHARDS = "explore_shards"
+SHARD_PARAMETER = "_celery_faults_explore_shard"
+MAX_SHARDS = 1000
+SHARDS_MARKER = (
+    f"{SHARDS}(n): run the test n times, each explore() of it searching its own seed range "
+    f"(seed + shard) with its share of the budget; the cases spread over pytest-xdist "
+    f"workers, ids like test_x[explore-1/n] (n from 1 to {MAX_SHARDS})."
+)
 
 
 @dataclass
@@ -26,6 +35,8 @@ class ExploreDefaults:
     database: str | Path | None = None
     key: str | None = None
     reports: list[dict[str, Any]] = field(default_factory=list)
+    #: (this shard, of how many) under ``@pytest.mark.explore_shards(n)``; 0-based.
+    shard: tuple[int, int] | None = None
 
 
 #: Each test's ExploreDefaults, by node id: what its explore() calls found.
@@ -78,10 +89,13 @@ def explore_defaults(request: pytest.FixtureRequest) -> ExploreDefaults:
     """The budget, database and key explore() uses in this test."""
     config = request.config
     directory = config.getini(DATABASE_INI) or DEFAULT_DIRECTORY
+    callspec = getattr(request.node, "callspec", None)
+    shard = callspec.params.get(SHARD_PARAMETER) if callspec is not None else None
     defaults = ExploreDefaults(
         budget=config.getoption("celery_faults_explore", default=None),
         database=Path(config.rootpath, directory),
         key=request.node.nodeid,
+        shard=shard,
     )
     config.stash.setdefault(explored_key, {})[request.node.nodeid] = defaults
     return defaults
@@ -93,6 +107,8 @@ def configure(config: pytest.Config) -> None:
     Under xdist each worker hands its explore() summaries to the controller,
     which merges them and writes the one page.
     """
+    config.addinivalue_line("markers", SHARDS_MARKER)
+    config.pluginmanager.register(ShardHooks(), "celery-faults-explore-shards")
     if not config.getoption("celery_faults_html", default=None):
         return
     if hasattr(config, "workerinput"):
@@ -101,6 +117,28 @@ def configure(config: pytest.Config) -> None:
     config.pluginmanager.register(HtmlHooks(config), "celery-faults-html")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistMerge(config), "celery-faults-html-xdist")
+
+
+class ShardHooks:
+    """``@pytest.mark.explore_shards(n)``: one test case per shard, each its own seed range."""
+
+    @pytest.hookimpl
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        marker = metafunc.definition.get_closest_marker(SHARDS)
+        if marker is None:
+            return
+        count = marker.args[0] if len(marker.args) == 1 and not marker.kwargs else None
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_SHARDS:
+            given = [*map(repr, marker.args), *(f"{k}={v!r}" for k, v in marker.kwargs.items())]
+            shown = ", ".join(given)
+            raise ValueError(
+                f"{metafunc.definition.nodeid}: @pytest.mark.{SHARDS}({shown}): expected one "
+                f"whole number of shards from 1 to {MAX_SHARDS}, as in {SHARDS}(4)"
+            )
+        metafunc.fixturenames.append(SHARD_PARAMETER)
+        shards = [(index, count) for index in range(count)]
+        ids = [f"explore-{index + 1}/{count}" for index in range(count)]
+        metafunc.parametrize(SHARD_PARAMETER, shards, ids=ids)
 
 
 def _explored(config: pytest.Config) -> dict[str, list[dict[str, Any]]]:
