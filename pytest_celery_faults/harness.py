@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
 
 from celery import Celery, Task
 
@@ -41,6 +41,11 @@ from .integrations import django_configured
 from .verdicts import idempotency
 from .verdicts.classify import LOSSES, NOT_IDEMPOTENT
 from .verdicts.idempotency import Scenario, SweepReport
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .explore.report import ExploreReport
 
 T = TypeVar("T")
 
@@ -111,6 +116,8 @@ class CeleryFaults:
         self.stack_suite_wide = stack_suite_wide
         #: A ``time.monotonic()`` instant (the test's time limit) past which drains stop.
         self.deadline: float | None = None
+        #: explore()'s suite-wide budget, failure database and test id (the plugin sets it).
+        self.explore_defaults: Any = None
         #: Real-broker mode's check of every run() (see :meth:`observe_runs`), or ``None``.
         self.comparison: Any = None
         self.suite_wide: list[str | FaultSpec] = []
@@ -365,6 +372,45 @@ class CeleryFaults:
         if isinstance(hows, str):
             raise TypeError(f"hows={hows!r}: expected a list of fault kinds, such as [{hows!r}]")
         return idempotency.sweep(self, signature, observe, reset, hows, pairs)
+
+    def explore(
+        self,
+        workload: Any,
+        observe: Callable[[], Any],
+        reset: Callable[[], Any] | None = None,
+        invariant: Callable[[Any], Any] | None = None,
+        *,
+        budget: int | None = None,
+        seed: int | None = None,
+        kinds: Sequence[str] | None = None,
+        replay: str | None = None,
+        database: str | Path | None = None,
+        key: str | None = None,
+    ) -> ExploreReport:
+        """Run ``workload`` (a function that publishes, or signatures) under drawn schedules.
+
+        Each run starts from a fresh state, draws its faults, overlaps,
+        interleavings and stalls from ``seed`` (``kinds`` sets the mix), and is
+        checked: ``observe()`` against the fault-free run, ``invariant``, each
+        message's fate. The report's ``assert_ok()`` fails with the smallest
+        failing schedule (shrunk by Hypothesis) as a replay string, which
+        ``replay=`` runs again. See :mod:`.explore`.
+        """
+        from .explore.explorer import explore
+
+        return explore(
+            self,
+            workload,
+            observe,
+            reset,
+            invariant,
+            budget=budget,
+            seed=seed,
+            kinds=kinds,
+            replay=replay,
+            database=database,
+            key=key,
+        )
 
     def unfired(self, *, explicit_only: bool = True) -> list[ArmedSpec]:
         return self.plan.unfired(explicit_only=explicit_only)

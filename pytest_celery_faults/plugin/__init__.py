@@ -6,7 +6,8 @@
 - :mod:`.fixtures`: ``celery_faults``, ``celery_faults_app`` and real-broker mode's worker;
 - :mod:`.gate_hooks`: the eager gate of a test that runs tasks eagerly;
 - :mod:`.report_hooks`: each test's record, the summary, the JSON report, xdist;
-- :mod:`.audit`: ``--celery-faults-audit``.
+- :mod:`.audit`: ``--celery-faults-audit``;
+- :mod:`.explore`: ``--celery-faults-explore``, ``--celery-faults-html``, ``explore_shards``.
 
 This module is imported by every pytest session where the plugin is installed,
 so neither it nor those modules import Celery or the harness at module level.
@@ -21,6 +22,8 @@ import pytest
 
 from .audit import AuditHooks
 from .audit import add_options as add_audit_options
+from .explore import add_options as add_explore_options
+from .explore import configure as configure_explore
 from .fixtures import (
     _celery_faults_real_runner,
     _celery_faults_sweep_case,
@@ -56,6 +59,7 @@ FIXTURES = (
 def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
     add_audit_options(parser)  # ``pytest --help`` lists its ini setting before the others
+    add_explore_options(parser)
     add_ini(parser)
 
 
@@ -66,6 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
     check_report_path(config)
     check_broker_url(config)
     AuditHooks.configure(config)
+    configure_explore(config)
     from ..session.report import SessionReport
 
     config.stash[report_key] = SessionReport(seed=session_seed(config))

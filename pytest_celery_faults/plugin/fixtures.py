@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .explore import explore_defaults
 from .markers import marker_settings, suite_specs
 from .options import APP_INI, real_broker_url, session_seed
 from .stash import harness_key, report_key, verdict_key
@@ -150,6 +151,7 @@ def celery_faults(
         check_unfired=not settings.allow_unfired,
     )
     harness.deadline = deadline(request.node)
+    harness.explore_defaults = explore_defaults(request)
     specs = list(settings.specs)
     if _celery_faults_sweep_case is not None:
         specs.append(_celery_faults_sweep_case)
