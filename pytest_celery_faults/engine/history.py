@@ -24,6 +24,7 @@ from ..vocabulary import (
     CHANNEL_CLOSED,
     CUT_SHORT,
     DELIVERED,
+    LOSING,
     ORPHANED,
     PUBLISHED,
     RAISED,
@@ -235,7 +236,7 @@ class History:
             executions=sum(record.started for record in records),
             acked=bool(settles) and settles[-1].kind == ACKED,
             rejected=rejects[-1].detail if rejects else None,
-            lost=ended in CUT_SHORT and not self.broker.holds(task_id),
+            lost=ended in LOSING and not self.broker.holds(task_id),
             state=state,
             result=value if state == "SUCCESS" else None,
             exception=exception,
@@ -253,7 +254,7 @@ class History:
         lost = tuple(
             self.outcome(task_id)
             for task_id, ended in self.ends.items()
-            if task_id != outcome.task_id and ended in CUT_SHORT and not self.broker.holds(task_id)
+            if task_id != outcome.task_id and ended in LOSING and not self.broker.holds(task_id)
         )
         return Evidence(outcome, observed, Counter(e.label for e in self.effects), lost)
 
