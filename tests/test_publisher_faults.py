@@ -169,7 +169,9 @@ def test_publish_lost_returns_and_the_task_is_lost(app: Celery) -> None:
         "PENDING",
     )
     assert "publish lost" in outcome.summary() and ", lost," in outcome.summary()
-    assert "never queued (no publisher confirms)" in str(outcome.timeline)
+    assert "but the broker never queued it (publish_lost: no publisher confirms)" in str(
+        outcome.timeline
+    )
     assert charges == []
 
 
@@ -251,3 +253,27 @@ def test_real_broker_mode_refuses_publish_faults_up_front(app: Celery) -> None:
     charge_task, _ = make_tasks(app)
     why = refusal(app, charge_task.s(1), ["publish_lost"])
     assert why is not None and why.startswith("publish_lost: a real broker cannot be told")
+
+
+def test_inside_a_task_a_refused_child_publish_fails_the_parent(app: Celery) -> None:
+    _, checkout = make_tasks(app)
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(checkout.s(1), "shop.charge:publish_refused")
+    assert (outcome.state, type(outcome.exception).__name__) == ("FAILURE", "OperationalError")
+    assert charges == []
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(checkout.s(1), "shop.charge:publish_refused(2)@2")
+    assert outcome.result == "checked out"  # kombu's third attempt got the second child out
+    assert charges == [1, 2]
+
+
+def test_refused_publishes_leave_no_connection_behind(app: Celery) -> None:
+    charge_task, _ = make_tasks(app)
+    with CeleryFaults(app) as faults:
+        for _ in range(3 * (app.conf.broker_pool_limit or 10)):
+            faults.inject("publish_refused")
+            with pytest.raises(OperationalError):
+                charge_task.delay(1)
+        charge_task.delay(2)  # the pool still has a connection to give
+        faults.drain()
+    assert charges == [2]

@@ -50,6 +50,9 @@ _LEDGER_TEXT: dict[LedgerEventKind, str] = {
     ACK_LOST: "the ack never reached the broker",
     ORPHANED: "unacked on a dead connection; {detail}",
     CHANNEL_CLOSED: "the broker closed {consumer}'s channel: {detail}",
+    "publish_refused": "the broker refused the publish of {name}[{short}] ({detail})",
+    "publish_lost": "published {name}[{short}], but the broker never queued it ({detail})",
+    "confirm_lost": "the connection dropped before the broker confirmed it ({detail})",
 }
 
 

@@ -82,18 +82,18 @@ class PublishFaults:
             self._under_way[key] = _UnderWay(step, left)
             self._ended(key, task_name, PUBLISH_REFUSED)
             self.history.note(task_id, f"FAULT {step}: the broker refuses the publish", 0)
-            return fate, f"{step}, attempt 1"
+            return fate, f"{step}: attempt 1"
         if fate == "twice":
             self._under_way[key] = _UnderWay(step, 0)
             self.history.note(
                 task_id, f"FAULT {step}: queued, but the confirm is lost on the way back", 0
             )
-            return fate, f"{step}: the confirm is lost"
+            return fate, str(step)
         self._ended(key, task_name, PUBLISH_LOST)
         self.history.note(
             task_id, f"FAULT {step}: the caller is told it was published; it never is", 0
         )
-        return fate, f"{step}: never queued (no publisher confirms)"
+        return fate, f"{step}: no publisher confirms"
 
     def _hit(self, task_id: str, task_name: str) -> ArmedSpec | None:
         """Count this publish for every armed publish fault it falls under; the one it fires."""
@@ -122,7 +122,7 @@ class PublishFaults:
             if under_way.refusals_left is not None:
                 under_way.refusals_left -= 1
             self._ended(key, task_name, PUBLISH_REFUSED)
-            return "refuse", f"{step}, attempt {under_way.attempts} (kombu's retry)"
+            return "refuse", f"{step}: attempt {under_way.attempts}, kombu's retry"
         del self._under_way[key]
         if self.history.ends.get(task_id) in NEVER_QUEUED:
             del self.history.ends[task_id]  # it reaches the queue after all
