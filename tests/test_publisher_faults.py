@@ -26,12 +26,12 @@ def _clear() -> None:
 
 
 def make_tasks(app: Celery) -> tuple[Any, Any]:
-    @app.task(name="shop.charge", shared=False)
+    @app.task(name="pubfaults.charge", shared=False)
     def charge_task(amount: int) -> int:
         charge(amount)
         return amount
 
-    @app.task(name="shop.checkout", shared=False)
+    @app.task(name="pubfaults.checkout", shared=False)
     def checkout(amount: int) -> str:
         charge_task.delay(amount)
         charge_task.delay(amount + 1)
@@ -51,7 +51,7 @@ def test_a_refused_publish_raises_operational_error_after_the_retry_policy(app: 
     charge_task, _ = make_tasks(app)
     with CeleryFaults(app) as faults:
         faults.inject("publish_refused")
-        with pytest.raises(OperationalError, match="refused the publish of shop.charge"):
+        with pytest.raises(OperationalError, match="refused the publish of pubfaults.charge"):
             charge_task.delay(5)
         # Celery's default policy: max_retries=3, so kombu tries 4 times, then raises.
         assert refused_attempts(faults) == 4
@@ -70,7 +70,9 @@ def test_a_publish_refused_fewer_times_than_the_retries_gets_through(app: Celery
         result = charge_task.delay(5)  # the 4th attempt, kombu's third retry, is queued
         faults.drain()
         outcome = faults.outcome(result.id)
-    assert (outcome.state, outcome.lost, outcome.deliveries) == ("SUCCESS", False, 1)
+    assert (outcome.state, outcome.lost, outcome.deliveries) == ("SUCCESS", False, 1), (
+        f"{outcome.story}\n{outcome.exception!r}"
+    )
     assert faults.ledger.kinds(result.id)[:4] == ["publish_refused"] * 3 + ["published"]
     assert "kombu's retry publishes it at last (attempt 4)" in str(outcome.timeline)
     assert charges == [5]
@@ -185,28 +187,28 @@ def test_assert_no_loss_fails_naming_a_lost_publish(app: Celery) -> None:
             specs=["publish_lost"],
         )
     message = str(raised.value)
-    assert "shop.charge can be lost" in message
+    assert "pubfaults.charge can be lost" in message
     assert "'publish_lost'" in message
     assert "its publish was lost: the broker never queued it" in message
 
 
-PARTIAL_CHILD = r"partial: shop\.charge\[\w+\] never completed"
+PARTIAL_CHILD = r"partial: pubfaults\.charge\[\w+\] never completed"
 
 
 def test_a_childs_lost_publish_is_counted_against_its_parent(app: Celery) -> None:
     _, checkout = make_tasks(app)
     with CeleryFaults(app) as faults:
-        outcome = faults.run(checkout.s(10), "shop.charge:publish_lost@2")
+        outcome = faults.run(checkout.s(10), "pubfaults.charge:publish_lost@2")
         lost = [o for o in faults.outcomes() if o.lost]
     assert outcome.result == "checked out"
-    assert [(o.name, o.ended) for o in lost] == [("shop.charge", "publish lost")]
+    assert [(o.name, o.ended) for o in lost] == [("pubfaults.charge", "publish lost")]
     assert charges == [10]  # the first child ran; the second publish (@2) was lost
     with CeleryFaults(app) as faults, pytest.raises(AssertionError, match=PARTIAL_CHILD) as raised:
         faults.assert_no_loss(
             checkout.s(10),
             observe=lambda: sorted(charges),
             reset=charges.clear,
-            specs=["shop.charge:publish_lost"],
+            specs=["pubfaults.charge:publish_lost"],
         )
     assert "its publish was lost: the broker never queued it" in str(raised.value)
 
@@ -217,7 +219,7 @@ def test_a_publish_fault_that_never_fired_fails_at_exit(app: Celery) -> None:
         pytest.raises(UnfiredFaultError, match=r"publish_lost@3: it applies to publish 3"),
         CeleryFaults(app) as faults,
     ):
-        faults.inject("shop.charge:publish_lost@3")
+        faults.inject("pubfaults.charge:publish_lost@3")
         charge_task.delay(1)
         charge_task.delay(2)
         faults.drain()
@@ -258,11 +260,11 @@ def test_real_broker_mode_refuses_publish_faults_up_front(app: Celery) -> None:
 def test_inside_a_task_a_refused_child_publish_fails_the_parent(app: Celery) -> None:
     _, checkout = make_tasks(app)
     with CeleryFaults(app) as faults:
-        outcome = faults.run(checkout.s(1), "shop.charge:publish_refused")
+        outcome = faults.run(checkout.s(1), "pubfaults.charge:publish_refused")
     assert (outcome.state, type(outcome.exception).__name__) == ("FAILURE", "OperationalError")
     assert charges == []
     with CeleryFaults(app) as faults:
-        outcome = faults.run(checkout.s(1), "shop.charge:publish_refused(2)@2")
+        outcome = faults.run(checkout.s(1), "pubfaults.charge:publish_refused(2)@2")
     assert outcome.result == "checked out"  # kombu's third attempt got the second child out
     assert charges == [1, 2]
 
@@ -277,3 +279,17 @@ def test_refused_publishes_leave_no_connection_behind(app: Celery) -> None:
         charge_task.delay(2)  # the pool still has a connection to give
         faults.drain()
     assert charges == [2]
+
+
+def test_with_run_at_p_counts_the_publishes_of_its_task_id(app: Celery) -> None:
+    @app.task(
+        name="pubfaults.flaky", bind=True, shared=False, max_retries=1, default_retry_delay=5
+    )
+    def flaky(self: Any) -> str:
+        if not self.request.retries:
+            raise self.retry()
+        return "done"
+
+    with CeleryFaults(app) as faults:
+        outcome = faults.run(flaky.s(), "publish_lost@2")  # its retry's publish
+    assert (outcome.ended, outcome.lost, outcome.deliveries) == ("publish lost", True, 1)

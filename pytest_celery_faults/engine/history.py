@@ -24,7 +24,9 @@ from ..vocabulary import (
     CHANNEL_CLOSED,
     CUT_SHORT,
     DELIVERED,
+    FINISHED,
     LOSING,
+    NEVER_QUEUED,
     ORPHANED,
     PUBLISHED,
     RAISED,
@@ -183,6 +185,8 @@ class History:
         traced = self._traced.pop(record.task_id, None)
         if ended == RETURNED and traced not in (None, "SUCCESS"):
             ended = RAISED  # the tracer caught the body's exception, retry or reject
+        if ended in FINISHED and self.ends.get(record.task_id) in NEVER_QUEUED:
+            ended = self.ends[record.task_id]  # its retry's publish never reached a queue
         self.ends[record.task_id] = ended
         self.records.append(record)
         self.records_by_task.setdefault(record.task_id, []).append(record)
