@@ -4,13 +4,24 @@ A spec is text a user can type on the command line, in a marker or in code, and
 the replay string a failure prints::
 
     spec   := [TASK ":"] step (";" step)*  |  [TASK ":"] "redeliver" ["*" K]
+            |  [TASK ":"] publish
     step   := KIND "@" N  |  "exit(" CODE ")@" N  |  "raise(" DOTTED ")@" N
             |  "rollout" ["(" GRACE ["," DELAY] ")"] "@" N
             |  "overlap" ["(" SCHEDULE ")"]  |  "ack_lost"  |  "ok"
+    publish := "publish_refused" ["(" K ")"] ["@" P]  |  "publish_twice" ["@" P]
+            |  "publish_lost" ["@" P]
 
 Step *i* applies to delivery *i* of the message it is bound to; ``@N`` is the
 side-effect boundary: after N side effects of that delivery completed (``@0``:
 before the first one).
+
+A publish fault happens to a publish, not to a delivery, so it stands alone
+(no ``;``) and its ``@P`` counts publishes, not side effects: the P-th publish
+the spec applies to (``@1``, the default: the next one). It applies to the
+publishes of the task id it is bound to (``run()``'s signature, a retry being
+a publish of the same id), or else to every publish of a task matching
+``TASK:`` (any task but Celery's own without it), from the test's own
+``.delay()`` as from a task's child publishes, counted from when it was armed.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import builtins
 import importlib
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -54,6 +66,18 @@ PLAIN_KINDS: Final[dict[FaultKind, str]] = {
     "names the execution that runs next at each choice, 1 and 2 the two copies, 3 and on "
     "other executions running at once)",
 }
+#: Fault kinds that happen to a publish (a whole spec of their own, ``@P`` = the P-th publish).
+PUBLISH_KINDS: Final[dict[FaultKind, str]] = {
+    "publish_refused": "the broker refuses the publish: the transport raises a connection "
+    "error on every attempt (publish_refused(K): on the first K attempts only), kombu retries "
+    "as the app's task_publish_retry_policy says, and the caller of .delay() gets kombu's "
+    "OperationalError once the retries are spent (nothing is queued)",
+    "publish_twice": "the broker queues the publish but its confirm is lost: the connection "
+    "drops after the message is queued, kombu's retry publishes it again, and two messages "
+    "carry the same task id (with retry=False the caller gets the error, one copy queued)",
+    "publish_lost": "the publish returns as if it succeeded but the broker never queues the "
+    "message (no publisher confirms): the task is lost",
+}
 #: How a schedule names the executions running at once, in the order they took a label
 #: (the first label no running execution holds): one character each.
 SCHEDULE_LABELS: Final[str] = "123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -66,8 +90,8 @@ VALID_FORMS: Final[str] = (
     "timeout@N, soft_timeout@N, warm_shutdown@N, cold_shutdown@N, "
     "rollout(GRACE)@N, rollout(GRACE,DELAY)@N, broker_restart@N, ack_lost, ok, "
     "overlap, overlap(SCHEDULE), "
-    "redeliver*K; steps for successive deliveries joined by ';', "
-    "optionally prefixed by TASK_NAME:"
+    "redeliver*K, publish_refused[(K)][@P], publish_twice[@P], publish_lost[@P]; "
+    "steps for successive deliveries joined by ';', optionally prefixed by TASK_NAME:"
 )
 
 #: A task name in front of a spec: ASCII, and may itself hold colons (``low:send``).
@@ -100,6 +124,7 @@ class Step:
     schedule: str | None = None  # overlap: which execution runs at each choice (its label)
     grace: int | None = None  # rollout: virtual seconds from SIGTERM to SIGKILL
     delay: int | None = None  # rollout: virtual seconds from SIGTERM to the replacement
+    times: int | None = None  # publish_refused(K): how many attempts are refused (None: all)
 
     def __str__(self) -> str:
         if self.kind == "exit":
@@ -114,9 +139,16 @@ class Step:
                 if not self.delay
                 else (f"rollout({self.grace},{self.delay})")
             )
+        elif self.times is not None:
+            head = f"{self.kind}({self.times})"
         else:
             head = self.kind
         return head if self.at is None else f"{head}@{self.at}"
+
+    @property
+    def publish_number(self) -> int:
+        """A publish fault's P: the P-th publish it applies to (the next one by default)."""
+        return self.at if self.at is not None else 1
 
     def exception_class(self) -> type[BaseException]:
         """The class ``raise(...)`` names, imported now."""
@@ -166,8 +198,17 @@ class FaultSpec:
 
     def step_for(self, delivery: int) -> Step | None:
         """The step for delivery number ``delivery`` (1-based), if the spec has one."""
+        if self.publish is not None:
+            return None  # it happens to a publish, never to a delivery
         if 1 <= delivery <= len(self.steps):
             return self.steps[delivery - 1]
+        return None
+
+    @property
+    def publish(self) -> Step | None:
+        """The publish fault this spec is, if it is one."""
+        if len(self.steps) == 1 and self.steps[0].kind in PUBLISH_KINDS:
+            return self.steps[0]
         return None
 
     def matches(self, task_name: str) -> bool:
@@ -234,7 +275,14 @@ def parse_spec(text: str | FaultSpec) -> FaultSpec:
                 f"at least 1; valid forms: {VALID_FORMS}"
             )
         return FaultSpec(task=task, redeliver=times)
-    return FaultSpec(steps=tuple(_parse_step(token, source) for token in tokens), task=task)
+    steps = tuple(_parse_step(token, source) for token in tokens)
+    if len(steps) > 1 and any(step.kind in PUBLISH_KINDS for step in steps):
+        raise FaultSpecError(
+            f"invalid fault spec {shown(source)}: a publish fault (publish_refused, "
+            f"publish_twice, publish_lost) happens to a publish, not a delivery, and cannot "
+            f"be chained with ';' (arm it as a spec of its own); valid forms: {VALID_FORMS}"
+        )
+    return FaultSpec(steps=steps, task=task)
 
 
 def _parse_step(token: str, source: str) -> Step:
@@ -263,6 +311,8 @@ def _parse_step(token: str, source: str) -> Step:
                 f"character each (1-9, a-z, A-Z; 1 and 2 the two copies), as in overlap(1212)"
             )
         return Step("overlap", schedule=schedule)
+    if kind in PUBLISH_KINDS:
+        return _publish_step(kind, arg, at_text, token=token, source=source, bad=bad)
     if kind in PLAIN_KINDS:
         if arg is not None or at_text is not None:
             raise bad(f"{echo}: {shown(kind)} takes no argument and no @N")
@@ -292,6 +342,31 @@ def _parse_step(token: str, source: str) -> Step:
     if arg is not None:
         raise bad(f"{echo}: {shown(kind)} takes no argument")
     return Step(kind, at=at)
+
+
+def _publish_step(
+    kind: FaultKind,
+    arg: str | None,
+    at_text: str | None,
+    *,
+    token: str,
+    source: str,
+    bad: Callable[[str], FaultSpecError],
+) -> Step:
+    echo = shown(token)
+    times: int | None = None
+    if arg is not None:
+        if kind != "publish_refused":
+            raise bad(f"{echo}: {shown(kind)} takes no argument")
+        times = _natural(arg, token=token, source=source)
+        if times < 1:
+            raise bad(f"{echo}: the number of refused attempts must be at least 1")
+    at: int | None = None
+    if at_text is not None:
+        at = _natural(at_text, token=token, source=source)
+        if at < 1:
+            raise bad(f"{echo}: @P counts publishes from 1 (the next publish is @1)")
+    return Step(kind, at=at, times=times)
 
 
 def _natural(text: str, *, token: str, source: str) -> int:

@@ -12,7 +12,17 @@ from typing import Final, Literal
 # -- how an execution ended, as the worker saw it ------------------------------
 
 #: How one execution of a task ended; ``""`` while it has not.
-Ending = Literal["", "returned", "raised", "child killed", "exit", "power lost", "cold shutdown"]
+Ending = Literal[
+    "",
+    "returned",
+    "raised",
+    "child killed",
+    "exit",
+    "power lost",
+    "cold shutdown",
+    "publish lost",
+    "publish refused",
+]
 RETURNED: Final = "returned"
 RAISED: Final = "raised"  # an exception, a retry or a reject
 CHILD_KILLED: Final = "child killed"  # a fatal signal, a hard time limit
@@ -21,6 +31,12 @@ POWER_LOST: Final = "power lost"
 COLD_SHUTDOWN: Final = "cold shutdown"
 #: The endings where the process running the execution went away before the task ended.
 CUT_SHORT: Final[frozenset[Ending]] = frozenset({CHILD_KILLED, EXITED, POWER_LOST, COLD_SHUTDOWN})
+PUBLISH_LOST: Final = "publish lost"  # the broker never queued the message (no confirm)
+PUBLISH_REFUSED: Final = "publish refused"  # the broker refused it; the caller got the error
+#: The endings where no execution ran: the message never reached a queue.
+NEVER_QUEUED: Final[frozenset[Ending]] = frozenset({PUBLISH_LOST, PUBLISH_REFUSED})
+#: The endings that lose the task when the broker holds no copy of it.
+LOSING: Final[frozenset[Ending]] = CUT_SHORT | NEVER_QUEUED
 #: The endings where the task ran to an end of its own.
 FINISHED: Final[frozenset[Ending]] = frozenset({RETURNED, RAISED})
 
@@ -53,6 +69,9 @@ FaultKind = Literal[
     "ack_lost",
     "ok",
     "overlap",
+    "publish_refused",
+    "publish_twice",
+    "publish_lost",
 ]
 #: The kinds that kill the process running the task without unwinding it.
 FREEZING_KINDS: Final[frozenset[FaultKind]] = frozenset(
@@ -90,6 +109,9 @@ LedgerEventKind = Literal[
     "channel_closed",
     "ack_ignored",
     "reject_ignored",
+    "publish_refused",
+    "publish_lost",
+    "confirm_lost",
 ]
 PUBLISHED: Final = "published"
 DELIVERED: Final = "delivered"

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from amqp.exceptions import ConnectionError as TransportConnectionError  # type: ignore[import-untyped]
 from kombu.connection import Connection
 from kombu.messaging import Producer
 from kombu.transport import TRANSPORT_ALIASES, virtual
@@ -42,6 +43,21 @@ CONTROL_SUFFIX = ".pidbox"
 def is_control(name: str) -> bool:
     """Whether an exchange or queue carries remote control (kombu's pidbox), not tasks."""
     return name.endswith(CONTROL_SUFFIX)
+
+
+#: What the broker does with one publish attempt (a publish fault decides it: see
+#: :mod:`.publishing`): queue it, refuse it, lose it, or queue it and lose the confirm.
+PublishFate = Literal["", "refuse", "lose", "twice"]
+
+
+class PublishRefused(TransportConnectionError, ConnectionError):  # type: ignore[misc]
+    """The broker refused a publish, or dropped the connection before confirming it.
+
+    A connection error as kombu's virtual transports declare them
+    (``Transport.connection_errors``), so ``Connection.ensure`` retries the
+    publish per the retry policy, and a builtin ``ConnectionError`` for code
+    that catches that.
+    """
 
 
 RestorePolicy = Literal["on_disconnect", "after_visibility_timeout", "in_restore_sweeps"]
@@ -206,6 +222,8 @@ class InMemoryBroker:
             Callable[[str, Callable[[], StoredMessage]], StoredMessage] | None
         ) = None
         self.after_publish: list[Callable[[StoredMessage], None]] = []
+        #: Decides each publish attempt's fate, and says why (a publish fault is armed).
+        self.publish_fault: Callable[[str, dict[str, Any]], tuple[PublishFate, str]] | None = None
         self._numbers = itertools.count(1)
         self._dropped_acks: dict[str, Callable[[], None]] = {}
         self._held: dict[str, int] = {}  # task id -> copies ready or unacked here
@@ -256,21 +274,48 @@ class InMemoryBroker:
         """Store a message published to ``queue``, through :attr:`publish_through` if set."""
         if self.closed:
             raise ConnectionError(f"{self.url} is closed: its harness has ended")
+        fate, why = self.publish_fault(queue, payload) if self.publish_fault else ("", "")
+        if fate == "refuse":
+            refused = self._unqueued(queue, payload)
+            self._record("publish_refused", refused, detail=why)
+            raise PublishRefused(
+                f"celery_faults: {self.url} refused the publish of "
+                f"{refused.task_name}[{refused.task_id}] to {queue!r} ({why})"
+            )
+        store = self._store if fate != "lose" else self._lose
         if self.publish_through is None:
-            return self._store(queue, payload)
-        headers = payload.get("headers") or {}
-        label = f"{headers.get('task', '?')} to {queue!r}"
-        return self.publish_through(label, lambda: self._store(queue, payload))
+            message = store(queue, payload, why)
+        else:
+            headers = payload.get("headers") or {}
+            label = f"{headers.get('task', '?')} to {queue!r}"
+            message = self.publish_through(label, lambda: store(queue, payload, why))
+        if fate == "twice":
+            self._record("confirm_lost", message, detail=why)
+            raise PublishRefused(
+                f"celery_faults: the connection to {self.url} dropped before the broker "
+                f"confirmed the publish of {message.task_name}[{message.task_id}] ({why})"
+            )
+        return message
 
-    def _store(self, queue: str, payload: dict[str, Any]) -> StoredMessage:
+    def _unqueued(self, queue: str, payload: dict[str, Any]) -> StoredMessage:
+        """A message as published, numbered, that no queue holds."""
         headers = payload.get("headers") or {}
-        message = StoredMessage(
+        return StoredMessage(
             number=next(self._numbers),
             queue=queue,
             payload=payload,
             task_id=str(headers.get("id", "?")),
             task_name=str(headers.get("task", "?")),
         )
+
+    def _lose(self, queue: str, payload: dict[str, Any], why: str = "") -> StoredMessage:
+        """The publish returns, but no queue holds the message (no publisher confirms)."""
+        message = self._unqueued(queue, payload)
+        self._record("publish_lost", message, detail=why)
+        return message
+
+    def _store(self, queue: str, payload: dict[str, Any], why: str = "") -> StoredMessage:
+        message = self._unqueued(queue, payload)
         self.queues.setdefault(queue, deque()).append(message)
         self._hold(message.task_id, 1)
         self._record("published", message, detail=f"to {queue!r}")
@@ -824,6 +869,8 @@ class Transport(virtual.Transport):
     """``celery-faults://NAME``: the kombu transport for the broker named NAME."""
 
     Channel = Channel
+    #: Set on instances for the rabbitmq profile only (kombu asks ``hasattr``).
+    recoverable_connection_errors: tuple[type[BaseException], ...]
     driver_type = driver_name = SCHEME
     implements = virtual.Transport.implements.extend(
         exchange_type=frozenset(["direct", "topic", "fanout"])
@@ -834,6 +881,12 @@ class Transport(virtual.Transport):
         given = client.transport_options.get(TRANSPORT_OPTION)
         self.broker = given if given is not None else InMemoryBroker.by_name(client.hostname)
         self.state = self.broker.exchange_state
+        if self.broker.profile.name == "rabbitmq":
+            # As py-amqp's transport: kombu's ensure() tells recoverable connection
+            # errors apart, so a publish is retried up to the retry policy's
+            # max_retries. Redis's and SQS's transports do not: kombu gives up when
+            # the error comes back after one reconnection.
+            self.recoverable_connection_errors = self.connection_errors
 
     def driver_version(self) -> str:
         return "in-memory"

@@ -55,6 +55,7 @@ from .history import History
 from .outcome import safe_repr
 from .plan import FaultPlan
 from .process_calls import ProcessCallsInBodies
+from .publishing import PublishFaults
 from .results import InMemoryResultBackend
 from .scheduler import Scheduler, current_stack
 from .settings import check_worker_settings, check_workers, worker_concurrency
@@ -189,6 +190,8 @@ class Engine:
         )
         self.broker.publish_through = self._publish_through
         self.broker.after_publish.append(self._on_publish)
+        self.publish_faults = PublishFaults(self.plan, self.history)
+        self.broker.publish_fault = self.publish_faults.fate
         self.ledger.observers.append(self.history.on_ledger_event)
         self.effects.observers.append(self._on_effect)
         self._enter(
@@ -309,6 +312,7 @@ class Engine:
         self.backend.clear()
         self.effects.clear()
         self.plan.clear()
+        self.publish_faults.clear()
         self.history.clear()
         self.http.calls.reset()
         # Every random source starts again from the seed, as in a fresh harness: a

@@ -24,6 +24,9 @@ from ..vocabulary import (
     CHANNEL_CLOSED,
     CUT_SHORT,
     DELIVERED,
+    FINISHED,
+    LOSING,
+    NEVER_QUEUED,
     ORPHANED,
     PUBLISHED,
     RAISED,
@@ -49,6 +52,9 @@ _LEDGER_TEXT: dict[LedgerEventKind, str] = {
     ACK_LOST: "the ack never reached the broker",
     ORPHANED: "unacked on a dead connection; {detail}",
     CHANNEL_CLOSED: "the broker closed {consumer}'s channel: {detail}",
+    "publish_refused": "the broker refused the publish of {name}[{short}] ({detail})",
+    "publish_lost": "published {name}[{short}], but the broker never queued it ({detail})",
+    "confirm_lost": "the connection dropped before the broker confirmed it ({detail})",
 }
 
 
@@ -179,6 +185,8 @@ class History:
         traced = self._traced.pop(record.task_id, None)
         if ended == RETURNED and traced not in (None, "SUCCESS"):
             ended = RAISED  # the tracer caught the body's exception, retry or reject
+        if ended in FINISHED and self.ends.get(record.task_id) in NEVER_QUEUED:
+            ended = self.ends[record.task_id]  # its retry's publish never reached a queue
         self.ends[record.task_id] = ended
         self.records.append(record)
         self.records_by_task.setdefault(record.task_id, []).append(record)
@@ -235,7 +243,7 @@ class History:
             executions=sum(record.started for record in records),
             acked=bool(settles) and settles[-1].kind == ACKED,
             rejected=rejects[-1].detail if rejects else None,
-            lost=ended in CUT_SHORT and not self.broker.holds(task_id),
+            lost=ended in LOSING and not self.broker.holds(task_id),
             state=state,
             result=value if state == "SUCCESS" else None,
             exception=exception,
@@ -253,7 +261,7 @@ class History:
         lost = tuple(
             self.outcome(task_id)
             for task_id, ended in self.ends.items()
-            if task_id != outcome.task_id and ended in CUT_SHORT and not self.broker.holds(task_id)
+            if task_id != outcome.task_id and ended in LOSING and not self.broker.holds(task_id)
         )
         return Evidence(outcome, observed, Counter(e.label for e in self.effects), lost)
 

@@ -22,6 +22,7 @@ class ArmedSpec:
     task_id: str | None = None  # bound to this task id (its first matching message)
     fired: list[tuple[str, int, Step]] = field(default_factory=list)
     replays: int = 0
+    publishes: int = 0  # a publish fault: the publishes it applied to so far
 
     @property
     def unfired_steps(self) -> list[tuple[int, Step]]:
@@ -55,6 +56,7 @@ class FaultPlan:
         self._waiting: list[ArmedSpec] = []  # step specs not bound to a task id yet
         self._redelivering: list[ArmedSpec] = []
         self._bound: dict[str, list[ArmedSpec]] = {}
+        self.publishing: list[ArmedSpec] = []  # publish faults (see engine/publishing.py)
 
     def clear(self) -> None:
         """Disarm everything: a fresh scenario."""
@@ -63,6 +65,7 @@ class FaultPlan:
         self._waiting.clear()
         self._redelivering.clear()
         self._bound.clear()
+        self.publishing.clear()
 
     def arm(
         self, spec: FaultSpec | str, *, task_id: str | None = None, explicit: bool = True
@@ -71,7 +74,10 @@ class FaultPlan:
         parsed.import_exceptions()  # refuse an unimportable exception now, not mid-task
         armed = ArmedSpec(parsed, explicit=explicit)
         self.armed.append(armed)
-        if parsed.redeliver:
+        if parsed.publish is not None:
+            armed.task_id = task_id
+            self.publishing.append(armed)
+        elif parsed.redeliver:
             self._redelivering.append(armed)
         elif task_id is not None:
             self.bind(armed, task_id)
@@ -81,7 +87,8 @@ class FaultPlan:
 
     def disarm(self, armed: ArmedSpec) -> None:
         """Take back a spec armed earlier (a suite-wide one that a test's own specs replace)."""
-        for held in (self.armed, self._waiting, self._redelivering, *self._bound.values()):
+        held_lists = (self.armed, self._waiting, self._redelivering, self.publishing)
+        for held in (*held_lists, *self._bound.values()):
             held[:] = [other for other in held if other is not armed]
 
     def bind(self, armed: ArmedSpec, task_id: str) -> None:
@@ -139,6 +146,16 @@ def unfired_message(
     for armed in missing:
         if armed.spec.redeliver:
             why = "no message matching it completed, so nothing was redelivered"
+        elif armed.spec.publish is not None:
+            target = (
+                f"task id {armed.task_id}"
+                if armed.task_id
+                else (f"task {armed.spec.task!r}" if armed.spec.task else "any task")
+            )
+            why = (
+                f"it applies to publish {armed.spec.publish.publish_number} of {target}, "
+                f"but only {armed.publishes} such publish(es) happened after it was armed"
+            )
         elif armed.task_id is None:
             target = f"task {armed.spec.task!r}" if armed.spec.task else "any task"
             why = f"no message for {target} was published after it was armed"

@@ -83,6 +83,12 @@ NOT_ON_A_REAL_WORKER = {
         "a real worker cannot be made to take a second copy of a message while the first "
         "runs, nor to interleave the two at chosen side effects; the emulation alone covers it"
     ),
+    **dict.fromkeys(
+        ("publish_refused", "publish_twice", "publish_lost"),
+        "a real broker cannot be told to refuse, double or drop one chosen publish, and "
+        "real-broker mode leaves the app's connections to it alone; the emulation alone "
+        "covers publisher faults (through kombu's own retry path)",
+    ),
 }
 
 

@@ -36,6 +36,8 @@ from ..vocabulary import (
     OK,
     PARTIAL,
     POWER_LOST,
+    PUBLISH_LOST,
+    PUBLISH_REFUSED,
     Ending,
     Verdict,
 )
@@ -54,6 +56,8 @@ _SAW: Final[dict[Ending, str]] = {
     EXITED: "its child process exited",
     POWER_LOST: "the worker lost power",
     COLD_SHUTDOWN: "the worker was shut down cold",
+    PUBLISH_LOST: "its publish was lost: the broker never queued it",
+    PUBLISH_REFUSED: "the broker refused its publish",
 }
 
 
