@@ -109,7 +109,7 @@ def _gate(gate: dict[str, tuple[int, int]]) -> str:
 def _test(number: int, nodeid: str, test: dict[str, Any], explores: list[dict[str, Any]]) -> str:
     verdict = str(test.get("verdict", "passed"))
     parts = [
-        f'<section class="test"><h2>{escape(nodeid)} '
+        f'<section class="test" data-test="{escape(nodeid)}"><h2>{escape(nodeid)} '
         f'<span class="{escape(verdict)}">{escape(verdict)}</span></h2>'
     ]
     facts = [
