@@ -54,9 +54,13 @@ def bump() -> None:
     WORLD["count"] += 1
 
 
+def mark_processed(order: str) -> None:
+    WORLD["processed"].add(order)
+
+
 def fresh_world() -> None:
     WORLD.clear()
-    WORLD.update(keys=set(), reserved={}, shipped={}, done=set(), count=0)
+    WORLD.update(keys=set(), reserved={}, shipped={}, done=set(), count=0, processed=set())
 
 
 def keys() -> list[str]:
@@ -96,12 +100,17 @@ def tasks(app: Celery) -> dict[str, Any]:
     def incr() -> None:
         THIS.bump()
 
+    @app.task(name="process", shared=False)
+    def process(order: str) -> None:
+        THIS.mark_processed(order)  # idempotent: a set
+
     return {
         "add_rmw": add_rmw,
         "add_atomic": add_atomic,
         "reserve": reserve,
         "ship": ship,
         "incr": incr,
+        "process": process,
     }
 
 
@@ -109,7 +118,8 @@ def tasks(app: Celery) -> dict[str, Any]:
 def faults(app: Celery, tasks: dict[str, Any]) -> Iterator[CeleryFaults]:
     fresh_world()
     with CeleryFaults(app, seed=0) as harness:
-        for name in ("read_keys", "write_keys", "add_key", "reserve_stock", "send_parcel", "bump"):
+        tracked = ("read_keys", "write_keys", "add_key", "reserve_stock", "send_parcel", "bump")
+        for name in (*tracked, "mark_processed"):
             harness.track((THIS, name))
         yield harness
 
@@ -513,3 +523,101 @@ def test_a_bad_shard_count_is_refused_naming_it(pytester: pytest.Pytester) -> No
     result = pytester.runpytest("-p", "no:randomly")
     result.stdout.fnmatch_lines(["*explore_shards(0): expected one whole number of shards*"])
     assert result.ret == pytest.ExitCode.INTERRUPTED
+
+
+# -- the JSON report -----------------------------------------------------------------
+
+REPORTED = """
+import sys
+
+import pytest
+from celery import Celery
+
+app = Celery("reported", set_as_current=False)
+app.conf.task_acks_late = True
+COUNT = [0]
+DONE = [0]
+
+
+def bump():
+    COUNT[0] += 1
+
+
+def mark():
+    DONE[0] = 1
+
+
+@app.task(name="incr", shared=False)
+def incr():
+    bump()
+
+
+@app.task(name="mark", shared=False)
+def mark_done():
+    mark()
+
+
+def reset():
+    COUNT[0] = DONE[0] = 0
+
+
+@pytest.fixture
+def celery_faults_app():
+    return app
+
+
+def test_explored(celery_faults):
+    this = sys.modules[__name__]
+    celery_faults.track((this, "bump"))
+    celery_faults.track((this, "mark"))
+    found = celery_faults.explore(
+        [incr.s()], lambda: COUNT[0], reset, kinds=["redeliver"], budget=7
+    )
+    clean = celery_faults.explore(
+        [mark_done.s()], lambda: DONE[0], reset, kinds=["redeliver"], budget=5
+    )
+    assert clean.ok and not found.ok
+"""
+
+
+@searching
+def test_the_json_report_has_each_explore_deterministically(pytester: pytest.Pytester) -> None:
+    import json
+
+    pytester.makepyfile(test_reported=REPORTED)
+    texts = []
+    for _ in range(2):
+        shutil.rmtree(pytester.path / ".celery-faults", ignore_errors=True)
+        result = pytester.runpytest("-p", "no:randomly", "--celery-faults-report=report.json")
+        result.assert_outcomes(passed=1)
+        texts.append((pytester.path / "report.json").read_bytes())
+    assert texts[0] == texts[1]  # the same seed, the same bytes
+    test = json.loads(texts[0])["tests"]["test_reported.py::test_explored"]
+    found, clean = test["explore"]
+    assert found["seed"] == 0 and found["budget"] == 7
+    assert found["failed"] and found["replay"] == "incr:redeliver"
+    assert found["problem"] == "observe() differs from the fault-free run: 1 became 2"
+    assert found["runs"] >= 1 and found["found_at"] == found["runs"]
+    assert found["counts"]["incr"]["duplicated"] >= 1
+    assert clean == {
+        "seed": 0,
+        "budget": 5,
+        "runs": 5,
+        "found_at": None,
+        "shrink_runs": 0,
+        "replayed": [],
+        "replay": None,
+        "failed": False,
+        "problem": None,
+        "counts": {
+            "mark": {
+                "published": clean["counts"]["mark"]["published"],
+                "once": clean["counts"]["mark"]["once"],
+                "recovered": clean["counts"]["mark"]["recovered"],
+                "duplicated": clean["counts"]["mark"]["duplicated"],
+                "lost": 0,
+                "failed": 0,
+            }
+        },
+    }
+    assert clean["counts"]["mark"]["published"] == 5
