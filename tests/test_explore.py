@@ -525,6 +525,91 @@ def test_a_bad_shard_count_is_refused_naming_it(pytester: pytest.Pytester) -> No
     assert result.ret == pytest.ExitCode.INTERRUPTED
 
 
+# -- publisher faults ---------------------------------------------------------------
+
+ORDERS = ("o1", "o2", "o3")
+
+
+def publish_orders(tasks: dict[str, Any]) -> None:
+    for order in ORDERS:
+        tasks["process"].delay(order)  # the app's own .delay(), no confirms
+
+
+def every_order_processed(processed: set[str]) -> None:
+    missing = sorted(set(ORDERS) - processed)
+    assert not missing, f"orders never processed: {missing}"
+
+
+@searching
+def test_a_lost_publish_is_found_shrunk_and_replayable(
+    faults: CeleryFaults, tasks: dict[str, Any]
+) -> None:
+    def workload() -> None:
+        publish_orders(tasks)
+
+    def processed() -> set[str]:
+        return set(WORLD["processed"])
+
+    # The worker's faults alone never lose an order (acks_late, reject_on_worker_lost).
+    kinds = ["sigkill", "redeliver"]
+    clean = faults.explore(
+        workload, processed, fresh_world, every_order_processed, kinds=kinds, budget=30
+    )
+    clean.assert_ok()
+    # A publish that returns but is never queued loses one.
+    report = faults.explore(
+        workload,
+        processed,
+        fresh_world,
+        every_order_processed,
+        kinds=[*kinds, "publish_lost"],
+        budget=50,
+        seed=0,
+    )
+    schedule = parse_schedule(report.replay or "")  # shrunk: one lost publish, nothing else
+    assert not schedule.interleave and not schedule.pauses and schedule.first is None
+    [(ref, spec)] = schedule.faults
+    assert ref.task == "process" and str(spec) == "publish_lost"
+    assert report.failure is not None
+    lost = ORDERS[ref.k - 1]
+    problem = report.failure.problem or ""
+    assert problem.startswith(f"invariant failed: orders never processed: [{lost!r}]")
+    assert "publish_lost" in report.failure.timeline
+    assert report.counts["process"].fates["lost"] >= 1
+    again = faults.explore(
+        workload, processed, fresh_world, every_order_processed, replay=report.replay
+    )
+    assert not again.ok and again.failure is not None
+    assert again.failure.problem == report.failure.problem
+
+
+@searching
+def test_a_refused_publish_the_workload_does_not_catch_fails_the_run(
+    faults: CeleryFaults, tasks: dict[str, Any]
+) -> None:
+    report = faults.explore(
+        lambda: publish_orders(tasks),
+        lambda: set(WORLD["processed"]),
+        fresh_world,
+        kinds=["publish_refused"],
+        budget=20,
+    )
+    schedule = parse_schedule(report.replay or "")
+    [(ref, spec)] = schedule.faults
+    assert ref.task == "process" and str(spec) == "publish_refused"
+    assert report.failure is not None
+    problem = report.failure.problem or ""
+    assert problem.startswith("the workload raised OperationalError: ")
+    assert str(ref) in problem  # the message's name in the replay, not its task id
+
+
+def test_a_publish_fault_with_its_own_publish_number_is_not_a_kind(
+    faults: CeleryFaults, tasks: dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError, match="name it without @P"):
+        faults.explore([tasks["incr"].s()], lambda: WORLD["count"], kinds=["publish_lost@2"])
+
+
 # -- the JSON report -----------------------------------------------------------------
 
 REPORTED = """
