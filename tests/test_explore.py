@@ -301,6 +301,35 @@ def test_the_checker_counts_each_message_fate(app: Celery, tasks: dict[str, Any]
         )
 
 
+def test_a_message_that_succeeded_before_its_redelivery_was_cut_short_is_not_lost(
+    app: Celery, tasks: dict[str, Any]
+) -> None:
+    fresh_world()
+    with CeleryFaults(app, seed=0) as harness:
+        harness.track((THIS, "bump"))
+        # RabbitMQ requeues what the dropped connection held unacked; the first
+        # execution still succeeds, the redelivery exits before doing anything.
+        outcome = harness.run(tasks["incr"].s(), "broker_restart@1;exit(1)@0")
+        assert outcome.state == "SUCCESS" and WORLD["count"] == 1, outcome.story
+        counts = tally(harness.outcomes(), harness.effects.effects)
+        assert counts["incr"].fates["lost"] == 0
+        assert counts["incr"].fates["recovered"] == 1
+
+
+@searching
+def test_a_rollout_drawn_keeps_its_grace_in_the_replay(
+    faults: CeleryFaults, tasks: dict[str, Any]
+) -> None:
+    def fired() -> list[str]:  # differs from the fault-free run as soon as a fault fires
+        return [fault for outcome in faults.outcomes() for fault in outcome.faults]
+
+    report = faults.explore(
+        [tasks["incr"].s()], fired, fresh_world, kinds=["rollout(7)"], budget=20
+    )
+    assert report.replay == "incr:rollout(7)@0", report
+    assert str(parse_schedule(report.replay)) == report.replay  # it reads back
+
+
 # -- schedules and their replay strings --------------------------------------------
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from ..grammar import BOUNDARY_KINDS, PUBLISH_KINDS, FaultSpec, Step, parse_spec
@@ -187,7 +187,7 @@ class DrawSource:
                 return FaultSpec((template,)) if not steps else FaultSpec(tuple(steps))
             if template.at is not None:
                 at = self._int(reach)
-                template = Step(template.kind, at, template.code, template.exception)
+                template = replace(template, at=at)  # a rollout keeps its grace and delay
             steps.append(template)
             if template.kind in ("overlap", "ack_lost") or not self._int(1):
                 break
