@@ -104,7 +104,12 @@ def tasks(app: Celery) -> dict[str, Any]:
     def process(order: str) -> None:
         THIS.mark_processed(order)  # idempotent: a set
 
+    @app.task(name="relay", shared=False)
+    def relay() -> None:
+        incr.delay()  # a child publish, from the task's body
+
     return {
+        "relay": relay,
         "add_rmw": add_rmw,
         "add_atomic": add_atomic,
         "reserve": reserve,
@@ -630,6 +635,24 @@ def test_a_refused_publish_the_workload_does_not_catch_fails_the_run(
     problem = report.failure.problem or ""
     assert problem.startswith("the workload raised OperationalError: ")
     assert str(ref) in problem  # the message's name in the replay, not its task id
+
+
+@searching
+def test_a_child_publish_queued_twice_is_found_and_replayable(
+    faults: CeleryFaults, tasks: dict[str, Any]
+) -> None:
+    def workload() -> None:
+        tasks["relay"].delay()
+
+    def count() -> int:
+        return int(WORLD["count"])
+
+    report = faults.explore(workload, count, fresh_world, kinds=["publish_twice"], budget=20)
+    assert report.replay == "incr:publish_twice"  # the child's publish, not the relay's
+    assert report.failure is not None
+    assert report.failure.problem == "observe() differs from the fault-free run: 1 became 2"
+    again = faults.explore(workload, count, fresh_world, replay=report.replay)
+    assert again.failure is not None and again.failure.problem == report.failure.problem
 
 
 def test_a_publish_fault_with_its_own_publish_number_is_not_a_kind(
