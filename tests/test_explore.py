@@ -54,9 +54,13 @@ def bump() -> None:
     WORLD["count"] += 1
 
 
+def mark_processed(order: str) -> None:
+    WORLD["processed"].add(order)
+
+
 def fresh_world() -> None:
     WORLD.clear()
-    WORLD.update(keys=set(), reserved={}, shipped={}, done=set(), count=0)
+    WORLD.update(keys=set(), reserved={}, shipped={}, done=set(), count=0, processed=set())
 
 
 def keys() -> list[str]:
@@ -96,12 +100,22 @@ def tasks(app: Celery) -> dict[str, Any]:
     def incr() -> None:
         THIS.bump()
 
+    @app.task(name="process", shared=False)
+    def process(order: str) -> None:
+        THIS.mark_processed(order)  # idempotent: a set
+
+    @app.task(name="relay", shared=False)
+    def relay() -> None:
+        incr.delay()  # a child publish, from the task's body
+
     return {
+        "relay": relay,
         "add_rmw": add_rmw,
         "add_atomic": add_atomic,
         "reserve": reserve,
         "ship": ship,
         "incr": incr,
+        "process": process,
     }
 
 
@@ -109,7 +123,8 @@ def tasks(app: Celery) -> dict[str, Any]:
 def faults(app: Celery, tasks: dict[str, Any]) -> Iterator[CeleryFaults]:
     fresh_world()
     with CeleryFaults(app, seed=0) as harness:
-        for name in ("read_keys", "write_keys", "add_key", "reserve_stock", "send_parcel", "bump"):
+        tracked = ("read_keys", "write_keys", "add_key", "reserve_stock", "send_parcel", "bump")
+        for name in (*tracked, "mark_processed"):
             harness.track((THIS, name))
         yield harness
 
@@ -289,6 +304,35 @@ def test_the_checker_counts_each_message_fate(app: Celery, tasks: dict[str, Any]
         assert counts["incr"].line() == (
             "published 2, once 1 (50%), recovered 0, duplicated 0, lost 1 (50%), failed 0"
         )
+
+
+def test_a_message_that_succeeded_before_its_redelivery_was_cut_short_is_not_lost(
+    app: Celery, tasks: dict[str, Any]
+) -> None:
+    fresh_world()
+    with CeleryFaults(app, seed=0) as harness:
+        harness.track((THIS, "bump"))
+        # RabbitMQ requeues what the dropped connection held unacked; the first
+        # execution still succeeds, the redelivery exits before doing anything.
+        outcome = harness.run(tasks["incr"].s(), "broker_restart@1;exit(1)@0")
+        assert outcome.state == "SUCCESS" and WORLD["count"] == 1, outcome.story
+        counts = tally(harness.outcomes(), harness.effects.effects)
+        assert counts["incr"].fates["lost"] == 0
+        assert counts["incr"].fates["recovered"] == 1
+
+
+@searching
+def test_a_rollout_drawn_keeps_its_grace_in_the_replay(
+    faults: CeleryFaults, tasks: dict[str, Any]
+) -> None:
+    def fired() -> list[str]:  # differs from the fault-free run as soon as a fault fires
+        return [fault for outcome in faults.outcomes() for fault in outcome.faults]
+
+    report = faults.explore(
+        [tasks["incr"].s()], fired, fresh_world, kinds=["rollout(7)"], budget=20
+    )
+    assert report.replay == "incr:rollout(7)@0", report
+    assert str(parse_schedule(report.replay)) == report.replay  # it reads back
 
 
 # -- schedules and their replay strings --------------------------------------------
@@ -513,3 +557,204 @@ def test_a_bad_shard_count_is_refused_naming_it(pytester: pytest.Pytester) -> No
     result = pytester.runpytest("-p", "no:randomly")
     result.stdout.fnmatch_lines(["*explore_shards(0): expected one whole number of shards*"])
     assert result.ret == pytest.ExitCode.INTERRUPTED
+
+
+# -- publisher faults ---------------------------------------------------------------
+
+ORDERS = ("o1", "o2", "o3")
+
+
+def publish_orders(tasks: dict[str, Any]) -> None:
+    for order in ORDERS:
+        tasks["process"].delay(order)  # the app's own .delay(), no confirms
+
+
+def every_order_processed(processed: set[str]) -> None:
+    missing = sorted(set(ORDERS) - processed)
+    assert not missing, f"orders never processed: {missing}"
+
+
+@searching
+def test_a_lost_publish_is_found_shrunk_and_replayable(
+    faults: CeleryFaults, tasks: dict[str, Any]
+) -> None:
+    def workload() -> None:
+        publish_orders(tasks)
+
+    def processed() -> set[str]:
+        return set(WORLD["processed"])
+
+    # The worker's faults alone never lose an order (acks_late, reject_on_worker_lost).
+    kinds = ["sigkill", "redeliver"]
+    clean = faults.explore(
+        workload, processed, fresh_world, every_order_processed, kinds=kinds, budget=30
+    )
+    clean.assert_ok()
+    # A publish that returns but is never queued loses one.
+    report = faults.explore(
+        workload,
+        processed,
+        fresh_world,
+        every_order_processed,
+        kinds=[*kinds, "publish_lost"],
+        budget=50,
+        seed=0,
+    )
+    schedule = parse_schedule(report.replay or "")  # shrunk: one lost publish, nothing else
+    assert not schedule.interleave and not schedule.pauses and schedule.first is None
+    [(ref, spec)] = schedule.faults
+    assert ref.task == "process" and str(spec) == "publish_lost"
+    assert report.failure is not None
+    lost = ORDERS[ref.k - 1]
+    problem = report.failure.problem or ""
+    assert problem.startswith(f"invariant failed: orders never processed: [{lost!r}]")
+    assert "publish_lost" in report.failure.timeline
+    assert report.counts["process"].fates["lost"] >= 1
+    again = faults.explore(
+        workload, processed, fresh_world, every_order_processed, replay=report.replay
+    )
+    assert not again.ok and again.failure is not None
+    assert again.failure.problem == report.failure.problem
+
+
+@searching
+def test_a_refused_publish_the_workload_does_not_catch_fails_the_run(
+    faults: CeleryFaults, tasks: dict[str, Any]
+) -> None:
+    report = faults.explore(
+        lambda: publish_orders(tasks),
+        lambda: set(WORLD["processed"]),
+        fresh_world,
+        kinds=["publish_refused"],
+        budget=20,
+    )
+    schedule = parse_schedule(report.replay or "")
+    [(ref, spec)] = schedule.faults
+    assert ref.task == "process" and str(spec) == "publish_refused"
+    assert report.failure is not None
+    problem = report.failure.problem or ""
+    assert problem.startswith("the workload raised OperationalError: ")
+    assert str(ref) in problem  # the message's name in the replay, not its task id
+
+
+@searching
+def test_a_child_publish_queued_twice_is_found_and_replayable(
+    faults: CeleryFaults, tasks: dict[str, Any]
+) -> None:
+    def workload() -> None:
+        tasks["relay"].delay()
+
+    def count() -> int:
+        return int(WORLD["count"])
+
+    report = faults.explore(workload, count, fresh_world, kinds=["publish_twice"], budget=20)
+    assert report.replay == "incr:publish_twice"  # the child's publish, not the relay's
+    assert report.failure is not None
+    assert report.failure.problem == "observe() differs from the fault-free run: 1 became 2"
+    again = faults.explore(workload, count, fresh_world, replay=report.replay)
+    assert again.failure is not None and again.failure.problem == report.failure.problem
+
+
+def test_a_publish_fault_with_its_own_publish_number_is_not_a_kind(
+    faults: CeleryFaults, tasks: dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError, match="name it without @P"):
+        faults.explore([tasks["incr"].s()], lambda: WORLD["count"], kinds=["publish_lost@2"])
+
+
+# -- the JSON report -----------------------------------------------------------------
+
+REPORTED = """
+import sys
+
+import pytest
+from celery import Celery
+
+app = Celery("reported", set_as_current=False)
+app.conf.task_acks_late = True
+COUNT = [0]
+DONE = [0]
+
+
+def bump():
+    COUNT[0] += 1
+
+
+def mark():
+    DONE[0] = 1
+
+
+@app.task(name="incr", shared=False)
+def incr():
+    bump()
+
+
+@app.task(name="mark", shared=False)
+def mark_done():
+    mark()
+
+
+def reset():
+    COUNT[0] = DONE[0] = 0
+
+
+@pytest.fixture
+def celery_faults_app():
+    return app
+
+
+def test_explored(celery_faults):
+    this = sys.modules[__name__]
+    celery_faults.track((this, "bump"))
+    celery_faults.track((this, "mark"))
+    found = celery_faults.explore(
+        [incr.s()], lambda: COUNT[0], reset, kinds=["redeliver"], budget=7
+    )
+    clean = celery_faults.explore(
+        [mark_done.s()], lambda: DONE[0], reset, kinds=["redeliver"], budget=5
+    )
+    assert clean.ok and not found.ok
+"""
+
+
+@searching
+def test_the_json_report_has_each_explore_deterministically(pytester: pytest.Pytester) -> None:
+    import json
+
+    pytester.makepyfile(test_reported=REPORTED)
+    texts = []
+    for _ in range(2):
+        shutil.rmtree(pytester.path / ".celery-faults", ignore_errors=True)
+        result = pytester.runpytest("-p", "no:randomly", "--celery-faults-report=report.json")
+        result.assert_outcomes(passed=1)
+        texts.append((pytester.path / "report.json").read_bytes())
+    assert texts[0] == texts[1]  # the same seed, the same bytes
+    test = json.loads(texts[0])["tests"]["test_reported.py::test_explored"]
+    found, clean = test["explore"]
+    assert found["seed"] == 0 and found["budget"] == 7
+    assert found["failed"] and found["replay"] == "incr:redeliver"
+    assert found["problem"] == "observe() differs from the fault-free run: 1 became 2"
+    assert found["runs"] >= 1 and found["found_at"] == found["runs"]
+    assert found["counts"]["incr"]["duplicated"] >= 1
+    assert clean == {
+        "seed": 0,
+        "budget": 5,
+        "runs": 5,
+        "found_at": None,
+        "shrink_runs": 0,
+        "replayed": [],
+        "replay": None,
+        "failed": False,
+        "problem": None,
+        "counts": {
+            "mark": {
+                "published": clean["counts"]["mark"]["published"],
+                "once": clean["counts"]["mark"]["once"],
+                "recovered": clean["counts"]["mark"]["recovered"],
+                "duplicated": clean["counts"]["mark"]["duplicated"],
+                "lost": 0,
+                "failed": 0,
+            }
+        },
+    }
+    assert clean["counts"]["mark"]["published"] == 5

@@ -21,8 +21,12 @@ FATES: Final[tuple[Fate, ...]] = ("once", "recovered", "duplicated", "lost", "fa
 
 
 def fate_of(outcome: Outcome, effects: Iterable[Effect]) -> Fate:
-    """The fate of one message, from its outcome and the side effects its deliveries did."""
-    if outcome.lost:
+    """The fate of one message, from its outcome and the side effects its deliveries did.
+
+    Lost is never completed: a message whose last delivery was cut short after an
+    earlier one ran it to success (its ack lost with the connection) completed.
+    """
+    if outcome.lost and outcome.state != "SUCCESS":
         return "lost"
     seen: dict[tuple[str, str], int] = {}
     repeated = False

@@ -62,7 +62,10 @@ def explore(
     parsed_kinds = parse_kinds(kinds)
     schedule = parse_schedule(replay) if replay is not None else None
     directory = database if database is not None else defaults.database
-    key = key if key is not None else defaults.key
+    if key is None and defaults.key is not None:
+        # The test's node id; a test's second explore() saves under its own key.
+        calls = len(defaults.reports)
+        key = defaults.key if not calls else f"{defaults.key}::explore-{calls + 1}"
     failures = FailureDatabase(directory) if directory is not None and key else None
 
     report = ExploreReport(seed=seed, budget=budget)

@@ -7,10 +7,13 @@ records the schedule it actually followed, so every run can be printed as a
 replay string and replayed exactly.
 
 The harness is driven through what a test uses (``reset``, ``drain``,
-``outcomes``, ``effects``, ``timeline``) plus three hooks: the broker's
-``after_publish`` (a message gets its faults as it is published), the effect
-log's observers (a stall on the virtual clock after a side effect), and the
-scheduler's choice of which execution runs next.
+``outcomes``, ``effects``, ``timeline``) plus four hooks: the broker's
+``publish_fault`` (a message is numbered at its first publish attempt and a
+publisher fault drawn for it is armed on its task id before the broker decides
+the attempt's fate), the broker's ``after_publish`` (a message gets its
+delivery faults once queued), the effect log's observers (a stall on the
+virtual clock after a side effect), and the scheduler's choice of which
+execution runs next.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..engine.broker import PublishFate
 from ..engine.effects import Effect
 from ..grammar import FaultSpec
 from .checker import TaskCounts, tally
@@ -143,8 +147,10 @@ class Runner:
         self._ids: dict[str, MessageRef] = {}
         self._per_task: dict[str, int] = {}
         self._faults: dict[MessageRef, FaultSpec] = {}
+        self._pending: dict[str, FaultSpec] = {}  # task id -> delivery faults, armed once queued
         self._pauses: list[Pause] = []
         self._order: list[str] = []  # task ids in publish order
+        self._publish_fault: Callable[[str, dict[str, Any]], tuple[PublishFate, str]] | None = None
 
     # -- hooks ------------------------------------------------------------------
 
@@ -153,19 +159,32 @@ class Runner:
         harness.broker.after_publish.append(self._published)
         harness.effects.observers.append(self._effect)
         self._seeded_random = harness.scheduler.random  # the harness's own, put back after
+        self._publish_fault = harness.broker.publish_fault  # the engine's, put back after
+        harness.broker.publish_fault = self._attempt
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         harness = self.harness
+        harness.broker.publish_fault = self._publish_fault
         harness.broker.after_publish.remove(self._published)
         harness.effects.observers.remove(self._effect)
         harness.scheduler.random = self._seeded_random
         harness.reset()
 
-    def _published(self, message: Any) -> None:
-        task_id, name = message.task_id, message.task_name
-        if task_id in self._ids:
-            return  # a retry: the same task id, its faults already bound
+    def _attempt(self, queue: str, payload: dict[str, Any]) -> tuple[PublishFate, str]:
+        """Before the broker decides a publish attempt's fate: number a new message."""
+        headers = payload.get("headers") or {}
+        task_id = str(headers.get("id", "?"))
+        if task_id not in self._ids:
+            self._number(task_id, str(headers.get("task", "?")))
+        return self._publish_fault(queue, payload) if self._publish_fault else ("", "")
+
+    def _number(self, task_id: str, name: str) -> None:
+        """The message's name in the replay string, and the fault the source has for it.
+
+        A publisher fault is armed on the task id at once (the broker applies it to
+        this very attempt); delivery faults wait until the message is queued.
+        """
         k = self._per_task[name] = self._per_task.get(name, 0) + 1
         ref = self._ids[task_id] = MessageRef(name, k)
         self._order.append(task_id)
@@ -173,6 +192,18 @@ class Runner:
         if spec is None:
             return
         self._faults[ref] = spec
+        if spec.publish is not None:
+            self.harness.plan.arm(FaultSpec(spec.steps), task_id=task_id, explicit=False)
+        else:
+            self._pending[task_id] = spec
+
+    def _published(self, message: Any) -> None:
+        task_id = message.task_id
+        if task_id not in self._ids:  # published past the hook (not through the broker's fate)
+            self._number(task_id, message.task_name)
+        spec = self._pending.pop(task_id, None)
+        if spec is None:
+            return  # no delivery fault, or a retry whose faults are already bound
         if spec.redeliver:
             message.replays_left = spec.redeliver
         else:
@@ -223,6 +254,7 @@ class Runner:
             self.user_reset()
         self._source = source
         self._ids, self._per_task, self._faults, self._pauses = {}, {}, {}, []
+        self._pending = {}
         self._order = []
         source.prepare(reference.order if reference is not None else [])
         scheduler = harness.scheduler
@@ -231,9 +263,13 @@ class Runner:
             scheduler.follow(interleave)
         else:
             scheduler.random = _Chooser(source)
+        raised: str | None = None
         try:
-            self._publish(messages)
-            harness.drain()
+            try:
+                self._publish(messages)
+            except Exception as exc:  # a refused publish reaches the caller of .delay()
+                raised = f"the workload raised {type(exc).__name__}: {exc}"
+            harness.drain()  # what it did publish still runs
         finally:
             scheduler.random = self._seeded_random
         if source.aborted is not None:
@@ -252,7 +288,7 @@ class Runner:
             pauses=tuple(self._pauses),
             messages=messages,
         )
-        problem = self._problem(observed, reference)
+        problem = self._named(raised) if raised else self._problem(observed, reference)
         timeline = self._story() if problem is not None or reference is None else ""
         refs = dict(self._ids)
         order = [self._ids[task_id].task for task_id in self._order]
@@ -283,11 +319,15 @@ class Runner:
             )
         return None
 
-    def _story(self) -> str:
-        """The run's timeline, task ids replaced by the names the replay string uses."""
-        text = str(self.harness.timeline)
+    def _named(self, text: str) -> str:
+        """``text`` with task ids replaced by the names the replay string uses."""
         for task_id, ref in self._ids.items():
             text = text.replace(task_id, str(ref)).replace(task_id[:8], str(ref))
+        return text
+
+    def _story(self) -> str:
+        """The run's timeline, task ids replaced by the names the replay string uses."""
+        text = self._named(str(self.harness.timeline))
         # A consumer's connection count grows over the runs of a harness: not the run's.
         return _CONNECTION_COUNT.sub(r"\1", text)
 

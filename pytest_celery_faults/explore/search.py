@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from ..grammar import BOUNDARY_KINDS, FaultSpec, Step, parse_spec
+from ..grammar import BOUNDARY_KINDS, PUBLISH_KINDS, FaultSpec, Step, parse_spec
 from .runner import RunResult
 from .schedule import MessageRef
 
@@ -36,7 +36,9 @@ DEFAULT_KINDS: Final[tuple[str, ...]] = (
     "interleave",
     "pause",
 )
-#: Kinds a test may add (``kinds=[...]``): raised exceptions, time limits, shutdowns.
+#: Kinds a test may add (``kinds=[...]``): raised exceptions, time limits, shutdowns,
+#: deploys and broker restarts, and publisher faults (a message's publish is refused,
+#: queued twice, or lost: drawn for the message as it is published).
 OPTIONAL_KINDS: Final[tuple[str, ...]] = (
     "sigterm",
     "timeout",
@@ -44,6 +46,11 @@ OPTIONAL_KINDS: Final[tuple[str, ...]] = (
     "warm_shutdown",
     "cold_shutdown",
     "raise(EXCEPTION)",
+    "rollout(GRACE)",
+    "broker_restart",
+    "publish_refused(K)",
+    "publish_twice",
+    "publish_lost",
 )
 #: How long a stall lasts, virtual seconds: a slow call, a long GC, past Redis's visibility.
 PAUSES: Final[tuple[int, ...]] = (5, 60, 3601)
@@ -66,6 +73,11 @@ class Kind:
             return cls(text)
         head = text.partition("(")[0]
         spec = parse_spec(f"{text}@0" if head in BOUNDARY_KINDS and "@" not in text else text)
+        if spec.publish is not None and spec.publish.at is not None:
+            raise ValueError(
+                f"kinds: {text!r}: a publish fault is drawn for each message's own publish; "
+                f"name it without @P, as in {spec.publish.kind!r}"
+            )
         if spec.task is not None or spec.redeliver or len(spec.steps) != 1:
             raise ValueError(
                 f"kinds: {text!r} is not a fault kind; expected one of "
@@ -171,9 +183,11 @@ class DrawSource:
             if kind.step is None:  # redeliver: every delivery of it, once more
                 return FaultSpec(redeliver=1) if not steps else FaultSpec(tuple(steps))
             template = kind.step
+            if template.kind in PUBLISH_KINDS:  # its publish, alone: no delivery steps
+                return FaultSpec((template,)) if not steps else FaultSpec(tuple(steps))
             if template.at is not None:
                 at = self._int(reach)
-                template = Step(template.kind, at, template.code, template.exception)
+                template = replace(template, at=at)  # a rollout keeps its grace and delay
             steps.append(template)
             if template.kind in ("overlap", "ack_lost") or not self._int(1):
                 break

@@ -40,6 +40,8 @@ class TestRecord:
     gated: int = 0  # eager task runs the gate sent through the emulated worker
     #: The suite-wide specs (as given on the command line) that fired in this test.
     suite_wide_fired: list[str] = field(default_factory=list)
+    #: Each ``explore()`` of the test, in call order (see :func:`explore_json`).
+    explore: list[dict[str, Any]] = field(default_factory=list)
 
     def findings(self) -> dict[str, list[str]]:
         """The specs of the judged scenarios of each class other than ok, in run order."""
@@ -65,6 +67,7 @@ class TestRecord:
             "scenarios": self.scenarios,
             "gated": self.gated,
             "suite_wide_fired": self.suite_wide_fired,
+            "explore": self.explore,
         }
 
     @classmethod
@@ -84,6 +87,7 @@ class TestRecord:
             scenarios=test["scenarios"],
             gated=test["gated"],
             suite_wide_fired=test.get("suite_wide_fired", []),
+            explore=test.get("explore", []),
         )
 
 
@@ -120,7 +124,28 @@ def record_harness(
     record = TestRecord(nodeid, specs, suite_wide, outcomes, unfired, suite_unfired, warnings)
     record.suite_wide_fired = [spec for spec in suite_wide if _normal(spec) in fired]
     _add_scenarios(record, harness)
+    defaults = getattr(harness, "explore_defaults", None)
+    record.explore = [explore_json(summary) for summary in getattr(defaults, "reports", ())]
     return record
+
+
+#: What the JSON report keeps of each explore() (its timeline is in the failure and the page).
+EXPLORE_KEYS = ("seed", "budget", "runs", "found_at", "shrink_runs", "replayed", "replay")
+
+
+def explore_json(summary: dict[str, Any]) -> dict[str, Any]:
+    """One ``explore()`` in the JSON report: its budget, seed, runs, counts, smallest failure.
+
+    From :meth:`ExploreReport.to_json`, without wall-clock time or task ids, so
+    the same seed gives the same bytes. ``replay`` is the smallest failing
+    schedule (None when none failed), ``problem`` what it broke; ``counts``
+    has, per task, the messages published and the fate of each.
+    """
+    entry = {key: summary.get(key) for key in EXPLORE_KEYS}
+    entry["failed"] = summary.get("replay") is not None
+    entry["problem"] = summary.get("problem")
+    entry["counts"] = summary.get("counts", {})
+    return entry
 
 
 def _normal(spec: str) -> str:
