@@ -26,13 +26,13 @@ from .engine.broker import BrokerProfile, InMemoryBroker, Ledger
 from .engine.checks import Checks
 from .engine.clock import VirtualClock
 from .engine.consumer import EmulatedWorker
+from .engine.copies import PublishedMessage
 from .engine.core import DEFAULT_MAX_EXECUTIONS, Engine, check_settings
 from .engine.effects import EffectLog, TrackedRequestsMock
 from .engine.execution import ExecutionRecord
 from .engine.history import History
 from .engine.outcome import Outcome, Timeline
 from .engine.plan import ArmedSpec, FaultPlan, unfired_message
-from .engine.replay import PublishedMessage
 from .engine.results import InMemoryResultBackend
 from .engine.scheduler import Scheduler
 from .errors import UnfiredFaultError
@@ -247,7 +247,7 @@ class CeleryFaults:
         """``run()`` of the signature ``published`` was recorded from, sending a copy of it.
 
         What sweeps and ``assert_idempotent`` do after the fault-free run (see
-        :mod:`.replay`): the same message under a fresh task id, through the
+        :mod:`.engine.copies`): the same message under a fresh task id, through the
         same publish signals, broker and worker.
         """
         engine = self._driven("run")
@@ -340,7 +340,7 @@ class CeleryFaults:
         specs: redelivery, a lost ack, and sigkill, exit and power loss at
         every side-effect boundary the fault-free run reached. ``"overlap"``
         among ``specs`` stands for every interleaving of two copies running at
-        once, each a scenario replayable as ``overlap(SCHEDULE)``. The harness
+        once, each a scenario copyable as ``overlap(SCHEDULE)``. The harness
         is reset before and after.
         """
         __tracebackhide__ = True

@@ -20,7 +20,7 @@ private API live in ``_celery_internals/speedups.py``):
   per source segment;
 - ``default_settings_snapshot``: settings found only in Celery's defaults,
   answered from a dict instead of a chain of ``KeyError``\\ s;
-- ``replayable`` (``engine/replay.py``): a sweep publishes once and each
+- ``copyable`` (``engine/copies.py``): a sweep publishes once and each
   scenario sends a faithful copy of that message, instead of ``apply_async``;
 - ``BoundProducerPool`` (``engine/broker.py``): one producer per connection,
   its exchanges declared once;

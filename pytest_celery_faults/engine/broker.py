@@ -136,7 +136,7 @@ class StoredMessage:
     task_id: str
     task_name: str
     deliveries: int = 0
-    replays_left: int = 0
+    redeliveries_left: int = 0
     tag: str | None = None  # the delivery tag it carries, where a broker keeps it
 
     @property
@@ -486,9 +486,9 @@ class InMemoryBroker:
         if delivery is not None:
             self._record("ack_lost", delivery.message, delivery)
 
-    def replay(self, message: StoredMessage) -> None:
+    def redeliver(self, message: StoredMessage) -> None:
         """Put a delivered message back, as a broker redelivering it would."""
-        self._restore(message, reason="replayed")
+        self._restore(message, reason="to be delivered again")
 
     def connection_lost(self, consumer: str, *, graceful: bool = False) -> None:
         """``consumer``'s connection dropped: what happens to its unacked messages.

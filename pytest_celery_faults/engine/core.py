@@ -698,19 +698,19 @@ class Engine:
     def _on_publish(self, message: Any) -> None:
         task_id, name = message.task_id, message.task_name
         self.history.published(task_id, name, int(message.headers.get("retries") or 0))
-        message.replays_left = self.plan.replays_for(task_id, name)
+        message.redeliveries_left = self.plan.redeliveries_for(task_id, name)
         if self.effects.execution is None:  # a body's publish is taken once it is recorded
             self._consume_now()
 
     def _after_delivery(self, delivery: Delivery) -> None:
         message = delivery.message
-        if message.replays_left > 0 and delivery.settlement == "ack":
+        if message.redeliveries_left > 0 and delivery.settlement == "ack":
             if self._retried_since(message):
                 return  # a retry took its place: the final message is the one redelivered
-            message.replays_left -= 1
-            self.plan.replayed(message.task_name)
+            message.redeliveries_left -= 1
+            self.plan.redelivered(message.task_name)
             self.history.redelivered(message.task_id)
-            self.broker.replay(message)
+            self.broker.redeliver(message)
 
     def _retried_since(self, message: Any) -> bool:
         retries = int(message.headers.get("retries") or 0)

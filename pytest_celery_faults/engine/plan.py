@@ -21,7 +21,7 @@ class ArmedSpec:
     explicit: bool = True  # asked for by the test itself (not suite-wide)
     task_id: str | None = None  # bound to this task id (its first matching message)
     fired: list[tuple[str, int, Step]] = field(default_factory=list)
-    replays: int = 0
+    redeliveries: int = 0
     publishes: int = 0  # a publish fault: the publishes it applied to so far
 
     @property
@@ -36,7 +36,7 @@ class ArmedSpec:
     @property
     def has_fired(self) -> bool:
         if self.spec.redeliver:
-            return self.replays > 0
+            return self.redeliveries > 0
         return not self.unfired_steps
 
 
@@ -98,7 +98,7 @@ class FaultPlan:
         armed.task_id = task_id
         self._bound.setdefault(task_id, []).append(armed)
 
-    def replays_for(self, task_id: str, task_name: str) -> int:
+    def redeliveries_for(self, task_id: str, task_name: str) -> int:
         """Bind waiting step specs to a newly published message; its redelivery count."""
         if self._waiting and task_id not in self.deliveries:
             for armed in [a for a in self._waiting if a.spec.matches(task_name)]:
@@ -125,10 +125,10 @@ class FaultPlan:
                 armed.fired.append((task_id, delivery, step))
                 return
 
-    def replayed(self, task_name: str) -> None:
+    def redelivered(self, task_name: str) -> None:
         for armed in self._redelivering:
             if armed.spec.matches(task_name):
-                armed.replays += 1
+                armed.redeliveries += 1
 
     def unfired(self, *, explicit_only: bool = True) -> list[ArmedSpec]:
         return [

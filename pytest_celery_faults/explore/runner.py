@@ -205,7 +205,7 @@ class Runner:
         if spec is None:
             return  # no delivery fault, or a retry whose faults are already bound
         if spec.redeliver:
-            message.replays_left = spec.redeliver
+            message.redeliveries_left = spec.redeliver
         else:
             self.harness.plan.arm(FaultSpec(spec.steps), task_id=task_id, explicit=False)
 

@@ -24,11 +24,11 @@ from typing import Any, Protocol
 
 from celery import Celery
 
-from ..engine import replay
+from ..engine import copies
+from ..engine.copies import PublishedMessage
 from ..engine.history import Evidence, History
 from ..engine.outcome import Outcome, Timeline, TimelineEntry
 from ..engine.plan import ArmedSpec
-from ..engine.replay import PublishedMessage
 from ..engine.scheduler import Scheduler, every_schedule
 from ..grammar import FaultSpec, parse_spec
 from ..vocabulary import DEFAULT_KINDS, ENDED_OTHERWISE, OK, WHOLE_MESSAGE_SPECS
@@ -320,10 +320,10 @@ class Idempotency:
         """The fault-free run's evidence, and its side-effect count."""
         self._fresh()
         signature = self.signature.clone()
-        with replay.recording(self.harness.app) as sent:
+        with copies.recording(self.harness.app) as sent:
             outcome = self.harness.run(signature)
         if self.harness.comparison is None:  # real-broker mode compares each run() instead
-            self.published = replay.replayable(self.harness.app, signature, sent, outcome.task_id)
+            self.published = copies.copyable(self.harness.app, signature, sent, outcome.task_id)
         observed = copy.deepcopy(self.observe())  # a snapshot, whatever observe() shares
         records = self.history.records
         boundaries = self.history.reached(outcome.task_id)

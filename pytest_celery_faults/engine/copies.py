@@ -1,4 +1,4 @@
-"""Publish once, replay faithful copies: what a sweep's scenarios publish.
+"""Publish once, send faithful copies: what a sweep's scenarios publish.
 
 A sweep runs the same signature hundreds of times. Each scenario needs a
 message of its own, and building it is most of ``Task.apply_async``'s cost:
@@ -12,7 +12,7 @@ building a message: the result backend's ``on_task_call``, both publish
 signals (their receivers see every copy), the publish and the sent event.
 
 Only where a copy is provably the message a full publish would build
-(:func:`replayable`): a plain signature without links, published by Celery's
+(:func:`copyable`): a plain signature without links, published by Celery's
 own ``apply_async`` and ``send_task`` (no override in the task's class), protocol
 2, no compression, routes that do not depend on the call, the in-memory broker.
 The virtual clock starts each scenario at the same instant, so countdowns,
@@ -74,7 +74,7 @@ def recording(app: Celery) -> Iterator[list[PublishedMessage]]:
         yield sent
 
 
-def replayable(
+def copyable(
     app: Celery, signature: Any, sent: list[PublishedMessage], task_id: str
 ) -> PublishedMessage | None:
     """The one message a run of ``signature`` sent as ``task_id``, if copies of it are faithful.

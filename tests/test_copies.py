@@ -1,4 +1,4 @@
-"""Sweeps publish once and replay copies: each copy is the message Celery builds for its id.
+"""Sweeps publish once and send copies: each copy is the message Celery builds for its id.
 
 The first test compares a copy with the message ``apply_async`` itself
 publishes for the same task id, byte for byte, under the options that shape a
@@ -19,7 +19,7 @@ import pytest
 from celery import Celery, signals
 
 from pytest_celery_faults import CeleryFaults
-from pytest_celery_faults.engine import replay
+from pytest_celery_faults.engine import copies
 from pytest_celery_faults.engine.outcome import Outcome
 
 effects: list[Any] = []
@@ -50,15 +50,15 @@ def traced_headers() -> Iterator[list[dict[str, Any]]]:
 
 
 def tasks(app: Celery) -> dict[str, Any]:
-    @app.task(name="replayed.charge", shared=False, acks_late=True)
+    @app.task(name="copied.charge", shared=False, acks_late=True)
     def charge(order: int, amount: float = 1.0, note: str = "") -> None:
         record((order, amount, note))
 
-    @app.task(name="replayed.pickled", shared=False, serializer="pickle")
+    @app.task(name="copied.pickled", shared=False, serializer="pickle")
     def pickled(when: datetime.date, tags: set[str]) -> None:
         record((when, tags))
 
-    @app.task(name="replayed.quiet", shared=False, ignore_result=True, time_limit=30)
+    @app.task(name="copied.quiet", shared=False, ignore_result=True, time_limit=30)
     def quiet(order: int) -> None:
         record(order)
 
@@ -95,18 +95,18 @@ def test_a_copy_is_the_message_apply_async_builds_for_its_id(
     name, args, kwargs, options = SIGNATURES[case]
     signature = tasks(app)[name].signature(args, kwargs, **options)
     with CeleryFaults(app) as faults:
-        with replay.recording(app) as sent:
+        with copies.recording(app) as sent:
             baseline = faults.run(signature.clone())
-        published = replay.replayable(app, signature, sent, baseline.task_id)
+        published = copies.copyable(app, signature, sent, baseline.task_id)
         assert published is not None
         faults.reset()
         signature.clone().apply_async(task_id="the-id")  # Celery's own message
         published.publish_copy("the-id")  # and the copy
         stored = [message for queue in faults.broker.queues.values() for message in queue]
-        own, replayed = stored
-        assert comparable(replayed.payload) == comparable(own.payload)
+        own, copy = stored
+        assert comparable(copy.payload) == comparable(own.payload)
         assert own.payload["headers"]["trace-id"] == "trace-1"
-        assert replayed.payload["headers"]["trace-id"] == "trace-2"  # the receiver ran again
+        assert copy.payload["headers"]["trace-id"] == "trace-2"  # the receiver ran again
         assert traced_headers[1] == {**traced_headers[2], "trace-id": "trace-1"}
         faults.reset()
 
@@ -123,14 +123,14 @@ def story(outcome: Outcome) -> list[str]:
     return [re.sub(counters, "#n", re.sub(ids, "<id>", line)) for line in lines]
 
 
-def test_a_replayed_sweep_gives_a_full_sweeps_verdicts_and_timelines(
+def test_a_sweep_of_copies_gives_a_full_sweeps_verdicts_and_timelines(
     app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     charge = tasks(app)["charge"]
     sweeps = []
     with CeleryFaults(app, seed=3) as faults:
         faults.track(f"{__name__}.record")
-        for _ in ("replayed", "in full"):
+        for _ in ("copied", "in full"):
             report = faults.sweep(charge.s(1), lambda: list(effects), effects.clear)
             sweeps.append(
                 [
@@ -138,15 +138,15 @@ def test_a_replayed_sweep_gives_a_full_sweeps_verdicts_and_timelines(
                     for s in report.scenarios
                 ]
             )
-            monkeypatch.setattr(replay, "replayable", lambda *_: None)
-    replayed, full = sweeps
-    assert len(replayed) > 40
-    assert {verdict for _, verdict, *_ in replayed} >= {"ok", "duplicated"}
-    for mine, theirs in zip(replayed, full, strict=True):
+            monkeypatch.setattr(copies, "copyable", lambda *_: None)
+    copied, full = sweeps
+    assert len(copied) > 40
+    assert {verdict for _, verdict, *_ in copied} >= {"ok", "duplicated"}
+    for mine, theirs in zip(copied, full, strict=True):
         assert mine == theirs
 
 
-def test_sweeps_replay_copies_and_publish_only_the_fault_free_run(
+def test_sweeps_send_copies_and_publish_only_the_fault_free_run(
     app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     charge = tasks(app)["charge"]
@@ -190,7 +190,7 @@ def locked_once(app: Celery) -> Any:
             record("lock taken")
             return super().apply_async(*args, **kwargs)
 
-    @app.task(name="replayed.once", base=QueueOnce, shared=False)
+    @app.task(name="copied.once", base=QueueOnce, shared=False)
     def once(order: int) -> None:
         record(order)
 
@@ -225,7 +225,7 @@ def test_what_a_copy_cannot_reproduce_publishes_in_full(app: Celery, case: str) 
     app.conf.update(conf)
     signature = make(app)
     with CeleryFaults(app) as faults:
-        with replay.recording(app) as sent:
+        with copies.recording(app) as sent:
             outcome = faults.run(signature.clone())
         frozen_id = outcome.task_id if getattr(signature, "subtask_type", None) is None else None
-        assert replay.replayable(app, signature, sent, frozen_id or outcome.task_id) is None
+        assert copies.copyable(app, signature, sent, frozen_id or outcome.task_id) is None
