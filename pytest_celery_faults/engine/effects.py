@@ -19,8 +19,8 @@ from __future__ import annotations
 import functools
 import importlib
 import threading
-from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, Protocol, TypeVar, get_args
 
 import responses
 
@@ -116,7 +116,11 @@ class EffectLog:
         self._here = _Here()
         #: Read once, as the harness starts (see :mod:`..speedups`).
         self.speedups = speedups.enabled()
+        #: Called with every effect; :meth:`observe` adds one for some kinds only.
         self.observers: list[Callable[[Effect], None]] = []
+        self._observers_of: dict[str, list[Callable[[Effect], None]]] = {
+            kind: [] for kind in get_args(EffectKind)
+        }
         self.watchers: list[ExecutionWatcher] = []
         #: Errors the plugin itself raised inside executions, one line each, until
         #: the harness raises them (:meth:`take_failures`); resets keep them.
@@ -220,9 +224,21 @@ class EffectLog:
         execution.after_effect(effect)
         return result
 
+    def observe(
+        self, observer: Callable[[Effect], None], kinds: Iterable[EffectKind] | None = None
+    ) -> None:
+        """Call ``observer`` with each effect (of ``kinds`` only, if given) after ``observers``."""
+        if kinds is None:
+            self.observers.append(observer)
+            return
+        for kind in kinds:
+            self._observers_of.setdefault(kind, []).append(observer)
+
     def _record(self, effect: Effect) -> None:
         self.effects.append(effect)
         for observe in self.observers:
+            observe(effect)
+        for observe in self._observers_of.get(effect.kind, ()):
             observe(effect)
 
     def clear(self) -> None:
@@ -384,25 +400,24 @@ def tracked_call(
     here = log._here
     effects = log.effects  # the log clears these lists in place: they stay the log's
     observers = log.observers
-    clock = log.clock
+    call_observers = log._observers_of["call"]
+    now = log.clock.time
 
     def inlined(*args: Any, **kwargs: Any) -> Any:
         execution = here.execution
         if execution is None:
             result = function(*args, **kwargs)
-            log._record(
-                _new_effect(Effect, ("call", name, clock.time(), None, None, None, None, None))
-            )
+            log._record(_new_effect(Effect, ("call", name, now(), None, None, None, None, None)))
             return result
         execution.before_effect("call", name)
-        result = function(*args, **kwargs)
+        result = function(*args, **kwargs) if kwargs else function(*args)
         index = execution.effect_count = execution.effect_count + 1
         effect: Effect = _new_effect(
             Effect,
             (
                 "call",
                 name,
-                clock.time(),
+                now(),
                 execution.task_id,
                 execution.task_name,
                 execution.delivery,
@@ -412,6 +427,8 @@ def tracked_call(
         )
         effects.append(effect)
         for observe in observers:
+            observe(effect)
+        for observe in call_observers:
             observe(effect)
         execution.after_effect(effect)
         return result

@@ -39,7 +39,7 @@ from ..vocabulary import (
 from .broker import BrokerEvent, Ledger
 from .effects import Effect, EffectLog
 from .execution import ExecutionRecord
-from .outcome import Outcome, Timeline, TimelineEntry
+from .outcome import Outcome, Timeline, TimelineEntry, effect_text
 
 _LEDGER_TEXT: dict[LedgerEventKind, str] = {
     PUBLISHED: "published {name}[{short}] {detail}",
@@ -130,7 +130,7 @@ class History:
         self._start = start()
         #: A speed-up (:mod:`..speedups`): lines kept as rows of their fields, built when read.
         self._rows = speedups.enabled()
-        self.timeline = Timeline()
+        self.timeline = Timeline(origin=self._start)
         self.records: list[ExecutionRecord] = []
         self.records_by_task: dict[str, list[ExecutionRecord]] = {}
         self.retries: dict[str, int] = {}
@@ -204,14 +204,14 @@ class History:
         task_id = effect.task_id
         if task_id is None:
             return
-        if self._rows:  # its time is the clock's now: elapsed() is that minus the start
-            self.timeline.add_line((effect.time - self._start, _effect_text, task_id, 1, effect))
+        if self._rows:  # its own line: its time is the clock's now, elapsed() from the origin
+            self.timeline.lines.append(effect)
         else:
-            self.timeline.add(TimelineEntry(self.elapsed(), _effect_text, task_id, 1, effect))
+            self.timeline.add(TimelineEntry(self.elapsed(), effect_text, task_id, 1, effect))
 
     def on_ledger_event(self, event: BrokerEvent) -> None:
         line = (event.time - self._start, _ledger_text, event.task_id, 0, event)
-        self.timeline.add_line(line if self._rows else TimelineEntry(*line))
+        self.timeline.lines.append(line if self._rows else TimelineEntry(*line))
 
     def note(self, task_id: str, text: str, depth: int) -> None:
         self.timeline.add(TimelineEntry(self.elapsed(), text, task_id, depth))
@@ -264,10 +264,6 @@ class History:
             if task_id != outcome.task_id and ended in CUT_SHORT and not self.broker.holds(task_id)
         )
         return Evidence(outcome, observed, Counter(e.label for e in self.effects), lost)
-
-
-def _effect_text(effect: Effect) -> str:
-    return f"side effect {effect.index}: {effect}"
 
 
 def _ledger_text(event: BrokerEvent) -> str:

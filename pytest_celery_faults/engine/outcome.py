@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..vocabulary import RETURNED, Ending
+from .effects import Effect
 
 
 def safe_repr(value: Any) -> str:
@@ -59,31 +60,40 @@ class TimelineEntry:
 
 #: A line not built yet: ``TimelineEntry``'s fields as a tuple, built into one when read.
 Row = tuple[float, str | Callable[[Any], str], str | None, int, Any]
-Line = TimelineEntry | Row
+#: A line as it came: an entry, a row, or a side effect (its own line, one level deep).
+Line = TimelineEntry | Row | Effect
+
+
+def effect_text(effect: Effect) -> str:
+    """A side effect's line in a timeline."""
+    return f"side effect {effect.index}: {effect}"
 
 
 class Timeline:
     """Entries in the order they happened; ``str()`` reads as a story.
 
-    Lines are kept as they came (an entry, or a :data:`Row` of its fields) and
-    built into entries when first read: every outcome carries a timeline, and
-    most are never read. A timeline may also be a view of the first lines of
-    another's list, taken (and filtered to one task) when first read; the
-    lists viewed only ever grow (:meth:`clear` starts a new one).
+    Lines are kept as they came (an entry, a :data:`Row` of its fields, or an
+    :class:`Effect`, placed at its time from ``origin``) and built into entries
+    when first read: every outcome carries a timeline, and most are never read.
+    A timeline may also be a view of the first lines of another's list, taken
+    (and filtered to one task) when first read; the lists viewed only ever grow
+    (:meth:`clear` starts a new one).
     """
 
-    __slots__ = ("_lines", "_built", "_pending")
+    __slots__ = ("lines", "origin", "_built", "_pending")
 
-    def __init__(self, entries: list[TimelineEntry] | None = None) -> None:
-        self._lines: list[Line] = entries if entries is not None else []  # type: ignore[assignment]
+    def __init__(self, entries: list[TimelineEntry] | None = None, origin: float = 0.0) -> None:
+        #: The lines as they came; append a line here to add it unbuilt.
+        self.lines: list[Line] = entries if entries is not None else []  # type: ignore[assignment]
+        self.origin = origin  # the virtual instant an effect's line is timed from
         self._built = 0  # lines before this one are entries
         #: (a list of lines, how many of them, the task id to keep or None) while not taken.
         self._pending: tuple[list[Line], int, str | None] | None = None
 
     @classmethod
-    def view(cls, lines: list[Line], task_id: str | None = None) -> Timeline:
+    def view(cls, lines: list[Line], task_id: str | None = None, origin: float = 0.0) -> Timeline:
         """The lines of ``lines`` as they stand now (about ``task_id`` only, if given)."""
-        viewed = cls()
+        viewed = cls(origin=origin)
         viewed._pending = (lines, len(lines), task_id)
         return viewed
 
@@ -95,12 +105,16 @@ class Timeline:
             taken = source[:length]
             if task_id is not None:
                 taken = [line for line in taken if _task_of(line) == task_id]
-            self._lines, self._built = taken, 0
-        lines = self._lines
+            self.lines, self._built = taken, 0
+        lines = self.lines
         for position in range(self._built, len(lines)):
             line = lines[position]
             if type(line) is tuple:
                 lines[position] = TimelineEntry(*line)
+            elif type(line) is Effect:
+                lines[position] = TimelineEntry(
+                    line.time - self.origin, effect_text, line.task_id, 1, line
+                )
         self._built = len(lines)
         return lines  # type: ignore[return-value]  # every line is an entry now
 
@@ -108,20 +122,20 @@ class Timeline:
         self.add_line(entry)
 
     def add_line(self, line: Line) -> None:
-        """Append an entry, or a row of its fields (built when read)."""
+        """Append an entry, a row of its fields or an effect (built when read)."""
         if self._pending is not None:
             self.entries  # noqa: B018 - take the view before it grows
-        self._lines.append(line)
+        self.lines.append(line)
 
     def clear(self) -> None:
         """Empty (a new list: views of the old one keep what they saw)."""
-        self._lines, self._built, self._pending = [], 0, None
+        self.lines, self._built, self._pending = [], 0, None
 
     def for_task(self, task_id: str) -> Timeline:
         """The entries about ``task_id``, in order (as they stand now)."""
         if self._pending is not None:
             self.entries  # noqa: B018
-        return Timeline.view(self._lines, task_id)
+        return Timeline.view(self.lines, task_id, self.origin)
 
     def texts(self) -> list[str]:
         return [entry.text for entry in self.entries]
@@ -146,7 +160,9 @@ class Timeline:
 
 
 def _task_of(line: Line) -> str | None:
-    return line.task_id if isinstance(line, TimelineEntry) else line[2]
+    if isinstance(line, TimelineEntry | Effect):
+        return line.task_id
+    return line[2]
 
 
 @dataclass
