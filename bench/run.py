@@ -59,7 +59,21 @@ def side_effect(n: int) -> None:
     effects.append(n)
 
 
-def make_app(name: str) -> tuple[Celery, Any, Any, Any]:
+def plain_effect(n: int) -> None:
+    """The same as ``side_effect``, never tracked: the anchor of a tracked effect's cost."""
+    effects.append(n)
+
+
+@dataclass
+class Tasks:
+    app: Celery
+    add: Any
+    add_late: Any
+    ten: Any  # ten tracked side effects
+    ten_plain: Any  # the same ten calls, untracked
+
+
+def make_app(name: str) -> Tasks:
     app = Celery(name, set_as_current=False)
 
     @app.task(name="bench.add", shared=False)
@@ -75,7 +89,12 @@ def make_app(name: str) -> tuple[Celery, Any, Any, Any]:
         for n in range(10):
             side_effect(n)
 
-    return app, add, add_late, ten
+    @app.task(name="bench.ten_plain", shared=False, acks_late=True, reject_on_worker_lost=True)
+    def ten_plain() -> None:
+        for n in range(10):
+            plain_effect(n)
+
+    return Tasks(app, add, add_late, ten, ten_plain)
 
 
 # -- the floor: Celery's own steps of one delivery, none of ours --------------------
@@ -223,10 +242,16 @@ class Meter:
 @dataclass
 class Table:
     meter: Meter
+    only: list[str] = field(default_factory=list)  # --only: measure these rows alone
     rows: list[tuple[str, float, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def wanted(self, label: str) -> bool:
+        return not self.only or label in (APPLY, FLOOR) or any(w in label for w in self.only)
+
     def cost(self, label: str, function: Callable[[], object], calls: int = 0) -> float:
+        if not self.wanted(label):
+            return float("nan")
         value = self.meter.per_call(label, function, calls)
         self.rows.append((label, value, "cost"))
         return value
@@ -238,6 +263,9 @@ class Table:
 def render(rows: list[tuple[str, float, str]], unit: str, notes: list[str]) -> str:
     """The table: each cost, and its ratio to task.apply() and to the floor."""
     costs = {label: value for label, value, kind in rows if kind == "cost"}
+    if TEN_TRACKED in costs and TEN_PLAIN in costs:
+        per_effect = (costs[TEN_TRACKED] - costs[TEN_PLAIN]) / 10
+        rows = [*rows, (PER_EFFECT, per_effect, "cost")]
     apply_cost = costs.get(APPLY, float("nan"))
     floor_cost = costs.get(FLOOR, float("nan"))
     width = max(len(label) for label, _, _ in rows)
@@ -256,6 +284,11 @@ def render(rows: list[tuple[str, float, str]], unit: str, notes: list[str]) -> s
 
 APPLY = "task.apply() of a trivial task"
 FLOOR = "floor: Celery's own delivery pipeline"
+TEN_TRACKED = "10 tracked side effects: reset() + run()"
+TEN_PLAIN = "  the same 10 calls untracked: reset() + run()"
+PER_EFFECT = "  a tracked side effect, over the same call untracked"
+FIRST_RUNS = "run() without reset(): runs 1-10 of one harness"
+LATER_RUNS = "run() without reset(): runs 1,991-2,000 of it"
 
 
 # -- the scenarios ----------------------------------------------------------------------
@@ -293,8 +326,9 @@ def memory_over(scenario: Callable[[], int], repeats: int, what: str) -> str:
 
 
 def measure(options: argparse.Namespace, meter: Meter) -> Table:
-    table = Table(meter)
-    app, add, add_late, ten = make_app("bench")
+    table = Table(meter, only=options.only.split(",") if options.only else [])
+    tasks = make_app("bench")
+    app, add, add_late, ten = tasks.app, tasks.add, tasks.add_late, tasks.ten
     table.cost(APPLY, lambda: add.apply((1, 2)))
     floor = floor_pipeline()
     table.cost(FLOOR, floor)
@@ -302,10 +336,12 @@ def measure(options: argparse.Namespace, meter: Meter) -> Table:
     with CeleryFaults(app) as harness:
         harness.track(f"{__name__}.side_effect")
 
-        def scenario(task: Any, *specs: str) -> Callable[[], object]:
+        def scenario(
+            task: Any, *specs: str, args: tuple[int, ...] = (1, 2)
+        ) -> Callable[[], object]:
             def one() -> object:
                 harness.reset()
-                return harness.run(task.s(1, 2), *specs)
+                return harness.run(task.s(*args), *specs)
 
             return one
 
@@ -313,6 +349,8 @@ def measure(options: argparse.Namespace, meter: Meter) -> Table:
         table.cost("fault-free, acks_late: reset() + run()", scenario(add_late))
         table.cost("sigkill@0 + redelivery (acks_late)", scenario(add_late, "sigkill@0"))
         table.cost("power_loss@0 + redelivery (acks_late)", scenario(add_late, "power_loss@0"))
+        table.cost(TEN_TRACKED, scenario(ten, args=()))
+        table.cost(TEN_PLAIN, scenario(tasks.ten_plain, args=()))
 
         def publish_only() -> object:
             if len(harness.broker.queues.get("celery", ())) > 100:
@@ -321,18 +359,22 @@ def measure(options: argparse.Namespace, meter: Meter) -> Table:
 
         table.cost("  apply_async() alone, to the harness's broker", publish_only)
         harness.reset()
+        if table.wanted(FIRST_RUNS) or table.wanted(LATER_RUNS):
+            growth_rows(table, harness, add)
 
         sweep_calls = 2 if options.quick or meter.counting else 6
-        per_sweep = sweep_once(harness, ten, pairs=False)
-        seconds = table.meter.per_call(
-            "sweep", lambda: sweep_once(harness, ten, pairs=False), sweep_calls, warmups=1
-        )
-        table.rows.append(
-            (f"sweep of 10 effects, per scenario ({per_sweep})", seconds / per_sweep, "cost")
-        )
-        if not meter.counting:
-            table.note(f"sweep, 10 effects, singles: {1 / (seconds / per_sweep):,.0f} scenarios/s")
-        if not (meter.counting and options.quick):
+        if table.wanted("sweep of 10 effects, singles"):
+            per_sweep = sweep_once(harness, ten, pairs=False)
+            seconds = table.meter.per_call(
+                "sweep", lambda: sweep_once(harness, ten, pairs=False), sweep_calls, warmups=1
+            )
+            table.rows.append(
+                (f"sweep of 10 effects, per scenario ({per_sweep})", seconds / per_sweep, "cost")
+            )
+            if not meter.counting:
+                rate = 1 / (seconds / per_sweep)
+                table.note(f"sweep, 10 effects, singles: {rate:,.0f} scenarios/s")
+        if not (meter.counting and options.quick) and table.wanted("sweep of 10 effects, pairs"):
             sizes: list[int] = []
             once = Meter(meter.timer, 1, 1, meter.counting, meter.phases)  # ~3,000 scenarios
             elapsed = once.per_call(
@@ -360,7 +402,7 @@ def measure(options: argparse.Namespace, meter: Meter) -> Table:
         "fault-free run(), fresh harness per scenario", fresh_harness, max(meter.calls // 4, 10)
     )
 
-    if not meter.counting:
+    if not meter.counting and table.wanted("start_worker"):
         # Wall time is what a round trip through a polling worker costs; CPU time
         # (all threads of this process) is shown too, since the machine may be busy.
         for timer in ("wall", "cpu"):
@@ -377,8 +419,40 @@ def measure(options: argparse.Namespace, meter: Meter) -> Table:
                 f"{worker * 1e6:,.0f} us; fault-free reset()+run(): {ours * 1e6:,.0f} us: "
                 f"{worker / ours:.1f}x faster"
             )
+    if not meter.counting and table.wanted("memory"):
         memory_rows(options, table, app, add_late, ten)
     return table
+
+
+def growth_rows(table: Table, harness: CeleryFaults, task: Any, runs: int = 2000) -> None:
+    """A run's cost must not grow with the runs before it in the same harness.
+
+    Runs 1-10 and the last 10 of ``runs`` fault-free ``run()``s in one harness
+    without ``reset()`` (a test that publishes many tasks, a loop over orders).
+    """
+    meter = table.meter
+    window = 10
+
+    def run() -> object:
+        return harness.run(task.s(1, 2))
+
+    firsts: list[float] = []
+    lasts: list[float] = []
+    for _ in range(1 if meter.counting else 3):
+        harness.reset()
+        timed = Meter(meter.timer, window, 1, meter.counting, meter.phases)
+        firsts.append(timed.per_call(FIRST_RUNS, run, window, warmups=0))
+        for _ in range(runs - 2 * window):
+            run()
+        lasts.append(timed.per_call(LATER_RUNS, run, window, warmups=0))
+    harness.reset()
+    table.rows.append((FIRST_RUNS, statistics.median(firsts), "cost"))
+    table.rows.append((LATER_RUNS, statistics.median(lasts), "cost"))
+    if not meter.counting:
+        grown = statistics.median(lasts) / statistics.median(firsts)
+        table.note(
+            f"run() without reset(): the last 10 of {runs:,} cost {grown:.2f}x the first 10"
+        )
 
 
 def scenario_on(harness: CeleryFaults, task: Any) -> Callable[[], object]:
@@ -515,6 +589,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--counting", metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="print cProfile tops too")
+    parser.add_argument(
+        "--only",
+        metavar="WORDS",
+        help="measure only the rows whose label holds one of these comma-separated words "
+        "(the two anchors always)",
+    )
     options = parser.parse_args(argv)
     if options.instructions:
         return count_instructions(argv)
@@ -539,9 +619,9 @@ def main(argv: list[str]) -> int:
     )
     print(render(table.rows, "us", table.notes))
     if options.profile:
-        app, add, add_late, _ = make_app("bench-profile")
-        with CeleryFaults(app) as harness:
-            print(profile("fault-free reset() + run()", scenario_on(harness, add), 2000))
+        tasks = make_app("bench-profile")
+        with CeleryFaults(tasks.app) as harness:
+            print(profile("fault-free reset() + run()", scenario_on(harness, tasks.add), 2000))
             print(profile("floor", floor_pipeline(), 2000))
     return 0
 

@@ -6,6 +6,7 @@ tests run the same scenarios with it on and off and compare everything they show
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import re
 import traceback
@@ -21,6 +22,7 @@ from kombu.serialization import dumps, loads
 from pytest_celery_faults import CeleryFaults, speedups
 from pytest_celery_faults import _celery_internals as internals
 from pytest_celery_faults.engine.checks import comes_back_unchanged, round_trip_problem
+from pytest_celery_faults.engine.effects import EffectLog
 from pytest_celery_faults.session.report import SessionReport, record_harness
 
 #: Fields that differ between any two publishes of one signature.
@@ -247,6 +249,19 @@ def _scenarios() -> str:
                 shown += [str(meta.get("status")), str(meta.get("traceback"))]
             shown.append(str(faults.timeline))
             shown.append(repr(shop.observe()))
+            # Every effect as recorded (its time from the clock's start: the clock starts
+            # at the wall-clock second), and outcomes read after later runs without reset().
+            start = faults.clock.start
+            shown += [
+                repr((*effect[:2], effect.time - start, *effect[3:])) for effect in faults.effects
+            ]
+            early = faults.run(email_first.s(5))
+            late = faults.run(email_first.s(6), "sigkill@1")
+            shown += [str(early.timeline), str(late.timeline)]
+            shown.append(str(faults.outcome(early.task_id).timeline))
+            shown.append(str(early.timeline == faults.outcome(early.task_id).timeline))
+            faults.reset()
+            shown += [str(late.timeline), str(len(faults.timeline)), str(len(faults.effects))]
             document = SessionReport(seed=0)
             document.add(record_harness("test_speed.py::scenarios", faults, [], faults.warnings))
             shown.append(document.to_json())
@@ -294,6 +309,34 @@ def test_switched_off_no_speed_up_touches_celery_billiard_or_python(
         assert billiard.einfo._Frame.Code is not frame_code
         assert traceback._extract_caret_anchors_from_line_segment is not anchors  # type: ignore[attr-defined]
         assert type(app.conf) is not settings_class
+
+
+def test_switched_off_a_tracked_call_goes_through_the_log_s_perform(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(speedups.ENVIRONMENT_VARIABLE, raising=False)
+    shop = Shop()
+
+    @app.task(name="speed.send", shared=False)
+    def send() -> None:
+        shop.send_email(1)
+
+    performed: list[str] = []
+    perform = EffectLog.perform
+
+    def spied(log: EffectLog, kind: Any, label: str, *args: Any, **kwargs: Any) -> Any:
+        performed.append(label)
+        return perform(log, kind, label, *args, **kwargs)
+
+    monkeypatch.setattr(EffectLog, "perform", spied)
+    counts = []
+    for switch in (speedups.disabled, contextlib.nullcontext):
+        with switch(), CeleryFaults(app) as faults:
+            faults.track((shop, "send_email"))
+            faults.run(send.s())
+            counts.append(performed.count("Shop.send_email"))
+            assert [str(effect) for effect in faults.effects] == ["call Shop.send_email"]
+    assert counts == [1, 1]  # off: through perform; on: inlined, perform not called again
 
 
 def test_every_speed_up_off_changes_no_outcome_timeline_traceback_or_report(

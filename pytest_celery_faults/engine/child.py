@@ -152,16 +152,17 @@ class ChildExecution:
         if self.stack is not None:
             self.stack.switch_point()
         step = self.step
-        if step is not None and step.kind == "raise" and step.at == self.effect_count:
-            self._mark(step)
-            raise step.injected_exception(before=label)
-        if step is not None and step.kind == "soft_timeout" and step.at == self.effect_count == 0:
-            self._fire(step)  # inside the body, where the task can catch it
+        if step is not None and step.at == self.effect_count:  # a fault at this boundary
+            if step.kind == "raise":
+                self._mark(step)
+                raise step.injected_exception(before=label)
+            if step.kind == "soft_timeout" and step.at == 0:
+                self._fire(step)  # inside the body, where the task can catch it
 
     def after_effect(self, effect: Effect) -> None:
         self.record.effects = self.effect_count
         step = self.step
-        if step is not None and step.kind != "raise" and step.at == self.effect_count:
+        if step is not None and step.at == self.effect_count and step.kind != "raise":
             self._fire(step)
 
     def sleep(self, seconds: float) -> None:  # virtual

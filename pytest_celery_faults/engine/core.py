@@ -240,7 +240,7 @@ class Engine:
         self._guard(signals.task_postrun.disconnect, self._on_postrun)
         signals.task_prerun.connect(self._on_prerun, weak=False)
         self._guard(signals.task_prerun.disconnect, self._on_prerun)
-        self.effects.observers.append(self.checks.effect)
+        self.effects.observe(self.checks.effect, kinds=("http",))  # its only check: HTTP timeouts
         self._guard(lambda: self.scheduler.close())
         self._guard(self.discard_frozen)
         problems = internals.takeover_problems(app, self.broker.url, self.backend)

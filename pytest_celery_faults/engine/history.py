@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .. import _celery_internals as internals
+from .. import speedups
 from ..grammar import Step
 from ..vocabulary import (
     ACK_LOST,
@@ -41,7 +42,7 @@ from ..vocabulary import (
 from .broker import BrokerEvent, Ledger
 from .effects import Effect, EffectLog
 from .execution import ExecutionRecord
-from .outcome import Outcome, Timeline, TimelineEntry
+from .outcome import Outcome, Timeline, TimelineEntry, effect_text
 
 _LEDGER_TEXT: dict[LedgerEventKind, str] = {
     PUBLISHED: "published {name}[{short}] {detail}",
@@ -130,7 +131,12 @@ class History:
         self.broker = broker
         self.elapsed = elapsed
         self.start = start
-        self.timeline = Timeline()
+        #: The clock's start, which never moves: an effect's or event's line is
+        #: placed from its own time, as ``elapsed()`` would place it then.
+        self._start = start()
+        #: A speed-up (:mod:`..speedups`): lines kept as rows of their fields, built when read.
+        self._rows = speedups.enabled()
+        self.timeline = Timeline(origin=self._start)
         self.records: list[ExecutionRecord] = []
         self.records_by_task: dict[str, list[ExecutionRecord]] = {}
         self.retries: dict[str, int] = {}
@@ -203,15 +209,17 @@ class History:
         self.note(task_id, "FAULT redeliver: the broker delivers it again", depth=1)
 
     def on_effect(self, effect: Effect) -> None:
-        if effect.task_id is not None:
-            self.timeline.add(
-                TimelineEntry(self.elapsed(), _effect_text, effect.task_id, 1, effect)
-            )
+        task_id = effect.task_id
+        if task_id is None:
+            return
+        if self._rows:  # its own line: its time is the clock's now, elapsed() from the origin
+            self.timeline.lines.append(effect)
+        else:
+            self.timeline.add(TimelineEntry(self.elapsed(), effect_text, task_id, 1, effect))
 
     def on_ledger_event(self, event: BrokerEvent) -> None:
-        self.timeline.add(
-            TimelineEntry(event.time - self.start(), _ledger_text, event.task_id, 0, event)
-        )
+        line = (event.time - self._start, _ledger_text, event.task_id, 0, event)
+        self.timeline.lines.append(line if self._rows else TimelineEntry(*line))
 
     def note(self, task_id: str, text: str, depth: int) -> None:
         self.timeline.add(TimelineEntry(self.elapsed(), text, task_id, depth))
@@ -264,10 +272,6 @@ class History:
             if task_id != outcome.task_id and ended in LOSING and not self.broker.holds(task_id)
         )
         return Evidence(outcome, observed, Counter(e.label for e in self.effects), lost)
-
-
-def _effect_text(effect: Effect) -> str:
-    return f"side effect {effect.index}: {effect}"
 
 
 def _ledger_text(event: BrokerEvent) -> str:

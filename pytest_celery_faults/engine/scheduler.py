@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from .clock import VirtualClock
 
+from .. import speedups
 from ..grammar import SCHEDULE_LABELS as LABELS
 
 #: How long (real seconds) a discarded stack may take to unwind before it is abandoned.
@@ -190,7 +191,12 @@ class Stack:
         """A side-effect boundary: another execution may run here."""
         if self.discarding:
             raise ExecutionDiscarded()
-        if self.blocked or self.scheduler.others_runnable(self):
+        scheduler = self.scheduler
+        if not self.blocked and scheduler.speedups:
+            stacks = scheduler.stacks  # alone, nothing else could run: no scan of the others
+            if len(stacks) == 1 and stacks[0] is self:
+                return
+        if self.blocked or scheduler.others_runnable(self):
             self.state = "runnable"  # a blocked one rejoins: it waits for the baton here
             self._park()
 
@@ -274,6 +280,8 @@ class Scheduler:
 
     def __init__(self, rng: random.Random) -> None:
         self.random = rng
+        #: Read once, as the harness starts (see :mod:`..speedups`).
+        self.speedups = speedups.enabled()
         self.stacks: list[Stack] = []
         self.schedule: deque[str] = deque()
         self.replaying = False  # a schedule was given: past its end, the first option runs
