@@ -41,6 +41,19 @@ def test_ping_and_inspect_are_answered_by_each_worker_without_waiting(
     assert no_polling_pause == []  # no reply was waited for: each was there already
 
 
+def test_remote_control_works_in_the_next_harness_and_after_the_last(app: Celery) -> None:
+    # kombu's Mailbox keeps the producer pool of its first use: the harness's, closed at
+    # its stop. The next harness on the app (the next test) must get a pool that works,
+    # and the app after it its own again (it raised "Acquire on closed pool").
+    with CeleryFaults(app):
+        app.control.ping()
+        harness_pool = app.control.mailbox.producer_pool
+    with CeleryFaults(app):
+        assert app.control.ping() == [{"celery@faults-1": {"ok": "pong"}}]
+        assert app.control.mailbox.producer_pool is not harness_pool
+    assert app.control.mailbox.producer_pool is app.amqp.producer_pool  # the app's own
+
+
 def test_a_task_revoked_before_it_runs_is_skipped_as_revoked(app: Celery, world: World) -> None:
     @app.task(name="tests.charge", shared=False)
     def charge() -> None:

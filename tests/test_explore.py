@@ -536,8 +536,12 @@ def test_shards_spread_over_xdist_find_what_one_process_finds(pytester: pytest.P
         result = pytester.runpytest("-p", "no:randomly", *spread)
         result.assert_outcomes(failed=2)
         lines = result.stdout.lines
-        findings.append(
-            sorted(line.strip() for line in lines if "replay:" in line or "FAILED (" in line)
+        findings.append(  # from the failures' own lines (CI=true repeats them in the summary)
+            sorted(
+                line.strip()
+                for line in lines
+                if line.startswith("E ") and ("replay:" in line or "FAILED (" in line)
+            )
         )
     assert findings[0] == findings[1]
     assert any("explore (seed 1, budget 30)" in line for line in result.stdout.lines)

@@ -241,6 +241,7 @@ class installed_app_state:
         if self.backend.thread_safe:
             app._backend_cache = self.backend
         app.now = self.now
+        _forget_control_producers(app)  # remote control publishes through the harness's pool
         _apps_installed[app] = self
         return self
 
@@ -258,6 +259,7 @@ class installed_app_state:
             app._pool.force_close_all()
         app._pool = saved["pool"]
         app.amqp._producer_pool = saved["producer_pool"]
+        _forget_control_producers(app)  # not the harness's closed pool, after it
         app._backend_cache = saved["backend_cache"]
         if saved["local_backend"] is missing:
             app._local.__dict__.pop("backend", None)
@@ -377,6 +379,21 @@ def fresh_tracers(app: Celery) -> Iterator[None]:
     finally:
         for name, task in app.tasks.items():
             task.__trace__ = saved.get(name)
+
+
+def _forget_control_producers(app: Celery) -> None:
+    """Make ``app.control`` read the app's producer pool again on its next use.
+
+    kombu's ``Mailbox.producer_pool`` is a cached property: the first
+    ``revoke()`` or ``inspect()`` keeps the pool of that moment for the app's
+    life. Under a harness that would be the harness's pool, closed when it
+    stops (the next use raises "Acquire on closed pool"); before it, a pool to
+    the app's real broker. Celery itself forgets it after a fork the same way.
+    """
+    control = app.__dict__.get("control")
+    mailbox = getattr(control, "mailbox", None)
+    if mailbox is not None:
+        mailbox.__dict__.pop("producer_pool", None)
 
 
 @contextlib.contextmanager
