@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.apps import worker as worker_app
+from celery.worker.worker import WorkController
 
 from pytest_celery_faults import CeleryFaults
 from pytest_celery_faults.errors import FaultSpecError
@@ -147,6 +148,10 @@ def test_a_replacement_delay_keeps_the_queue_waiting(app: Celery) -> None:
     assert waited.state == "SUCCESS"
 
 
+@pytest.mark.skipif(
+    not hasattr(WorkController, "wait_for_soft_shutdown"),
+    reason="Celery 5.5+: earlier releases have no soft shutdown to wait for",
+)
 def test_with_remap_sigterm_a_rollout_is_a_cold_shutdown_after_the_soft_one(
     app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -339,6 +344,10 @@ def test_assert_idempotent_takes_rollout_specs(app: Celery) -> None:
             )
 
 
+@pytest.mark.skipif(
+    not hasattr(WorkController, "wait_for_soft_shutdown"),
+    reason="Celery 5.5+: earlier releases have no soft shutdown to wait for",
+)
 def test_a_soft_shutdown_longer_than_the_grace_ends_in_sigkill(
     app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, chain
+from celery.worker.request import Request
 
 from pytest_celery_faults import CeleryFaults
 from pytest_celery_faults.errors import FaultSpecError
@@ -306,6 +307,11 @@ def test_the_checker_counts_each_message_fate(app: Celery, tasks: dict[str, Any]
         )
 
 
+@pytest.mark.skipif(
+    "success_meta" not in Request.on_failure.__code__.co_varnames,
+    reason="Celery 5.7+ acks a lost child's message whose result is SUCCESS already; "
+    "earlier releases requeue it, so the redelivery is not the last",
+)
 def test_a_message_that_succeeded_before_its_redelivery_was_cut_short_is_not_lost(
     app: Celery, tasks: dict[str, Any]
 ) -> None:
@@ -313,8 +319,8 @@ def test_a_message_that_succeeded_before_its_redelivery_was_cut_short_is_not_los
     with CeleryFaults(app, seed=0) as harness:
         harness.track((THIS, "bump"))
         # RabbitMQ requeues what the dropped connection held unacked; the first
-        # execution still succeeds, the redelivery exits before doing anything.
-        outcome = harness.run(tasks["incr"].s(), "broker_restart@1;exit(1)@0")
+        # execution still succeeds, the redelivery is killed before doing anything.
+        outcome = harness.run(tasks["incr"].s(), "broker_restart@1;sigkill@0")
         assert outcome.state == "SUCCESS" and WORLD["count"] == 1, outcome.story
         counts = tally(harness.outcomes(), harness.effects.effects)
         assert counts["incr"].fates["lost"] == 0
