@@ -217,7 +217,7 @@ def write(row):
 @app.task(name="proj.slow", acks_late=True, reject_on_worker_lost=True, shared=False)
 def slow(n):
     write(n)
-    time.sleep(60)
+    time.sleep(60)  # virtual: the harness clock
 """,
         test_suite="""
 import proj

@@ -111,7 +111,7 @@ def browser() -> str:
             "(apt-get install chromium)",
             pytrace=False,
         )
-    pytest.skip("no headless chromium on PATH (apt-get install chromium); CI runs this")
+    pytest.skip(reason="no headless chromium on PATH (apt-get install chromium); CI runs this")
 
 
 class DevTools:

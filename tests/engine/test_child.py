@@ -102,4 +102,4 @@ def test_a_stopping_signal_is_refused_rather_than_hanging() -> None:
 
 def test_a_negative_sleep_is_refused_as_time_sleep_refuses_it() -> None:
     with pytest.raises(ValueError, match="non-negative"):
-        execution().sleep(-1)
+        execution().sleep(-1)  # virtual: refused before any wait
