@@ -52,22 +52,25 @@ def _publishing_tasks(app: Celery) -> tuple[object, object]:
     return ship, checkout
 
 
-def test_a_thousand_faults_after_a_publish_leak_no_broker_connection(app: Celery) -> None:
+def test_faults_after_a_publish_leak_no_broker_connection(app: Celery) -> None:
     # Each fault right after a publish used to keep one pooled connection: after
-    # broker_pool_limit (10) of them the next publish waited forever. (#19.4)
+    # broker_pool_limit (10) of them the next publish waited forever. (#19.4) Each
+    # ending runs more times than the pool has connections.
     _, checkout = _publishing_tasks(app)
     app.conf.task_time_limit = 60
     app.conf.task_soft_time_limit = 30
+    scenarios = len(ENDINGS_AFTER_A_PUBLISH) * (app.pool.limit + 1)
     with CeleryFaults(app) as faults:
         pool = app.pool
-        for scenario in range(1000):
+        for scenario in range(scenarios):
             spec = ENDINGS_AFTER_A_PUBLISH[scenario % len(ENDINGS_AFTER_A_PUBLISH)]
             faults.reset()
             faults.run(checkout.s(scenario), spec)  # type: ignore[attr-defined]
             held = pool.acquired - pool.released
             assert held <= 1, f"{held} connections held after scenario {scenario} ({spec})"
     assert pool.acquired == pool.released
-    assert pool.acquired > 500  # each fault at a publish replaced the producer's connection
+    # each fault at a publish replaced the producer's connection
+    assert pool.acquired > scenarios // 2
 
 
 def test_an_exhausted_broker_pool_is_an_error_naming_the_leak_not_a_hang(app: Celery) -> None:
