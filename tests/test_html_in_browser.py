@@ -19,59 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from html_project import APP, EXPLORE, SUITE
 
 from pytest_celery_faults.explore.report_html import COLOURS
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 #: Seconds the browser gets for everything (start, load, every command, close).
 DEADLINE = 60.0
-
-APP = """
-from celery import Celery
-
-app = Celery("proj", set_as_current=False)
-rows = []
-
-
-def write(row):
-    rows.append(row)
-
-
-@app.task(name="proj.append_row", acks_late=True, reject_on_worker_lost=True, shared=False)
-def append_row(n):
-    write(n)
-    write(n + 1)
-"""
-
-SUITE = """
-import proj
-
-
-def reset():
-    proj.rows.clear()
-
-
-def test_sweep(celery_faults):
-    celery_faults.track("proj.write")
-    report = celery_faults.sweep(
-        proj.append_row.s(1), lambda: list(proj.rows), reset, hows=("sigkill", "power_loss")
-    )
-    assert report.failures
-
-
-def test_gate(celery_faults):
-    celery_faults.track("proj.write")
-    proj.append_row.delay(5)
-    celery_faults.drain()
-
-
-def test_explore(celery_faults):
-    celery_faults.track("proj.write")
-    report = celery_faults.explore(
-        [proj.append_row.s(1)], lambda: list(proj.rows), reset, budget=10, kinds=["redeliver"]
-    )
-    assert report.failure is not None
-"""
 
 #: What a reader meets once the page's script ran: every matrix cell (its test, spec,
 #: class, whether it is drawn, its colour), the tables, the resources the page loaded.
@@ -252,7 +206,7 @@ def rgb(colour: str) -> str:
 def test_the_page_in_a_real_browser_renders_every_cell_of_the_json_report_and_nothing_fails(
     pytester: pytest.Pytester, devtools: DevTools
 ) -> None:
-    pytester.makepyfile(proj=APP, test_suite=SUITE)
+    pytester.makepyfile(proj=APP, test_suite=SUITE, test_explored=EXPLORE)
     pytester.makeini("[pytest]\ncelery_faults_app = proj:app\n")
     html, report = pytester.path / "report.html", pytester.path / "report.json"
     result = pytester.runpytest(
