@@ -31,7 +31,9 @@ private API live in ``_celery_internals/speedups.py``):
 - timeline rows (``engine/history.py``): a timeline line is kept as the effect
   or the row of fields it is built from, and built when read;
 - ``Stack.switch_point`` (``engine/scheduler.py``): a stack alone does not scan
-  the others at each side effect.
+  the others at each side effect;
+- ``SeededRandom`` (``engine/core.py``): a reset puts a scenario's random
+  sources back to their seed only when something drew from them.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import random
 import re
 import traceback
 from traceback import format_tb
@@ -22,6 +23,7 @@ from kombu.serialization import dumps, loads
 from pytest_celery_faults import CeleryFaults, speedups
 from pytest_celery_faults import _celery_internals as internals
 from pytest_celery_faults.engine.checks import comes_back_unchanged, round_trip_problem
+from pytest_celery_faults.engine.core import SeededRandom
 from pytest_celery_faults.engine.effects import EffectLog
 from pytest_celery_faults.session.report import SessionReport, record_harness
 
@@ -337,6 +339,69 @@ def test_switched_off_a_tracked_call_goes_through_the_log_s_perform(
             counts.append(performed.count("Shop.send_email"))
             assert [str(effect) for effect in faults.effects] == ["call Shop.send_email"]
     assert counts == [1, 1]  # off: through perform; on: inlined, perform not called again
+
+
+def test_a_reset_replays_the_seed_s_draws_whether_or_not_it_reseeds(app: Celery) -> None:
+    """The scenario's random sources reseed only after a draw (a speed-up): the worker
+    order and the retry jitter of each scenario are still those of a fresh harness."""
+
+    @app.task(
+        name="speed.flaky",
+        shared=False,
+        autoretry_for=(ConnectionError,),
+        max_retries=3,
+        retry_backoff=1000,
+        retry_backoff_max=100_000,
+        retry_jitter=True,
+    )
+    def flaky() -> None:
+        raise ConnectionError("down")
+
+    add = _add(app)
+
+    def scenarios() -> list[tuple[float, str]]:
+        seen = []
+        with CeleryFaults(app, seed=3, workers=3) as faults:
+            for signature in (flaky.s(), add.s(1, 2), add.s(1, 2), flaky.s(), flaky.s()):
+                faults.reset()
+                outcome = faults.run(signature)
+                text = re.sub(r"#\d+", "#N", str(outcome.timeline))  # a reset's new connection
+                seen.append((faults.clock.elapsed, _same_ids(text)))
+            assert isinstance(faults.scheduler.random, random.Random)
+        return seen
+
+    fast = scenarios()
+    with speedups.disabled():
+        plain = scenarios()
+    assert fast == plain
+    assert fast[0] == fast[3] == fast[4] and fast[1] == fast[2]  # as in a fresh harness
+    assert fast[0][0] > 1000  # the jitter drew: the backoff waited
+
+
+def test_a_seeded_source_goes_back_to_its_seed_only_when_drawn_from() -> None:
+    for start in (7, "7:retry_jitter"):
+        source = SeededRandom(start)
+        source.restart()
+        assert not source.drawn  # nothing drawn: the reseed is skipped
+        assert source.getstate() == random.Random(start).getstate()
+        for draw in range(6):
+            if draw == 0:
+                source.shuffle(list(range(5)))
+            elif draw == 1:
+                source.randrange(10)
+            elif draw == 2:
+                source.random()
+            elif draw == 3:
+                source.randbytes(2)
+            elif draw == 4:
+                source.seed(1)
+            else:
+                source.setstate(random.Random(2).getstate())
+            assert source.drawn
+            source.restart()
+            assert source.getstate() == random.Random(start).getstate()
+            assert source.random() == random.Random(start).random()
+            source.restart()
 
 
 def test_every_speed_up_off_changes_no_outcome_timeline_traceback_or_report(
