@@ -32,6 +32,8 @@ private API live in ``_celery_internals/speedups.py``):
   or the row of fields it is built from, and built when read;
 - ``Stack.switch_point`` (``engine/scheduler.py``): a stack alone does not scan
   the others at each side effect;
+- ``Engine._effect_observer`` (``engine/core.py``): a tracked call's count
+  and timeline line in one frame, its fields read by position;
 - ``SeededRandom`` (``engine/core.py``): a reset puts a scenario's random
   sources back to their seed only when something drew from them.
 """

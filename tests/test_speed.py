@@ -338,6 +338,13 @@ def test_switched_off_a_tracked_call_goes_through_the_log_s_perform(
             faults.run(send.s())
             counts.append(performed.count("Shop.send_email"))
             assert [str(effect) for effect in faults.effects] == ["call Shop.send_email"]
+            assert faults._engine is not None
+            assert faults._engine.calls == {"Shop.send_email": 1}  # counted: no warning at stop
+            assert [line.text for line in faults.timeline][1:] == [
+                "delivered to celery@faults-1#1",
+                "acked",  # early: before the body runs
+                "side effect 1: call Shop.send_email",
+            ]
     assert counts == [1, 1]  # off: through perform; on: inlined, perform not called again
 
 
