@@ -7,9 +7,11 @@ tests run the same scenarios with it on and off and compare everything they show
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
 import random
 import re
+import threading
 import traceback
 from traceback import format_tb
 from typing import Any
@@ -346,6 +348,39 @@ def test_switched_off_a_tracked_call_goes_through_the_log_s_perform(
                 "side effect 1: call Shop.send_email",
             ]
     assert counts == [1, 1]  # off: through perform; on: inlined, perform not called again
+
+
+def test_a_task_s_effects_are_its_own_on_its_thread_and_context_not_on_others(
+    app: Celery,
+) -> None:
+    """Which execution runs here: a thread-local, or a context variable (a speed-up)."""
+    shop = Shop()
+
+    @app.task(name="speed.spread", shared=False)
+    def spread() -> None:
+        shop.send_email("body")
+        contextvars.copy_context().run(shop.send_email, "copied context")
+        helper = threading.Thread(target=shop.send_email, args=("own thread",))
+        helper.start()
+        helper.join()
+
+    seen = []
+    for switch in (speedups.disabled, contextlib.nullcontext):
+        with switch(), CeleryFaults(app) as faults:
+            faults.track((shop, "send_email"))
+            shop.send_email("test")
+            faults.run(spread.s())
+            seen.append([(effect.task_name, effect.index) for effect in faults.effects])
+    assert (
+        seen[0]
+        == seen[1]
+        == [
+            (None, None),  # the test's own call
+            ("speed.spread", 1),
+            ("speed.spread", 2),  # a context copied in the body is still the body's
+            (None, None),  # a thread the body starts runs no task
+        ]
+    )
 
 
 def test_a_reset_replays_the_seed_s_draws_whether_or_not_it_reseeds(app: Celery) -> None:
