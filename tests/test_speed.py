@@ -12,7 +12,9 @@ import enum
 import random
 import re
 import threading
+import time
 import traceback
+from datetime import UTC, datetime
 from traceback import format_tb
 from typing import Any
 
@@ -381,6 +383,32 @@ def test_a_task_s_effects_are_its_own_on_its_thread_and_context_not_on_others(
             (None, None),  # a thread the body starts runs no task
         ]
     )
+
+
+def test_a_body_reads_the_virtual_clock_at_each_drain_with_or_without_the_speed_up(
+    app: Celery,
+) -> None:
+    """A drain points time-machine at the clock's time (a reused ``travel``, a speed-up)."""
+    read: list[float] = []
+
+    @app.task(name="speed.reads_time", shared=False)
+    def reads_time() -> None:
+        read.append(time.time())
+        read.append(datetime.now(UTC).timestamp())
+
+    seen = []
+    for switch in (speedups.disabled, contextlib.nullcontext):
+        read.clear()
+        with switch(), CeleryFaults(app) as faults:
+            faults.run(reads_time.s())
+            reads_time.apply_async(countdown=10)
+            faults.drain()
+            faults.clock.advance_to(faults.clock.time() + 2.5)
+            faults.run(reads_time.s())
+            seen.append([moment - faults.clock.start for moment in read])
+        # The test's own clock is real again: behind the virtual one, 12.5 s ahead.
+        assert time.time() < faults.clock.time()
+    assert seen[0] == seen[1] == [0.0, 0.0, 10.0, 10.0, 12.5, 12.5]
 
 
 def test_a_reset_replays_the_seed_s_draws_whether_or_not_it_reseeds(app: Celery) -> None:
