@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -190,6 +191,64 @@ def start_worker_round_trip() -> tuple[Callable[[], object], Callable[[], None]]
     )
 
 
+class Carrier:
+    """A thread that runs what it is handed and hands back, on bare locks, as a child's does.
+
+    The engine runs every execution on a child's thread of its own, never the
+    test's (``engine/scheduler.py``): a fault-free scenario pays one hand-over
+    there and back. This measures that hand-over alone, outside the engine.
+    """
+
+    def __init__(self) -> None:
+        self.go = threading.Lock()
+        self.go.acquire()
+        self.back = threading.Lock()
+        self.back.acquire()
+        self.work: Callable[[], object] | None = None
+        self.thread = threading.Thread(target=self._loop, name="bench-carrier", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self.go.acquire()
+            work = self.work
+            if work is None:
+                return
+            work()
+            self.back.release()
+
+    def run(self, work: Callable[[], object]) -> None:
+        self.work = work
+        self.go.release()
+        self.back.acquire()
+
+    def stop(self) -> None:
+        self.work = None
+        self.go.release()
+        self.thread.join()
+
+
+def hand_over_note(meter: Meter, floor: Callable[[], object]) -> str:
+    """CPU time of the same work run inline and handed to a carrier thread and back."""
+    carrier = Carrier()
+    try:
+        costs = []
+        for work in (lambda: None, floor):
+            inline = meter.per_call("inline", work)
+            handed = meter.per_call("handed over", lambda work=work: carrier.run(work))
+            costs.append((inline, handed))
+    finally:
+        carrier.stop()
+    (empty, empty_handed), (full, full_handed) = costs
+    return (
+        f"hand-over to a thread and back ({meter.timer} time): nothing to run "
+        f"{empty * 1e6:,.1f} us inline, {empty_handed * 1e6:,.1f} us handed over; the floor "
+        f"pipeline {full * 1e6:,.0f} us inline, {full_handed * 1e6:,.0f} us handed over "
+        f"(+{(full_handed - full) * 1e6:,.0f} us: the thread wake-ups, the GIL and the "
+        f"caches the work refills on the other thread)"
+    )
+
+
 # -- measuring ------------------------------------------------------------------------
 
 
@@ -332,6 +391,8 @@ def measure(options: argparse.Namespace, meter: Meter) -> Table:
     table.cost(APPLY, lambda: add.apply((1, 2)))
     floor = floor_pipeline()
     table.cost(FLOOR, floor)
+    if not meter.counting and table.wanted("hand-over"):
+        table.note(hand_over_note(meter, floor))
 
     with CeleryFaults(app) as harness:
         harness.track(f"{__name__}.side_effect")

@@ -31,7 +31,15 @@ private API live in ``_celery_internals/speedups.py``):
 - timeline rows (``engine/history.py``): a timeline line is kept as the effect
   or the row of fields it is built from, and built when read;
 - ``Stack.switch_point`` (``engine/scheduler.py``): a stack alone does not scan
-  the others at each side effect.
+  the others at each side effect;
+- ``Engine._effect_observer`` (``engine/core.py``): a tracked call's count
+  and timeline line in one frame, its fields read by position;
+- ``EffectLog._running`` (``engine/effects.py``): the execution running on
+  a child's thread read from a context variable rather than a thread-local;
+- ``TimeInBodies._to_now`` (``engine/clock.py``): one time-machine ``travel``
+  pointed at the virtual clock at each drain, not one made per drain;
+- ``SeededRandom`` (``engine/core.py``): a reset puts a scenario's random
+  sources back to their seed only when something drew from them.
 """
 
 from __future__ import annotations

@@ -7,9 +7,14 @@ tests run the same scenarios with it on and off and compare everything they show
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
+import random
 import re
+import threading
+import time
 import traceback
+from datetime import UTC, datetime
 from traceback import format_tb
 from typing import Any
 
@@ -22,6 +27,7 @@ from kombu.serialization import dumps, loads
 from pytest_celery_faults import CeleryFaults, speedups
 from pytest_celery_faults import _celery_internals as internals
 from pytest_celery_faults.engine.checks import comes_back_unchanged, round_trip_problem
+from pytest_celery_faults.engine.core import SeededRandom
 from pytest_celery_faults.engine.effects import EffectLog
 from pytest_celery_faults.session.report import SessionReport, record_harness
 
@@ -336,7 +342,136 @@ def test_switched_off_a_tracked_call_goes_through_the_log_s_perform(
             faults.run(send.s())
             counts.append(performed.count("Shop.send_email"))
             assert [str(effect) for effect in faults.effects] == ["call Shop.send_email"]
+            assert faults._engine is not None
+            assert faults._engine.calls == {"Shop.send_email": 1}  # counted: no warning at stop
+            assert [line.text for line in faults.timeline][1:] == [
+                "delivered to celery@faults-1#1",
+                "acked",  # early: before the body runs
+                "side effect 1: call Shop.send_email",
+            ]
     assert counts == [1, 1]  # off: through perform; on: inlined, perform not called again
+
+
+def test_a_task_s_effects_are_its_own_on_its_thread_and_context_not_on_others(
+    app: Celery,
+) -> None:
+    """Which execution runs here: a thread-local, or a context variable (a speed-up)."""
+    shop = Shop()
+
+    @app.task(name="speed.spread", shared=False)
+    def spread() -> None:
+        shop.send_email("body")
+        contextvars.copy_context().run(shop.send_email, "copied context")
+        helper = threading.Thread(target=shop.send_email, args=("own thread",))
+        helper.start()
+        helper.join()
+
+    seen = []
+    for switch in (speedups.disabled, contextlib.nullcontext):
+        with switch(), CeleryFaults(app) as faults:
+            faults.track((shop, "send_email"))
+            shop.send_email("test")
+            faults.run(spread.s())
+            seen.append([(effect.task_name, effect.index) for effect in faults.effects])
+    assert (
+        seen[0]
+        == seen[1]
+        == [
+            (None, None),  # the test's own call
+            ("speed.spread", 1),
+            ("speed.spread", 2),  # a context copied in the body is still the body's
+            (None, None),  # a thread the body starts runs no task
+        ]
+    )
+
+
+def test_a_body_reads_the_virtual_clock_at_each_drain_with_or_without_the_speed_up(
+    app: Celery,
+) -> None:
+    """A drain points time-machine at the clock's time (a reused ``travel``, a speed-up)."""
+    read: list[float] = []
+
+    @app.task(name="speed.reads_time", shared=False)
+    def reads_time() -> None:
+        read.append(time.time())
+        read.append(datetime.now(UTC).timestamp())
+
+    seen = []
+    for switch in (speedups.disabled, contextlib.nullcontext):
+        read.clear()
+        with switch(), CeleryFaults(app) as faults:
+            faults.run(reads_time.s())
+            reads_time.apply_async(countdown=10)
+            faults.drain()
+            faults.clock.advance_to(faults.clock.time() + 2.5)
+            faults.run(reads_time.s())
+            seen.append([moment - faults.clock.start for moment in read])
+        # The test's own clock is real again: behind the virtual one, 12.5 s ahead.
+        assert time.time() < faults.clock.time()
+    assert seen[0] == seen[1] == [0.0, 0.0, 10.0, 10.0, 12.5, 12.5]
+
+
+def test_a_reset_replays_the_seed_s_draws_whether_or_not_it_reseeds(app: Celery) -> None:
+    """The scenario's random sources reseed only after a draw (a speed-up): the worker
+    order and the retry jitter of each scenario are still those of a fresh harness."""
+
+    @app.task(
+        name="speed.flaky",
+        shared=False,
+        autoretry_for=(ConnectionError,),
+        max_retries=3,
+        retry_backoff=1000,
+        retry_backoff_max=100_000,
+        retry_jitter=True,
+    )
+    def flaky() -> None:
+        raise ConnectionError("down")
+
+    add = _add(app)
+
+    def scenarios() -> list[tuple[float, str]]:
+        seen = []
+        with CeleryFaults(app, seed=3, workers=3) as faults:
+            for signature in (flaky.s(), add.s(1, 2), add.s(1, 2), flaky.s(), flaky.s()):
+                faults.reset()
+                outcome = faults.run(signature)
+                text = re.sub(r"#\d+", "#N", str(outcome.timeline))  # a reset's new connection
+                seen.append((faults.clock.elapsed, _same_ids(text)))
+            assert isinstance(faults.scheduler.random, random.Random)
+        return seen
+
+    fast = scenarios()
+    with speedups.disabled():
+        plain = scenarios()
+    assert fast == plain
+    assert fast[0] == fast[3] == fast[4] and fast[1] == fast[2]  # as in a fresh harness
+    assert fast[0][0] > 1000  # the jitter drew: the backoff waited
+
+
+def test_a_seeded_source_goes_back_to_its_seed_only_when_drawn_from() -> None:
+    for start in (7, "7:retry_jitter"):
+        source = SeededRandom(start)
+        source.restart()
+        assert not source.drawn  # nothing drawn: the reseed is skipped
+        assert source.getstate() == random.Random(start).getstate()
+        for draw in range(6):
+            if draw == 0:
+                source.shuffle(list(range(5)))
+            elif draw == 1:
+                source.randrange(10)
+            elif draw == 2:
+                source.random()
+            elif draw == 3:
+                source.randbytes(2)
+            elif draw == 4:
+                source.seed(1)
+            else:
+                source.setstate(random.Random(2).getstate())
+            assert source.drawn
+            source.restart()
+            assert source.getstate() == random.Random(start).getstate()
+            assert source.random() == random.Random(start).random()
+            source.restart()
 
 
 def test_every_speed_up_off_changes_no_outcome_timeline_traceback_or_report(

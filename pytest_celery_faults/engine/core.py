@@ -66,6 +66,63 @@ DEFAULT_MAX_EXECUTIONS = 1000
 DEFAULT_HORIZON = 365 * 24 * 3600.0
 
 
+class SeededRandom(random.Random):
+    """A scenario's random source that goes back to its seed only when it was drawn from.
+
+    A speed-up (see :mod:`..speedups`): reseeding a Mersenne Twister costs
+    about 30,000 instructions, and most scenarios draw nothing (one worker,
+    no retry jitter), so :meth:`restart` skips it when no draw, ``seed`` or
+    ``setstate`` changed the state since the last one. Every draw of
+    ``random.Random`` goes through ``random()`` or ``getrandbits()`` (or
+    ``randbytes()``), each counted here and answered by the base class: the
+    same numbers, in the same order.
+    """
+
+    def __init__(self, start: int | str) -> None:
+        self.start = start
+        super().__init__(start)
+        self.drawn = False  # as seeded
+
+    def restart(self) -> None:
+        """The state :func:`random.Random` of ``start`` has: a fresh scenario's draws."""
+        if self.drawn:
+            super().seed(self.start)
+            self.drawn = False
+
+    def seed(self, *args: Any, **kwargs: Any) -> None:
+        super().seed(*args, **kwargs)
+        self.drawn = True
+
+    def setstate(self, state: Any) -> None:
+        super().setstate(state)
+        self.drawn = True
+
+    def random(self) -> float:
+        self.drawn = True
+        return super().random()
+
+    def getrandbits(self, k: int, /) -> int:
+        self.drawn = True
+        return super().getrandbits(k)
+
+    def randbytes(self, n: int) -> bytes:
+        self.drawn = True
+        return super().randbytes(n)
+
+
+def restart_random(source: random.Random, start: int | str) -> None:
+    """``source`` as ``random.Random(start)`` left it (a :class:`SeededRandom` when it has to)."""
+    if isinstance(source, SeededRandom):
+        source.restart()
+    else:
+        source.seed(start)
+
+
+def seeded_random(start: int | str) -> random.Random:
+    """``random.Random(start)``; one that reseeds only after draws with the speed-ups on."""
+    return SeededRandom(start) if speedups.enabled() else random.Random(start)
+
+
 def check_settings(*, workers: object, max_executions: object, seed: object) -> None:
     """Refuse, naming the value, settings an engine cannot run with (before anything starts)."""
     check_workers(workers)
@@ -165,7 +222,7 @@ class Engine:
         self.scenario_seed = (
             self.seed if self.seed is not None else random.SystemRandom().getrandbits(64)
         )
-        self.random = random.Random(self.scenario_seed)
+        self.random = seeded_random(self.scenario_seed)
         self.scheduler = Scheduler(self.random)
         self.process_calls = ProcessCallsInBodies(lambda: self.effects.execution)
         self._guard(self.process_calls.close)
@@ -193,7 +250,7 @@ class Engine:
         self.publish_faults = PublishFaults(self.plan, self.history)
         self.broker.publish_fault = self.publish_faults.fate
         self.ledger.observers.append(self.history.on_ledger_event)
-        self.effects.observers.append(self._on_effect)
+        self.effects.observers.append(self._effect_observer())
         self._enter(
             internals.installed_app_state(
                 app,
@@ -213,7 +270,7 @@ class Engine:
         )
         self._enter(internals.fresh_tracers(app))
         self._enter(internals.code_summaries_cached())
-        self.jitter = random.Random(self.jitter_seed)
+        self.jitter = seeded_random(self.jitter_seed)
         self._enter(internals.jitter_drawn_from(self.jitter))
         if speedups.enabled():  # one producer per connection, declared once: a speed-up
             self._enter(internals.producer_pool_replaced(app, BoundProducerPool(app.pool)))
@@ -317,8 +374,8 @@ class Engine:
         self.http.calls.reset()
         # Every random source starts again from the seed, as in a fresh harness: a
         # scenario's interleavings, worker order and retry delays replay exactly.
-        self.random.seed(self.scenario_seed)
-        self.jitter.seed(self.jitter_seed)
+        restart_random(self.random, self.scenario_seed)
+        restart_random(self.jitter, self.jitter_seed)
 
     @property
     def jitter_seed(self) -> str:
@@ -719,6 +776,31 @@ class Engine:
     def _on_fired(self, record: ExecutionRecord, step: Step) -> None:
         self.plan.fired(record.task_id, record.delivery, step)
         self.history.fired(record, step)
+
+    def _effect_observer(self) -> Callable[[Effect], None]:
+        """:meth:`_on_effect`; a tracked call's done in one frame with the speed-ups on.
+
+        A tracked call is the hot path of a sweep: its count and its own line
+        (what :meth:`History.on_effect` appends when it keeps lines unbuilt)
+        are done here, reading the effect's fields by position.
+        """
+        history = self.history
+        if not (speedups.enabled() and history.keeps_rows):
+            return self._on_effect
+        calls = self.calls
+        on_effect = self._on_effect
+
+        def observed(effect: Effect) -> None:
+            if effect[0] != "call":  # kind
+                on_effect(effect)
+                return
+            label = effect[1]
+            if label in calls:
+                calls[label] += 1
+            if effect[3] is not None:  # task_id: a task's effect has its own timeline line
+                history.timeline.lines.append(effect)
+
+        return observed
 
     def _on_effect(self, effect: Effect) -> None:
         if effect.kind == "call" and effect.label in self.calls:

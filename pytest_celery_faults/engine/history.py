@@ -135,7 +135,7 @@ class History:
         #: placed from its own time, as ``elapsed()`` would place it then.
         self._start = start()
         #: A speed-up (:mod:`..speedups`): lines kept as rows of their fields, built when read.
-        self._rows = speedups.enabled()
+        self.keeps_rows = speedups.enabled()
         self.timeline = Timeline(origin=self._start)
         self.records: list[ExecutionRecord] = []
         self.records_by_task: dict[str, list[ExecutionRecord]] = {}
@@ -212,14 +212,14 @@ class History:
         task_id = effect.task_id
         if task_id is None:
             return
-        if self._rows:  # its own line: its time is the clock's now, elapsed() from the origin
+        if self.keeps_rows:  # its own line: its time is the clock's now, elapsed() from the origin
             self.timeline.lines.append(effect)
         else:
             self.timeline.add(TimelineEntry(self.elapsed(), effect_text, task_id, 1, effect))
 
     def on_ledger_event(self, event: BrokerEvent) -> None:
         line = (event.time - self._start, _ledger_text, event.task_id, 0, event)
-        self.timeline.lines.append(line if self._rows else TimelineEntry(*line))
+        self.timeline.lines.append(line if self.keeps_rows else TimelineEntry(*line))
 
     def note(self, task_id: str, text: str, depth: int) -> None:
         self.timeline.add(TimelineEntry(self.elapsed(), text, task_id, depth))
