@@ -34,8 +34,6 @@ private API live in ``_celery_internals/speedups.py``):
   the others at each side effect;
 - ``Engine._effect_observer`` (``engine/core.py``): a tracked call's count
   and timeline line in one frame, its fields read by position;
-- ``EffectLog._running`` (``engine/effects.py``): the execution running on
-  a child's thread read from a context variable rather than a thread-local;
 - ``TimeInBodies._to_now`` (``engine/clock.py``): one time-machine ``travel``
   pointed at the virtual clock at each drain, not one made per drain;
 - ``SeededRandom`` (``engine/core.py``): a reset puts a scenario's random

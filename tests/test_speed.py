@@ -6,6 +6,7 @@ tests run the same scenarios with it on and off and compare everything they show
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import enum
@@ -355,13 +356,19 @@ def test_switched_off_a_tracked_call_goes_through_the_log_s_perform(
 def test_a_task_s_effects_are_its_own_on_its_thread_and_context_not_on_others(
     app: Celery,
 ) -> None:
-    """Which execution runs here: a thread-local, or a context variable (a speed-up)."""
+    """Which execution runs here is a context variable, with the speed-ups on or off: what
+    the body runs in a copy of its context is its own (``asyncio.to_thread`` too, as in the
+    worker's child), a thread it starts with a fresh context runs no task."""
     shop = Shop()
+
+    async def in_a_thread_of_the_event_loop() -> None:
+        await asyncio.to_thread(shop.send_email, "asyncio.to_thread")
 
     @app.task(name="speed.spread", shared=False)
     def spread() -> None:
         shop.send_email("body")
         contextvars.copy_context().run(shop.send_email, "copied context")
+        asyncio.run(in_a_thread_of_the_event_loop())
         helper = threading.Thread(target=shop.send_email, args=("own thread",))
         helper.start()
         helper.join()
@@ -380,6 +387,7 @@ def test_a_task_s_effects_are_its_own_on_its_thread_and_context_not_on_others(
             (None, None),  # the test's own call
             ("speed.spread", 1),
             ("speed.spread", 2),  # a context copied in the body is still the body's
+            ("speed.spread", 3),  # and so is asyncio's copy, on its executor's thread
             (None, None),  # a thread the body starts runs no task
         ]
     )

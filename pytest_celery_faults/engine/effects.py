@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import threading
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import Any, NamedTuple, Protocol, TypeVar, get_args
@@ -98,31 +97,24 @@ class ExecutionWatcher(Protocol):
     def ended(self, execution: Execution, how: Ending) -> None: ...
 
 
-class _Here(threading.local):
-    """Per thread: the execution whose body runs on it (none on a thread never told)."""
-
-    execution: Execution | None = None
-
-
 class EffectLog:
     """The side effects executed during a harness, and the execution they belong to.
 
-    Each execution runs on a stack of its own, so "the execution running
-    here" is per thread: the harness's own thread has none.
+    Each execution runs on a stack of its own, in a context of its own
+    (:mod:`.scheduler`), so "the execution running here" is a context
+    variable: the harness's own context has none, and what the body runs in a
+    copy of its context (``asyncio.to_thread``, a task of its event loop) is
+    the execution's, as it is the worker child's.
     """
 
     def __init__(self, clock: VirtualClock) -> None:
         self.clock = clock
         self.effects: list[Effect] = []
-        self._here = _Here()
         #: Read once, as the harness starts (see :mod:`..speedups`).
         self.speedups = speedups.enabled()
-        #: A speed-up: the execution running here in a context variable (about 200
-        #: instructions to read, a ``threading.local`` 600). Each child's thread runs its
-        #: executions in a context of its own (:mod:`.scheduler`), never the test's, so
-        #: it answers what the thread-local does.
-        self._running: ContextVar[Execution | None] | None = (
-            ContextVar("celery_faults_execution", default=None) if self.speedups else None
+        #: The execution whose body runs in this context (a harness's own variable).
+        self._running: ContextVar[Execution | None] = ContextVar(
+            "celery_faults_execution", default=None
         )
         #: Called with every effect; :meth:`observe` adds one for some kinds only.
         self.observers: list[Callable[[Effect], None]] = []
@@ -137,16 +129,11 @@ class EffectLog:
     @property
     def execution(self) -> Execution | None:
         """The execution whose body runs on this thread, if any."""
-        if self._running is not None:
-            return self._running.get()
-        return self._here.execution
+        return self._running.get()
 
     @execution.setter
     def execution(self, execution: Execution | None) -> None:
-        if self._running is not None:
-            self._running.set(execution)
-        else:
-            self._here.execution = execution
+        self._running.set(execution)
 
     def sleep(self, seconds: float) -> bool:  # virtual
         """``time.sleep`` while the worker side runs: a task body waits on the virtual clock.
@@ -410,10 +397,7 @@ def tracked_call(
 
         return performed
 
-    running = log._running
-    if running is None:  # pragma: no cover - set whenever the speed-ups are on
-        raise AssertionError("the effect log was made with the speed-ups off")
-    current = running.get
+    current = log._running.get
     effects = log.effects  # the log clears these lists in place: they stay the log's
     observers = log.observers
     call_observers = log._observers_of["call"]
