@@ -82,10 +82,12 @@ class SeededRandom(random.Random):
         self.start = start
         super().__init__(start)
         self.drawn = False  # as seeded
+        #: Read once (see :mod:`..speedups`): with the speed-ups off, every restart reseeds.
+        self.skips = speedups.enabled()
 
     def restart(self) -> None:
         """The state :func:`random.Random` of ``start`` has: a fresh scenario's draws."""
-        if self.drawn:
+        if self.drawn or not self.skips:
             super().seed(self.start)
             self.drawn = False
 
@@ -108,19 +110,6 @@ class SeededRandom(random.Random):
     def randbytes(self, n: int) -> bytes:
         self.drawn = True
         return super().randbytes(n)
-
-
-def restart_random(source: random.Random, start: int | str) -> None:
-    """``source`` as ``random.Random(start)`` left it (a :class:`SeededRandom` when it has to)."""
-    if isinstance(source, SeededRandom):
-        source.restart()
-    else:
-        source.seed(start)
-
-
-def seeded_random(start: int | str) -> random.Random:
-    """``random.Random(start)``; one that reseeds only after draws with the speed-ups on."""
-    return SeededRandom(start) if speedups.enabled() else random.Random(start)
 
 
 def check_settings(*, workers: object, max_executions: object, seed: object) -> None:
@@ -222,7 +211,7 @@ class Engine:
         self.scenario_seed = (
             self.seed if self.seed is not None else random.SystemRandom().getrandbits(64)
         )
-        self.random = seeded_random(self.scenario_seed)
+        self.random = SeededRandom(self.scenario_seed)
         self.scheduler = Scheduler(self.random)
         self.process_calls = ProcessCallsInBodies(lambda: self.effects.execution)
         self._guard(self.process_calls.close)
@@ -270,7 +259,7 @@ class Engine:
         )
         self._enter(internals.fresh_tracers(app))
         self._enter(internals.code_summaries_cached())
-        self.jitter = seeded_random(self.jitter_seed)
+        self.jitter = SeededRandom(self.jitter_seed)
         self._enter(internals.jitter_drawn_from(self.jitter))
         if speedups.enabled():  # one producer per connection, declared once: a speed-up
             self._enter(internals.producer_pool_replaced(app, BoundProducerPool(app.pool)))
@@ -374,8 +363,8 @@ class Engine:
         self.http.calls.reset()
         # Every random source starts again from the seed, as in a fresh harness: a
         # scenario's interleavings, worker order and retry delays replay exactly.
-        restart_random(self.random, self.scenario_seed)
-        restart_random(self.jitter, self.jitter_seed)
+        self.random.restart()
+        self.jitter.restart()
 
     @property
     def jitter_seed(self) -> str:
