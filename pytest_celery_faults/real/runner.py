@@ -388,17 +388,17 @@ class RealBrokerRunner:
 
     def _awaiting_reaction(self, ids: list[str], records: list[dict[str, Any]]) -> bool:
         """A child was killed under a task (its worker will store a failure or requeue it),
-        or a message was received and waits for a child (billiard replaces a dead one
-        within seconds)."""
+        a message was received and waits for a child (billiard replaces a dead one
+        within seconds), or a body is running (it may wait before its next record: a
+        loaded machine must not end the scenario in the middle of it)."""
         for task_id in self._seen_ids(ids, records):
             mine = [r for r in records if r.get("task_id") == task_id]
             if mine and mine[-1]["event"] == "received":
                 return True
-            own = [
-                r
-                for r in records
-                if r.get("task_id") == task_id and r["event"] in ("start", "fault")
-            ]
+            endings = [r for r in mine if r["event"] in ("start", "end", "fault")]
+            if endings and endings[-1]["event"] == "start" and endings[-1].get("body", True):
+                return True  # neither ended nor cut short by a fault yet
+            own = [r for r in mine if r["event"] in ("start", "fault")]
             last = own[-1] if own else {}
             if last.get("event") == "fault":
                 kind = str(last["spec"]).split("@")[0].split("(")[0]
