@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any
@@ -70,6 +71,14 @@ for _name, _options in CONFIGURATIONS.items():
 def quiet() -> None:
     """A task whose result is never stored: only the worker's records tell how it ended."""
     effect(1)
+
+
+@app.task(name="realapp.threaded", acks_late=True, reject_on_worker_lost=True, shared=False)
+def threaded() -> str:
+    """Its first side effect runs on another thread (``asyncio.to_thread``), the second inline."""
+    asyncio.run(asyncio.to_thread(effect, 1))
+    effect(2)
+    return "threaded"
 
 
 @app.task(name="realapp.collect", shared=False)

@@ -107,6 +107,8 @@ GRAMMAR = {
     "ignore-result": (lambda: realapp.quiet.s(), []),
     "ignore-result-ack-lost": (lambda: realapp.quiet.s(), ["ack_lost"]),
     "retry": (lambda: realapp.late.s("retry"), []),
+    # a side effect a body hands to a thread is the body's: the fault fires after it
+    "effect-on-a-thread": (lambda: realapp.threaded.s(), ["sigkill@1"]),
 }
 
 
