@@ -369,7 +369,12 @@ def test_a_base_exception_raised_by_a_task_ends_failure_as_in_a_worker(
 
 def test_ctrl_c_during_a_task_still_stops_the_test_run(project: pytest.Pytester) -> None:
     project.makepyfile(
-        test_it="def test_interrupted(celery_faults):\n"
+        # A test run started as a shell's background job ignores SIGINT (Ctrl-C cannot
+        # stop it, and a raised SIGINT does nothing): this run takes Python's default,
+        # as a run in a terminal has it, wherever the suite itself was started.
+        test_it="import signal\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n\n"
+        "def test_interrupted(celery_faults):\n"
         "    celery_faults.run(__import__('proj').interrupted.s())\n\n"
         "def test_never_reached():\n    pass\n"
     )
