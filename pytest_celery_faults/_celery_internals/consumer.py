@@ -26,6 +26,48 @@ def request_class_for(task: Any, pool: Any, hostname: str, app: Celery) -> type[
     return create_request_cls(base, task, pool, hostname, None, app=app)  # type: ignore[no-any-return]
 
 
+class _RefusingConsumer:
+    """What Celery's ``Consumer`` reads of itself when it refuses a message."""
+
+    connection_errors: tuple[type[BaseException], ...] = ()
+    event_dispatcher = None
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+
+def refuse_unregistered(app: Celery, message: Any) -> None:
+    """Celery's answer to a message for a task the worker does not know.
+
+    ``Consumer.on_unknown_task``: it logs the error, rejects the message, stores
+    FAILURE with ``NotRegistered`` and sends ``task_unknown``.
+    """
+    from celery.worker.consumer.consumer import Consumer
+
+    name = message.headers.get("task")
+    Consumer.on_unknown_task(_RefusingConsumer(app), None, message, KeyError(name))
+
+
+def refuse_undecodable(app: Celery, message: Any, exc: Exception) -> str:
+    """Celery's answer to a message its strategy could not turn into a request.
+
+    As ``on_task_received`` sorts them: a ``DecodeError`` goes to
+    ``Consumer.on_decode_error`` (logged, acked), an invalid message or a
+    refused serializer (``ContentDisallowed``) to ``on_invalid_task`` (logged,
+    rejected, ``task_rejected`` sent). What the broker was told: ``acked`` or
+    ``rejected``.
+    """
+    from celery.worker.consumer.consumer import Consumer
+    from kombu.exceptions import DecodeError
+
+    consumer = _RefusingConsumer(app)
+    if isinstance(exc, DecodeError):
+        Consumer.on_decode_error(consumer, message, exc)
+        return "acked"
+    Consumer.on_invalid_task(consumer, None, message, exc)
+    return "rejected"
+
+
 #: The worker-global sets of request objects the installed Celery keeps
 #: (``scheduled_requests`` is Celery 5.7's).
 _REQUEST_SETS = tuple(

@@ -179,7 +179,11 @@ class EmulatedWorker:
         name = delivery.message.task_name
         task = self.app.tasks.get(name)
         if task is None:
-            self.broker.reject(delivery.tag, requeue=False)
+            internals.refuse_unregistered(self.app, message)
+            self.on_note(
+                delivery.message.task_id,
+                f"{self.hostname} has no task named {name!r} (NotRegistered)",
+            )
             return
         try:
             request_class = self._request_classes[name]
@@ -202,8 +206,12 @@ class EmulatedWorker:
                 utc=self.app.uses_utc_timezone(),
             )
         except Exception as exc:  # InvalidTaskError, ContentDisallowed, DecodeError
-            self.broker.reject(delivery.tag, requeue=False)
+            answer = internals.refuse_undecodable(self.app, message, exc)
             self.callback_errors.append(exc)
+            self.on_note(
+                delivery.message.task_id,
+                f"{self.hostname} cannot take it ({answer}): {type(exc).__name__}: {exc}",
+            )
             return
         request._celery_faults_delivery = delivery
         self.request_ids.add(request.id)

@@ -81,6 +81,13 @@ def threaded() -> str:
     return "threaded"
 
 
+@app.task(name="realapp.pickled", serializer="pickle", shared=False)
+def pickled() -> str:
+    """Sent with pickle, which the app does not accept: the worker refuses the message."""
+    effect(1)
+    return "pickled"
+
+
 @app.task(name="realapp.collect", shared=False)
 def collect(results: list[Any]) -> int:
     """A chord's body."""

@@ -109,6 +109,9 @@ GRAMMAR = {
     "retry": (lambda: realapp.late.s("retry"), []),
     # a side effect a body hands to a thread is the body's: the fault fires after it
     "effect-on-a-thread": (lambda: realapp.threaded.s(), ["sigkill@1"]),
+    # messages the worker cannot take: Celery's consumer refuses them
+    "unregistered-task": (lambda: realapp.app.signature("realapp.nobody_has_it"), []),
+    "refused-serializer": (lambda: realapp.pickled.s().set(serializer="pickle"), []),
 }
 
 
