@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+
 import pytest
+
+from pytest_celery_faults.engine.checks import round_trip_problem
 
 APP = """
 import functools
@@ -201,3 +206,46 @@ def test_a_task_that_needed_the_test_s_flask_context_says_what_a_child_lacks() -
         "worker needs it too (a Task base class that pushes app.app_context(), set before the "
         "tasks are bound, or a task_prerun receiver)"
     ]
+
+
+class Lossy:
+    """Compares by identity, and loses ``b`` on the way through pickle."""
+
+    def __init__(self) -> None:
+        self.a, self.b = 1, 2
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"a": self.a}
+
+
+def an_email() -> MIMEMultipart:
+    message = MIMEMultipart()
+    message["Subject"] = "figures"
+    message.attach(MIMEText("hello"))
+    return message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [an_email(), [an_email()], {"message": an_email()}, (1, [an_email()])],
+    ids=["object", "in-a-list", "in-a-dict", "in-a-tuple"],
+)
+def test_a_class_without_eq_that_comes_back_whole_through_pickle_is_not_reported(
+    value: object,
+) -> None:
+    # its copy never equals it (identity): the copy's state is what is compared
+    assert round_trip_problem(value, "pickle", "argument 0", "proj.send") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "serializer", "comes_back"),
+    [
+        (Lossy(), "pickle", "(Lossy) comes back from the pickle round trip as"),
+        ([(1, 2)], "json", "[(1, 2)] (list) comes back from the json round trip as [[1, 2]]"),
+    ],
+)
+def test_a_value_that_changes_on_the_way_is_still_reported(
+    value: object, serializer: str, comes_back: str
+) -> None:
+    problem = round_trip_problem(value, serializer, "argument 0", "proj.send")
+    assert problem is not None and comes_back in problem, problem

@@ -70,12 +70,47 @@ def round_trip_problem(value: Any, serializer: str, what: str, task: str) -> str
         back = loads(data, content_type, encoding, accept={content_type})
     except Exception as exc:  # what the worker would meet: the message cannot be built
         return f"task {task}: {what} {value!r} cannot be encoded with {serializer}: {exc}"
-    if back != value or type(back) is not type(value):
+    if type(back) is not type(value) or (back != value and not same_copy(back, value)):
         return (
             f"task {task}: {what} {value!r} ({type(value).__name__}) comes back from the "
             f"{serializer} round trip as {back!r} ({type(back).__name__})"
         )
     return None
+
+
+#: ``object.__eq__``: equality that is identity.
+_IDENTITY: Any = object.__eq__
+
+
+def same_copy(copy: Any, value: Any, seen: set[tuple[int, int]] | None = None) -> bool:
+    """Whether ``copy`` is ``value`` again, where ``==`` cannot say so.
+
+    A class without ``__eq__`` compares by identity, so its copy never equals it
+    (an e-mail message, a plain object): its copy is the same when its state
+    (``__dict__``) is. Everything else is compared with its own ``==`` and must
+    keep its type, in lists, tuples and dicts too.
+    """
+    kind = type(value)
+    if type(copy) is not kind:
+        return False
+    if kind is list or kind is tuple:
+        return len(copy) == len(value) and all(
+            same_copy(c, v, seen) for c, v in zip(copy, value, strict=True)
+        )
+    if kind is dict:
+        return copy.keys() == value.keys() and all(
+            same_copy(copy[key], value[key], seen) for key in value
+        )
+    if kind.__eq__ is not _IDENTITY:
+        return bool(copy == value)
+    if copy is value:  # None, and the other singletons
+        return True
+    seen = set() if seen is None else seen
+    if (id(copy), id(value)) in seen:  # a cycle: compared already, on the way here
+        return True
+    seen.add((id(copy), id(value)))
+    state, copied_state = getattr(value, "__dict__", None), getattr(copy, "__dict__", None)
+    return state is not None and copied_state is not None and same_copy(copied_state, state, seen)
 
 
 def argument_problems(task: Any, args: Any, kwargs: Any) -> list[str]:
