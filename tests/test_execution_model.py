@@ -149,6 +149,57 @@ def test_a_discarded_stack_performs_no_tracked_effect(app: Celery) -> None:
     assert locks == {"lock:1": "held"}
 
 
+@pytest.mark.parametrize("cleanup", ["raises", "swallows"])
+def test_a_discarded_stack_that_fails_or_returns_while_unwinding_is_not_the_tasks_ending(
+    app: Celery, cleanup: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A real SIGKILL runs nothing more in the child: no on_failure, no callback, no
+    # "raised unexpected" in the log, even when the unwinding meets a closed world
+    # (pytest-django blocks the database after the test) or swallows the discard.
+    # (The worker's main process stores WorkerLostError and calls errbacks: Celery's.)
+    class Recording(app.Task):  # type: ignore[name-defined,misc]
+        def on_failure(self, *args: Any, **kwargs: Any) -> None:
+            cleanups.append("on_failure")
+
+        def on_success(self, *args: Any, **kwargs: Any) -> None:
+            cleanups.append("on_success")
+
+    @app.task(name="orders.after", shared=False)
+    def after(*args: Any) -> None:
+        cleanups.append("linked task ran")
+
+    @app.task(name="orders.unwinding", base=Recording, shared=False, acks_late=True)
+    def unwinding(order: int) -> str:
+        try:
+            charge(order)
+        except BaseException:
+            if cleanup == "raises":
+                raise RuntimeError("Database access not allowed") from None
+            return "swallowed"
+        return "charged"
+
+    failures: list[object] = []
+
+    def on_task_failure(sender: object = None, **_: object) -> None:
+        failures.append(sender)
+
+    celery_signals.task_failure.connect(on_task_failure, weak=False)
+    try:
+        with tracked(app) as faults, caplog.at_level("ERROR"):
+            signature = unwinding.s(1)
+            signature.link(after.s())
+            outcome = faults.run(signature, "sigkill@1")
+            during, failures_during = list(cleanups), list(failures)
+        tasks_run = [outcome.name for outcome in faults.outcomes()]
+    finally:
+        celery_signals.task_failure.disconnect(on_task_failure)
+    assert outcome.lost and during == []
+    assert cleanups == []
+    assert failures == failures_during  # the main process sends one (WorkerLostError)
+    assert tasks_run == ["orders.unwinding"]
+    assert "raised unexpected" not in caplog.text
+
+
 def test_reset_discards_frozen_stacks_before_the_next_scenario(app: Celery) -> None:
     task = lock_guarded(app, acks_late=True)
     with tracked(app) as faults:

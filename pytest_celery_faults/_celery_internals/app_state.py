@@ -378,7 +378,43 @@ def fresh_tracers(app: Celery) -> Iterator[None]:
         yield
     finally:
         for name, task in app.tasks.items():
+            _unguard_run(task)
             task.__trace__ = saved.get(name)
+
+
+#: The run methods Celery's tracer may call: ``run``, and under ``autoretry_for``
+#: the task's own, which Celery's retrying ``run`` calls (``_orig_run``).
+_RUNS = ("run", "_orig_run")
+_ABSENT = object()
+
+
+def guard_run(task: Any, guard: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Put ``guard`` around the ``run`` Celery's tracer calls, for the harness's life.
+
+    ``build_tracer`` takes ``task.run`` (or the task, whose ``__call__`` calls
+    it) when it builds the tracer it caches on the task: the cache is dropped
+    so that the next trace goes through the guard. :func:`fresh_tracers` takes
+    the guards off at the harness's exit.
+    """
+    if "_celery_faults_guarded" in vars(task):
+        return
+    originals = {name: vars(task).get(name, _ABSENT) for name in _RUNS}
+    for name in _RUNS:
+        if name == "run" or originals[name] is not _ABSENT:
+            setattr(task, name, guard(getattr(task, name)))
+    task._celery_faults_guarded = originals
+    task.__trace__ = None
+
+
+def _unguard_run(task: Any) -> None:
+    originals = vars(task).pop("_celery_faults_guarded", None)
+    if originals is None:
+        return
+    for name, original in originals.items():
+        if original is _ABSENT:
+            vars(task).pop(name, None)
+        else:
+            setattr(task, name, original)
 
 
 def _forget_control_producers(app: Celery) -> None:

@@ -35,7 +35,7 @@ from .effects import EffectLog
 from .execution import ExecutionRecord
 from .plan import FaultPlan
 from .pool import InProcessPool, Job
-from .scheduler import Scheduler
+from .scheduler import Scheduler, run_unless_discarded
 from .settings import per_child_limit, worker_concurrency
 
 
@@ -188,6 +188,7 @@ class EmulatedWorker:
         try:
             request_class = self._request_classes[name]
         except KeyError:
+            internals.guard_run(task, run_unless_discarded)
             request_class = self._request_classes[name] = internals.request_class_for(
                 task, self.pool, self.hostname, self.app
             )

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextvars
 import ctypes
+import functools
 import random
 import threading
 import time
@@ -114,6 +115,36 @@ class _Signal:
 def current_stack() -> Stack | None:
     """The stack running on this thread, if this thread is an execution's."""
     return getattr(_here, "stack", None)
+
+
+def run_unless_discarded(run: Callable[..., Any]) -> Callable[..., Any]:
+    """A task's ``run`` whose ending is not the task's once its stack is being discarded.
+
+    A discarded stack unwinds through the task's ``finally`` and ``__exit__``
+    code, after the scenario, where the world may be closed (pytest-django blocks
+    the database after the test): what that code raises, or returns having
+    swallowed the discard, must not reach Celery's tracer as the task's failure
+    or result (``on_failure``, "raised unexpected", callbacks), since a killed
+    child runs nothing more.
+    """
+
+    @functools.wraps(run)
+    def run_in_a_child(*args: Any, **kwargs: Any) -> Any:
+        try:
+            value = run(*args, **kwargs)
+        except ExecutionDiscarded:
+            raise
+        except BaseException as unwound:
+            stack = getattr(_here, "stack", None)
+            if stack is not None and stack.discarding:
+                raise ExecutionDiscarded() from unwound
+            raise
+        stack = getattr(_here, "stack", None)
+        if stack is not None and stack.discarding:
+            raise ExecutionDiscarded()
+        return value
+
+    return run_in_a_child
 
 
 class Stack:
