@@ -494,6 +494,14 @@ def refuse_foreign(app: Celery, signature: Any) -> None:
         )
     owner = signature.app
     if owner is not app:
+        if owner.main == app.main:  # two instances, one name: the names cannot tell them apart
+            raise ValueError(
+                f"run(): {signature!r} belongs to another app also named {owner.main!r}, not "
+                f"the harness's: it would publish to that app's broker and never run here "
+                f"(a @shared_task's signature takes the app current when it is built, such "
+                f"as one a conftest makes current; celery_faults_app = celery:current_app "
+                f"names that one)"
+            )
         raise ValueError(
             f"run(): {signature!r} belongs to the app {owner.main!r}, not the harness's app "
             f"{app.main!r}: it would publish to that app's broker and never run here "

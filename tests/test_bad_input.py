@@ -269,6 +269,21 @@ def test_run_refuses_what_is_not_a_signature_of_its_app() -> None:
     )
 
 
+def test_a_signature_of_another_app_with_the_same_name_says_which() -> None:
+    from celery import Celery
+
+    from pytest_celery_faults import CeleryFaults
+
+    app = Celery("mine", set_as_current=False)
+    twin = Celery("mine", set_as_current=False)  # a conftest's app, say
+    with CeleryFaults(app) as faults, pytest.raises(ValueError) as foreign:
+        faults.run(twin.signature("mine.add", args=(1, 2)))
+    assert str(foreign.value).startswith(
+        "run(): mine.add(1, 2) belongs to another app also named 'mine', not the harness's: "
+    )
+    assert "celery_faults_app = celery:current_app" in str(foreign.value)
+
+
 @pytest.mark.parametrize(
     ("options", "error"),
     [
