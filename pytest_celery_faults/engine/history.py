@@ -106,6 +106,8 @@ class Evidence:
     effects: Counter[str]  # side effects completed, by label, over every delivery
     #: The other messages of the scenario (a canvas's members, children) that were lost.
     lost_members: tuple[Outcome, ...] = ()
+    #: The same side effects by (label, the task that did it; ``None``: the test).
+    effects_by_task: Counter[tuple[str, str | None]] = field(default_factory=Counter)
 
     @property
     def effect_count(self) -> int:
@@ -271,7 +273,11 @@ class History:
             for task_id, ended in self.ends.items()
             if task_id != outcome.task_id and ended in LOSING and not self.broker.holds(task_id)
         )
-        return Evidence(outcome, observed, Counter(e.label for e in self.effects), lost)
+        by_task = Counter((e.label, e.task_name) for e in self.effects)
+        effects: Counter[str] = Counter()
+        for (label, _), count in by_task.items():
+            effects[label] += count
+        return Evidence(outcome, observed, effects, lost, by_task)
 
 
 def _ledger_text(event: BrokerEvent) -> str:

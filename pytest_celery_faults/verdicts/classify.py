@@ -112,6 +112,7 @@ def classify(baseline: Evidence, faulted: Evidence) -> tuple[Verdict, str]:
         if outcome.executions > 1 and repeated:
             extra = ", ".join(
                 f"{label} x{n} where the fault-free run had {baseline.effects[label]}"
+                f"{_by(label, baseline, faulted)}"
                 for label, n in sorted(repeated.items())
             )
             return DUPLICATED, (
@@ -131,6 +132,18 @@ def classify(baseline: Evidence, faulted: Evidence) -> tuple[Verdict, str]:
             f"{shown} where the fault-free run {baseline.outcome.ended}"
         )
     return OK, f"ok: {runs}; the world and the task's fate match the fault-free run"
+
+
+def _by(label: str, baseline: Evidence, faulted: Evidence) -> str:
+    """Which task repeated a side effect, when another did it (a child it published)."""
+    doers = sorted(
+        task or "the test"
+        for (done, task), n in faulted.effects_by_task.items()
+        if done == label and n > baseline.effects_by_task[(done, task)]
+    )
+    if doers == [faulted.outcome.name]:
+        return ""
+    return f", by {', '.join(doers)}" if doers else ""
 
 
 def _then(name: str, outcome: Outcome) -> str:

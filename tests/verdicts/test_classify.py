@@ -57,6 +57,30 @@ def test_repeated_side_effects_that_change_the_world_are_duplicated() -> None:
     assert "charge x2 where the fault-free run had 1" in problem
 
 
+def test_a_side_effect_a_child_task_repeated_names_the_child() -> None:
+    # the parent ran twice (redelivered), and the child it published was too: the
+    # repeated e-mail is the child's
+    parent = "mail.send_licence_details"
+    by_task = Counter({("smtp_send", "mail.send_email"): 1, ("db_write", parent): 1})
+    baseline = Evidence(outcome(name=parent), {"sent": 1}, Counter(smtp_send=1, db_write=1))
+    baseline.effects_by_task.update(by_task)
+    faulted = Evidence(
+        outcome(executions=2, deliveries=2, name=parent),
+        {"sent": 2},
+        Counter(smtp_send=2, db_write=1),
+    )
+    faulted.effects_by_task.update({("smtp_send", "mail.send_email"): 2, ("db_write", parent): 1})
+    verdict, problem = classify(baseline, faulted)
+    assert verdict == "duplicated"
+    assert "smtp_send x2 where the fault-free run had 1, by mail.send_email)" in problem
+    # the task itself repeating it needs no name
+    faulted.effects_by_task.clear()
+    faulted.effects_by_task.update({("smtp_send", parent): 2, ("db_write", parent): 1})
+    baseline.effects_by_task.clear()
+    baseline.effects_by_task.update({("smtp_send", parent): 1, ("db_write", parent): 1})
+    assert "smtp_send x2 where the fault-free run had 1)" in classify(baseline, faulted)[1]
+
+
 def test_a_different_world_without_a_repeat_is_diverged() -> None:
     faulted = evidence(outcome(executions=2, deliveries=2), {"charged": 0}, charge=1)
     verdict, problem = classify(BASELINE, faulted)
