@@ -135,16 +135,19 @@ def run_unless_discarded(run: Callable[..., Any]) -> Callable[..., Any]:
         except ExecutionDiscarded:
             raise
         except BaseException as unwound:
-            stack = getattr(_here, "stack", None)
-            if stack is not None and stack.discarding:
+            if _discarding():
                 raise ExecutionDiscarded() from unwound
             raise
-        stack = getattr(_here, "stack", None)
-        if stack is not None and stack.discarding:
+        if _discarding():
             raise ExecutionDiscarded()
         return value
 
     return run_in_a_child
+
+
+def _discarding() -> bool:
+    stack = current_stack()
+    return stack is not None and stack.discarding
 
 
 class Stack:
