@@ -100,8 +100,17 @@ def _minor(release: str) -> str:
 
 
 def table() -> str:
-    """The whole table as Markdown."""
-    logging.getLogger("celery").setLevel(logging.CRITICAL)
+    """The whole table as Markdown (Celery's error logs of its scenarios silenced meanwhile)."""
+    celery_logger = logging.getLogger("celery")
+    level = celery_logger.level
+    celery_logger.setLevel(logging.CRITICAL)
+    try:
+        return _table()
+    finally:
+        celery_logger.setLevel(level)
+
+
+def _table() -> str:
     app = Celery("ack-table", set_as_current=False)
     configs = [
         config

@@ -23,6 +23,7 @@ compares the engine's output with the copy for the installed releases.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -703,6 +704,19 @@ def test_deduplicate_successful_tasks_skips_the_body_of_a_redelivered_success(
 
 
 # -- the generated Markdown table ------------------------------------------------
+
+
+def test_generating_the_table_leaves_celerys_logging_as_it_was() -> None:
+    # it silences the error logs of its scenarios; Celery's logger stayed at
+    # CRITICAL after it, and a later test reading Celery's error log saw nothing
+    celery_logger = logging.getLogger("celery")
+    level = celery_logger.level
+    celery_logger.setLevel(logging.INFO)
+    try:
+        generated_table()
+        assert celery_logger.level == logging.INFO
+    finally:
+        celery_logger.setLevel(level)
 
 
 @pytest.mark.skipif(not IS_PINNED, reason=NOT_PINNED)
